@@ -1,0 +1,82 @@
+"""imichat_async: an asyncio client for the IMIchat (Webex Engage) chats-search API.
+
+`ImiChatClient.search_chats()` streams every matching chat: pages prefetched
+concurrently under one bound, handed out in order, transient failures retried,
+an expired token refreshed once for all requests in flight, records decoded
+into attrs classes.
+"""
+
+from .client import ChatPage, ClientStats, ImiChatClient
+from .errors import (
+    ApiError,
+    AuthenticationError,
+    BadRequestError,
+    ChatListUnavailableError,
+    ConfigurationError,
+    DecodeError,
+    GatewayError,
+    ImiChatError,
+    InternalServerError,
+    InvalidConditionError,
+    InvalidFilterOperatorError,
+    InvalidFilterParamError,
+    InvalidFilterValueError,
+    InvalidQueryError,
+    InvalidQueryFormatError,
+    InvalidRequestError,
+    InvalidTokenError,
+    MethodNotAllowedError,
+    MissingBodyError,
+    MissingHeaderError,
+    NetworkError,
+    RateLimitedError,
+    ResponseTooLargeError,
+    SearchTimeoutError,
+    TeamNotFoundError,
+    TokenExpiredError,
+    TransientError,
+    UnexpectedResponseError,
+)
+from .query import Filter
+from .records import Asset, Channel, Chat, ChatStatus
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ApiError",
+    "Asset",
+    "AuthenticationError",
+    "BadRequestError",
+    "Channel",
+    "Chat",
+    "ChatListUnavailableError",
+    "ChatPage",
+    "ChatStatus",
+    "ClientStats",
+    "ConfigurationError",
+    "DecodeError",
+    "Filter",
+    "GatewayError",
+    "ImiChatClient",
+    "ImiChatError",
+    "InternalServerError",
+    "InvalidConditionError",
+    "InvalidFilterOperatorError",
+    "InvalidFilterParamError",
+    "InvalidFilterValueError",
+    "InvalidQueryError",
+    "InvalidQueryFormatError",
+    "InvalidRequestError",
+    "InvalidTokenError",
+    "MethodNotAllowedError",
+    "MissingBodyError",
+    "MissingHeaderError",
+    "NetworkError",
+    "RateLimitedError",
+    "ResponseTooLargeError",
+    "SearchTimeoutError",
+    "TeamNotFoundError",
+    "TokenExpiredError",
+    "TransientError",
+    "UnexpectedResponseError",
+]

@@ -1,0 +1,362 @@
+"""`ImiChatClient`: composes query, protocol, auth, retry, transport, paging and records.
+
+It owns the lifecycle (session, limiter) and the per-page call: build the
+request, send it, classify the answer, retry what is transient, refresh an
+expired token once for everyone, decode. Its repr never shows the token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import aclosing
+from types import TracebackType
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
+
+import aiohttp
+import attrs
+
+from . import protocol
+from .auth import TokenProvider, TokenSource
+from .errors import (
+    ConfigurationError,
+    InvalidQueryError,
+    SearchTimeoutError,
+    TokenExpiredError,
+    TransientError,
+)
+from .limiter import Limiter
+from .paging import Page, PagingStats, iterate_pages
+from .query import Filter, Query, build_query
+from .records import Chat, decode_page
+from .retry import RetryPolicy, call_with_retries, make_retrying
+from .transport import Transport
+
+log = logging.getLogger("imichat_async")
+
+MAX_REFRESHES_PER_REQUEST = 2  # a token that expires again right after a refresh is an error
+RawRecord = Mapping[str, Any]
+
+
+class ChatPage(NamedTuple):
+    """One page from `search_pages`: its chats and its 1-based page number."""
+
+    chats: list[Chat]
+    page: int
+
+
+@attrs.define
+class ClientStats:
+    """Counters across every search of one client."""
+
+    requests: int = 0  # HTTP attempts sent
+    retries: int = 0
+    token_refreshes: int = 0
+    pages: int = 0  # pages answered successfully
+    records: int = 0
+
+
+class ImiChatClient:
+    """Async client for POST /chats/search. Use as `async with ImiChatClient(...) as client:`.
+
+    `token` is a `str`, or a zero-argument async callable returning one; the
+    callable is called for the first token and again after a 2004, once for
+    every request that saw that expiry. `concurrency` bounds the requests in
+    flight across all searches of this client. `timeout` is seconds per
+    request attempt; `max_retries` the retries of a transient failure after
+    the first attempt. `session` borrows an existing `aiohttp.ClientSession`
+    (not closed by the client).
+
+    Extras: `adaptive=True` lowers the requests in flight on 429/503 and
+    raises them back (AIMD, never above `concurrency`); `rate_limit` caps
+    requests per second; `max_response_bytes` caps one body; `retry_policy`
+    sets the backoff.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        token: TokenSource,
+        team_id: str,
+        concurrency: int = 8,
+        timeout: float | None = 30.0,
+        max_retries: int = 5,
+        session: aiohttp.ClientSession | None = None,
+        adaptive: bool = False,
+        rate_limit: float | None = None,
+        max_response_bytes: int = 16 * 1024 * 1024,
+        retry_policy: RetryPolicy | None = None,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    ) -> None:
+        self.base_url = _check_base_url(base_url)
+        if not isinstance(team_id, str) or not team_id:
+            raise ConfigurationError("team_id must be a non-empty str")
+        if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
+            raise ConfigurationError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        if not isinstance(max_retries, int) or max_retries < 0:
+            raise ConfigurationError(f"max_retries must be an int >= 0, got {max_retries!r}")
+        if timeout is not None and not timeout > 0:
+            raise ConfigurationError(f"timeout must be > 0 seconds or None, got {timeout!r}")
+        if rate_limit is not None and not rate_limit > 0:
+            raise ConfigurationError(f"rate_limit must be > 0 requests/s, got {rate_limit!r}")
+        self.team_id = team_id
+        self.concurrency = concurrency
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.stats = ClientStats()
+        self._auth = TokenProvider(token)
+        self._url = protocol.search_url(self.base_url)
+        self._headers: tuple[str, Mapping[str, str]] | None = None
+        self._limiter = Limiter(concurrency, adaptive=adaptive, rate_limit=rate_limit)
+        self._transport = Transport(
+            self._limiter, timeout=timeout, session=session, max_response_bytes=max_response_bytes
+        )
+        policy = retry_policy or RetryPolicy(max_retries=max_retries)
+        if retry_policy is not None and retry_policy.max_retries != max_retries:
+            policy = attrs.evolve(retry_policy, max_retries=max_retries)
+        self._retrying = make_retrying(policy, sleep=sleep, on_retry=self._count_retry)
+
+    def __repr__(self) -> str:
+        return (
+            f"<ImiChatClient base_url={self.base_url!r} team_id={self.team_id!r} "
+            f"concurrency={self.concurrency} token=***>"
+        )
+
+    async def __aenter__(self) -> ImiChatClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the session if the client made it; a borrowed session stays open."""
+        await self._transport.close()
+
+    @property
+    def limiter(self) -> Limiter:
+        """The client-wide limiter of requests in flight (its `peak`, `in_flight`, `limit`)."""
+        return self._limiter
+
+    # -- searching -------------------------------------------------------------------------
+
+    async def search_chats(
+        self,
+        *,
+        filters: Iterable[Filter | tuple[str, str, Any]] | None = None,
+        condition: str = "and",
+        prefetch: int | None = None,
+        start_page: int = 1,
+        max_pages: int | None = None,
+        deadline: float | None = None,
+        **params: Any,
+    ) -> AsyncIterator[Chat]:
+        """Every matching `Chat`, in page order. See the README for the guarantees.
+
+        Raises `InvalidQueryError` before any request for a bad param,
+        operator, value or argument; `ApiError` subclasses for errors of the
+        API; `DecodeError` for a record that cannot be decoded;
+        `SearchTimeoutError` when `deadline` seconds pass first.
+        """
+        pages = self._pages(
+            build_query(params, filters, condition),
+            self._decoded,
+            prefetch,
+            start_page,
+            max_pages,
+            deadline,
+            None,
+        )
+        async with aclosing(pages) as it:
+            async for page in it:
+                for chat in page.items:
+                    yield chat
+
+    async def search_pages(
+        self,
+        *,
+        filters: Iterable[Filter | tuple[str, str, Any]] | None = None,
+        condition: str = "and",
+        prefetch: int | None = None,
+        start_page: int = 1,
+        max_pages: int | None = None,
+        deadline: float | None = None,
+        **params: Any,
+    ) -> AsyncIterator[ChatPage]:
+        """Like `search_chats`, one `ChatPage(chats, page)` at a time, for batch consumers."""
+        pages = self._pages(
+            build_query(params, filters, condition),
+            self._decoded,
+            prefetch,
+            start_page,
+            max_pages,
+            deadline,
+            None,
+        )
+        async with aclosing(pages) as it:
+            async for page in it:
+                yield ChatPage(list(page.items), page.number)
+
+    def search_raw_pages(
+        self,
+        query: Query,
+        *,
+        prefetch: int | None = None,
+        start_page: int = 1,
+        max_pages: int | None = None,
+        deadline: float | None = None,
+        stats: PagingStats | None = None,
+    ) -> AsyncGenerator[Page[RawRecord], None]:
+        """Pages of the raw JSON objects, undecoded, for exporters that keep them as sent.
+
+        `query` comes from `imichat_async.query.build_query`; `stats` is filled
+        as the run goes (total, last page, pages requested, wasted).
+        """
+        return self._pages(query, self._raw, prefetch, start_page, max_pages, deadline, stats)
+
+    async def _pages(
+        self,
+        query: Query,
+        convert: Callable[[protocol.PageData, int], Page[Any]],
+        prefetch: int | None,
+        start_page: int,
+        max_pages: int | None,
+        deadline: float | None,
+        stats: PagingStats | None,
+    ) -> AsyncGenerator[Page[Any], None]:
+        window = self.concurrency if prefetch is None else prefetch
+        _check_int("prefetch", window, 1)
+        _check_int("start_page", start_page, 1)
+        if max_pages is not None:
+            _check_int("max_pages", max_pages, 0)
+        if deadline is not None and not deadline > 0:
+            raise InvalidQueryError(f"deadline must be > 0 seconds, got {deadline!r}")
+        body = query.body()
+        until = time.monotonic() + deadline if deadline is not None else None
+
+        async def fetch(n: int) -> Page[Any]:
+            if until is None:
+                data = await self._fetch(body, n)
+            else:
+                left = until - time.monotonic()
+                if left <= 0:
+                    raise SearchTimeoutError(f"search deadline of {deadline}s passed at page {n}")
+                try:
+                    data = await asyncio.wait_for(self._fetch(body, n), left)
+                except asyncio.TimeoutError:
+                    raise SearchTimeoutError(
+                        f"search deadline of {deadline}s passed at page {n}"
+                    ) from None
+            return convert(data, n)
+
+        async with aclosing(
+            iterate_pages(
+                fetch,
+                page_size=protocol.PAGE_SIZE,
+                prefetch=window,
+                start_page=start_page,
+                max_pages=max_pages,
+                stats=stats,
+            )
+        ) as it:
+            async for page in it:
+                yield page
+
+    @staticmethod
+    def _decoded(data: protocol.PageData, n: int) -> Page[Chat]:
+        return Page(n, decode_page(data.records, n), data.total)
+
+    @staticmethod
+    def _raw(data: protocol.PageData, n: int) -> Page[RawRecord]:
+        return Page(n, data.records, data.total)
+
+    # -- one page, through retries and token refresh ---------------------------------------
+
+    async def _fetch(self, body: bytes, page: int) -> protocol.PageData:
+        refreshes = 0
+        while True:
+            token = await self._auth.get()
+            try:
+                data = await call_with_retries(
+                    self._retrying, functools.partial(self._attempt, body, page, token)
+                )
+            except TokenExpiredError as exc:
+                if refreshes >= MAX_REFRESHES_PER_REQUEST or not self._auth.refreshable:
+                    raise exc.with_page(page) from None
+                refreshes += 1
+                log.warning("page %d: access token expired (2004); refreshing", page)
+                before = self._auth.refreshes
+                await self._auth.refresh(token)
+                self.stats.token_refreshes += self._auth.refreshes - before
+                continue
+            self.stats.pages += 1
+            self.stats.records += len(data.records)
+            return data
+
+    async def _attempt(self, body: bytes, page: int, token: str) -> protocol.PageData:
+        request = protocol.build_request(self._url, self._headers_for(token), body, page)
+        self.stats.requests += 1
+        started = time.perf_counter()
+        try:
+            raw = await self._transport.send(request)
+            data = protocol.parse_response(raw.status, raw.headers, raw.body, page)
+        except TransientError as exc:
+            log.debug("page %d: %s after %.1f ms", page, exc, _ms(started))
+            raise
+        except Exception as exc:
+            log.debug("page %d: failed: %s after %.1f ms", page, exc, _ms(started))
+            raise
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "page %d: HTTP %d, %d records in %.1f ms",
+                page,
+                raw.status,
+                len(data.records),
+                _ms(started),
+            )
+        return data
+
+    def _headers_for(self, token: str) -> Mapping[str, str]:
+        cached = self._headers
+        if cached is None or cached[0] != token:
+            cached = (token, protocol.build_headers(token, self.team_id))
+            self._headers = cached
+        return cached[1]
+
+    def _count_retry(self, exc: BaseException) -> None:
+        self.stats.retries += 1
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise InvalidQueryError(f"{name} must be an int >= {minimum}, got {value!r:.40}")
+
+
+def _check_base_url(base_url: str) -> str:
+    if not isinstance(base_url, str):
+        raise ConfigurationError("base_url must be a str")
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConfigurationError(f"base_url must be an https:// URL, got {base_url!r:.100}")
+    if parts.username or parts.password:
+        raise ConfigurationError("base_url must not carry credentials")
+    if parts.scheme == "http" and not protocol.is_loopback_host(parts.hostname):
+        raise ConfigurationError(
+            "refusing a cleartext http:// base_url to a remote host: the bearer token "
+            "would cross the network unencrypted; use https:// (http:// is allowed for "
+            "loopback only)"
+        )
+    return base_url.rstrip("/")

@@ -1,0 +1,128 @@
+"""How many requests may be in flight: one limiter per client, shared by all its searches.
+
+Fixed mode is a plain semaphore of `limit` slots. Adaptive mode (AIMD, as TCP
+does) halves the allowed in-flight count when the server says it is overloaded
+(429, 503) and adds one slot per window of successful requests, never above
+`limit`. An optional token bucket caps requests per second. No I/O here but
+sleeping, and every wait is cancellation-safe: a cancelled waiter never keeps
+a slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+
+
+class Limiter:
+    """Slots for requests in flight; `peak` and `in_flight` are there for tests and stats."""
+
+    def __init__(
+        self,
+        limit: int,
+        *,
+        adaptive: bool = False,
+        min_limit: int = 1,
+        rate_limit: float | None = None,
+    ) -> None:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self.max_limit = limit
+        self.adaptive = adaptive
+        self.min_limit = max(1, min(min_limit, limit))
+        self._limit = float(limit)
+        self._in_flight = 0
+        self.peak = 0
+        self.decreases = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._epoch = 0  # bumped at each decrease; a request started before it can't decrease again
+        self._interval = 1.0 / rate_limit if rate_limit else 0.0
+        self._next_start = 0.0
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def limit(self) -> int:
+        """Slots currently allowed (below `max_limit` while adapting down)."""
+        return max(self.min_limit, int(self._limit))
+
+    def __repr__(self) -> str:
+        return f"<Limiter in_flight={self._in_flight} limit={self.limit}/{self.max_limit}>"
+
+    async def acquire(self) -> int:
+        """Wait for a slot; returns the epoch to hand back to `release`."""
+        if self._in_flight < self.limit and not self._waiters:
+            self._take()
+        else:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    self._in_flight -= 1  # granted just as we were cancelled: give it back
+                    self._wake()
+                else:
+                    with suppress(ValueError):
+                        self._waiters.remove(fut)
+                raise
+        if self._interval:
+            try:
+                await self._pace()
+            except asyncio.CancelledError:
+                self.release(self._epoch)
+                raise
+        return self._epoch
+
+    def _take(self) -> None:
+        self._in_flight += 1
+        self.peak = max(self.peak, self._in_flight)
+
+    def release(self, epoch: int, *, overloaded: bool = False, ok: bool = False) -> None:
+        """Free a slot; in adaptive mode, feed back what the server said."""
+        self._in_flight -= 1
+        if self.adaptive:
+            if overloaded and epoch == self._epoch:
+                self._limit = max(float(self.min_limit), self._limit / 2)
+                self._epoch += 1
+                self.decreases += 1
+            elif ok:
+                self._limit = min(float(self.max_limit), self._limit + 1.0 / max(1.0, self._limit))
+        self._wake()
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[_Slot]:
+        """`async with limiter.slot() as s:` ... `s.overloaded = True` / `s.ok = True`."""
+        epoch = await self.acquire()
+        s = _Slot()
+        try:
+            yield s
+        finally:
+            self.release(epoch, overloaded=s.overloaded, ok=s.ok)
+
+    def _wake(self) -> None:
+        while self._waiters and self._in_flight < self.limit:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self._take()
+                fut.set_result(None)
+
+    async def _pace(self) -> None:
+        now = time.monotonic()
+        start = max(now, self._next_start)
+        self._next_start = start + self._interval
+        if start > now:
+            await asyncio.sleep(start - now)
+
+
+class _Slot:
+    __slots__ = ("ok", "overloaded")
+
+    def __init__(self) -> None:
+        self.overloaded = False
+        self.ok = False

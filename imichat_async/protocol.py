@@ -1,0 +1,319 @@
+"""Every wire detail of POST /chats/search, and nothing else: no I/O here.
+
+Sources: the vendor's page (``shared/spec/seed-chats-search.txt``) for the
+params, operators, fields and status codes; the wire contract
+(``shared/spec/wire-contract.md``) for the request's shape, the headers, the
+end of data and the error classes. A change in the real service is a change in
+this file.
+
+`build_request` turns (base URL, team, token, page, body) into a
+`PreparedRequest`; `parse_response` turns (HTTP status, headers, body bytes)
+into a `PageData` or raises the typed `ApiError` subclass of its class.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from . import errors as e
+
+SEARCH_PATH = "/chats/search"
+PAGE_SIZE = 10  # vendor page: "retrieves 10 records at a time"
+SUCCESS_CODE = 4305
+TOTAL_HEADER = "X-Total-Count"
+RETRY_AFTER_HEADER = "Retry-After"
+MAX_RETRY_AFTER = 300.0  # a Retry-After above five minutes is clamped, not obeyed blindly
+
+ORDER_OPS = ("eq", "lt", "gt", "lte", "gte")
+STATUS_VALUES = ("queued", "picked", "onhold", "closed")
+CHANNEL_VALUES = ("sms", "facebook", "twitter", "livechat", "email", "abc", "whatsapp", "api")
+CONDITIONS = ("and", "or")
+
+#: The vendor's "Supported Params and Operators" table.
+PARAM_OPERATORS: Mapping[str, tuple[str, ...]] = {
+    "status": ("eq", "not_eq"),
+    "created_at": ORDER_OPS,
+    "updated_at": ORDER_OPS,
+    "channel": ("eq",),
+    "tag": ("eq",),
+    "assignee": ("eq",),
+    "facebook_psid": ("eq",),
+    "twitter_id": ("eq",),
+    "email_id": ("eq",),
+    "mobile": ("eq",),
+    "livechat_id": ("eq",),
+    "abc_user_id": ("eq",),
+    "whatsapp_mobile_number": ("eq",),
+    "intent": ("eq",),
+    "group": ("eq",),
+}
+DATETIME_PARAMS = frozenset({"created_at", "updated_at"})
+#: Params whose value must be one of a closed set.
+ENUM_PARAM_VALUES: Mapping[str, tuple[str, ...]] = {
+    "status": STATUS_VALUES,
+    "channel": CHANNEL_VALUES,
+}
+#: Destination-id params and the channel whose destination_id they match.
+DESTINATION_PARAMS: Mapping[str, str] = {
+    "facebook_psid": "facebook",
+    "twitter_id": "twitter",
+    "email_id": "email",
+    "mobile": "sms",
+    "livechat_id": "livechat",
+    "abc_user_id": "abc",
+    "whatsapp_mobile_number": "whatsapp",
+}
+
+
+@attrs.frozen
+class StatusRow:
+    """One row of the vendor's "Response Codes" table."""
+
+    code: int
+    http_status: int
+    description: str
+    error: type[e.ApiError] | None  # None for the success row
+
+
+#: The vendor's "Response Codes" table, mapped to the error class of each row.
+STATUS_TABLE: Mapping[int, StatusRow] = {
+    row.code: row
+    for row in (
+        StatusRow(4305, 200, "The list of chats retrieved successfully", None),
+        StatusRow(
+            2002,
+            400,
+            "Invalid header param - could not find mandatory header parameters",
+            e.MissingHeaderError,
+        ),
+        StatusRow(2003, 400, "Invalid Access Token", e.InvalidTokenError),
+        StatusRow(2004, 401, "Access Token expired", e.TokenExpiredError),
+        StatusRow(2007, 500, "Internal Server Error", e.InternalServerError),
+        StatusRow(
+            2010,
+            404,
+            "Could not find details of team based on the teamid passed in the header",
+            e.TeamNotFoundError,
+        ),
+        StatusRow(2099, 405, "Method not allowed", e.MethodNotAllowedError),
+        StatusRow(
+            3114, 400, "Request body not provided. Check Content-Type header", e.MissingBodyError
+        ),
+        StatusRow(3115, 400, "Request is invalid", e.InvalidRequestError),
+        StatusRow(
+            3445,
+            400,
+            "Provided filtration parameter: {param} is not valid",
+            e.InvalidFilterParamError,
+        ),
+        StatusRow(
+            3446,
+            400,
+            "Provided operator for filtration parameter: {param} is not valid",
+            e.InvalidFilterOperatorError,
+        ),
+        StatusRow(3447, 400, "Provided condition is not valid", e.InvalidConditionError),
+        StatusRow(3451, 400, "Search query request format is not valid", e.InvalidQueryFormatError),
+        StatusRow(
+            4303,
+            400,
+            "Invalid input value:'{value}' provided for filtration parameter:'{param}'",
+            e.InvalidFilterValueError,
+        ),
+        StatusRow(3454, 500, "Chat list could not be retrieved", e.ChatListUnavailableError),
+    )
+}
+
+#: HTTP statuses seen in front of the service, transient whatever the body says.
+TRANSIENT_HTTP: Mapping[int, type[e.TransientError]] = {
+    429: e.RateLimitedError,
+    502: e.GatewayError,
+    503: e.GatewayError,
+    504: e.GatewayError,
+}
+
+
+@attrs.frozen
+class PreparedRequest:
+    """Everything the transport needs to send one page request. `repr` hides the headers."""
+
+    method: str
+    url: str
+    headers: Mapping[str, str] = attrs.field(repr=False)
+    body: bytes = attrs.field(repr=False)
+    page: int
+
+
+@attrs.frozen
+class PageData:
+    """A successful page: the raw chat objects and the server's total, when it sent one."""
+
+    records: Sequence[Mapping[str, Any]]
+    total: int | None = None
+
+
+def build_body(filters: Sequence[tuple[str, str, str]], condition: str = "and") -> bytes:
+    """The JSON body for already-validated (param, operator, value) triples."""
+    payload = {
+        "condition": condition,
+        "filters": [{"param": p, "operator": o, "value": v} for p, o, v in filters],
+    }
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def search_url(base_url: str) -> str:
+    """The endpoint's URL without the page query: `{base_url}/chats/search`."""
+    return base_url.rstrip("/") + SEARCH_PATH
+
+
+def build_headers(token: str, team_id: str) -> dict[str, str]:
+    """The four headers the contract requires."""
+    return {
+        "Authorization": f"Bearer {token}",
+        "teamid": team_id,
+        "Content-Type": "application/json",
+        "Accept": "application/json",
+    }
+
+
+def build_request(url: str, headers: Mapping[str, str], body: bytes, page: int) -> PreparedRequest:
+    """The request for 1-based `page`, from `search_url`, `build_headers` and `build_body`."""
+    return PreparedRequest("POST", f"{url}?page={page}", headers, body, page)
+
+
+def last_page(total: int) -> int:
+    """The number of the last page holding records, for a total number of matches."""
+    return math.ceil(total / PAGE_SIZE)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds form), clamped; None if absent or odd."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None  # an HTTP-date or garbage: fall back to our own backoff
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return min(seconds, MAX_RETRY_AFTER)
+
+
+def _decode_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _parse_total(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        total = int(value.strip())
+    except ValueError:
+        return None
+    return total if total >= 0 else None
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    value = headers.get(name)
+    if value is None:
+        lower = name.lower()
+        for key, val in headers.items():
+            if key.lower() == lower:
+                return val
+    return value
+
+
+def _error_from_body(http_status: int, doc: Any) -> tuple[int | None, str]:
+    if isinstance(doc, dict):
+        code = doc.get("status_code")
+        desc = doc.get("description")
+        code = code if isinstance(code, int) and not isinstance(code, bool) else None
+        text = desc if isinstance(desc, str) and desc else None
+        if text is None and code is not None and code in STATUS_TABLE:
+            text = STATUS_TABLE[code].description
+        return code, text or f"HTTP {http_status}"
+    return None, f"HTTP {http_status}"
+
+
+def parse_response(
+    http_status: int, headers: Mapping[str, str], body: bytes, page: int | None = None
+) -> PageData:
+    """Classify one response: return its page, or raise the error of its class.
+
+    Raises a `TransientError` subclass (2007, 3454, HTTP 429/5xx, malformed
+    answer from a 5xx), `TokenExpiredError` (2004), or a permanent `ApiError`
+    subclass. A 200 whose body is not the contract's success document raises
+    `UnexpectedResponseError` rather than crashing.
+    """
+    doc = _decode_json(body)
+    if http_status == 200 and isinstance(doc, dict) and doc.get("status_code") == SUCCESS_CODE:
+        records = doc.get("response")
+        if records is None:
+            records = []
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise e.UnexpectedResponseError(
+                "response is not a list of chat objects",
+                status_code=SUCCESS_CODE,
+                http_status=http_status,
+                page=page,
+            )
+        return PageData(records, _parse_total(_header(headers, TOTAL_HEADER)))
+
+    code, description = _error_from_body(http_status, doc)
+    row = STATUS_TABLE.get(code) if code is not None else None
+    if row is not None and row.error is not None:
+        cls: type[e.ApiError] = row.error
+    elif http_status in TRANSIENT_HTTP:
+        cls = TRANSIENT_HTTP[http_status]
+    elif http_status == 500:
+        cls = e.InternalServerError  # a bare 500 without the vendor's body
+    elif http_status == 401:
+        cls = e.TokenExpiredError
+    elif 300 <= http_status < 400:
+        cls = e.UnexpectedResponseError
+        description = f"redirect refused (HTTP {http_status}): the bearer token is never resent"
+    else:
+        cls = e.UnexpectedResponseError
+        if http_status == 200:
+            description = "malformed success body" if doc is None else "unexpected success body"
+    if issubclass(cls, e.TransientError):
+        return _raise_transient(cls, description, code, http_status, page, headers)
+    raise cls(description, status_code=code, http_status=http_status, page=page)
+
+
+def _raise_transient(
+    cls: type[e.TransientError],
+    description: str,
+    code: int | None,
+    http_status: int,
+    page: int | None,
+    headers: Mapping[str, str],
+) -> PageData:
+    raise cls(
+        description,
+        status_code=code,
+        http_status=http_status,
+        page=page,
+        retry_after=parse_retry_after(_header(headers, RETRY_AFTER_HEADER)),
+    )
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for localhost and the loopback ranges 127.0.0.0/8 and ::1."""
+    import ipaddress
+
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

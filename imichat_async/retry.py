@@ -1,0 +1,120 @@
+"""When to retry, and how long to wait: a pure policy, wired to tenacity here only.
+
+Retried: the contract's transient class (`TransientError`: 2007, 3454, HTTP
+429/502/503/504, resets, timeouts). Never retried: everything else. The wait
+is the server's `Retry-After` when it sent one (capped), else exponential
+backoff with full jitter. `sleep` is injectable, and `RetryPolicy.testing()`
+zeroes every wait, for tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import attrs
+import tenacity
+
+from .errors import TransientError
+
+log = logging.getLogger("imichat_async")
+T = TypeVar("T")
+
+
+@attrs.frozen
+class RetryPolicy:
+    """`max_retries` retries after the first attempt; backoff in seconds."""
+
+    max_retries: int = 5
+    backoff_initial: float = 0.25
+    backoff_max: float = 20.0
+    retry_after_max: float = 60.0
+
+    @classmethod
+    def testing(cls, max_retries: int = 5) -> RetryPolicy:
+        """A policy that retries as usual but never waits."""
+        return cls(
+            max_retries=max_retries, backoff_initial=0.0, backoff_max=0.0, retry_after_max=0.0
+        )
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """The contract's transient class."""
+    return isinstance(exc, TransientError)
+
+
+def backoff_seconds(policy: RetryPolicy, attempt: int, exc: BaseException | None) -> float:
+    """Seconds before retry number `attempt` (1-based): Retry-After, else jittered exponential.
+
+    Full jitter: uniform in [0, min(max, initial * 2**(attempt-1))].
+    """
+    if isinstance(exc, TransientError) and exc.retry_after is not None:
+        return min(exc.retry_after, policy.retry_after_max)
+    if policy.backoff_initial <= 0:
+        return 0.0
+    jitter = tenacity.wait_random_exponential(
+        multiplier=policy.backoff_initial, max=policy.backoff_max
+    )
+    return float(jitter(_FakeState(attempt)))  # type: ignore[arg-type]
+
+
+@attrs.define
+class _FakeState:
+    attempt_number: int
+
+
+class _Wait(tenacity.wait.wait_base):
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        return backoff_seconds(self.policy, retry_state.attempt_number, exc)
+
+
+def _log_retry(max_attempts: int) -> Callable[[tenacity.RetryCallState], None]:
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0.0
+        log.warning(
+            "retrying in %.3fs (attempt %d of %d) after: %s",
+            wait,
+            state.attempt_number + 1,
+            max_attempts,
+            exc,
+        )
+
+    return before_sleep
+
+
+def make_retrying(
+    policy: RetryPolicy,
+    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    on_retry: Callable[[BaseException], None] | None = None,
+) -> tenacity.AsyncRetrying:
+    """A tenacity controller; `on_retry` is told of each failure about to be retried."""
+    attempts = policy.max_retries + 1
+    log_retry = _log_retry(attempts)
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        log_retry(state)
+        exc = state.outcome.exception() if state.outcome else None
+        if on_retry is not None and exc is not None:
+            on_retry(exc)
+
+    return tenacity.AsyncRetrying(
+        retry=tenacity.retry_if_exception(is_retryable),
+        stop=tenacity.stop_after_attempt(attempts),
+        wait=_Wait(policy),
+        sleep=sleep,
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+
+
+async def call_with_retries(retrying: tenacity.AsyncRetrying, fn: Callable[[], Awaitable[T]]) -> T:
+    """Run `fn` under a fresh copy of `retrying` (controllers keep per-call state)."""
+    result: T = await retrying.copy()(fn)
+    return result
