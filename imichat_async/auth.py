@@ -19,7 +19,7 @@ TokenSource = str | Callable[[], Awaitable[str]]
 class TokenProvider:
     """Holds the current token; never shows it in its repr."""
 
-    def __init__(self, source: TokenSource) -> None:
+    def __init__(self, source: TokenSource, on_refresh: Callable[[], None] | None = None) -> None:
         if isinstance(source, str):
             if not source:
                 raise ConfigurationError("token must not be empty")
@@ -33,6 +33,7 @@ class TokenProvider:
                 f"token must be a str or an async callable, got {type(source).__name__}"
             )
         self._lock = asyncio.Lock()
+        self._on_refresh = on_refresh
         self.refreshes = 0
 
     def __repr__(self) -> str:
@@ -68,6 +69,8 @@ class TokenProvider:
                 return self._token
             self._token = await self._call()
             self.refreshes += 1
+            if self._on_refresh is not None:
+                self._on_refresh()
             return self._token
 
     async def _call(self) -> str:

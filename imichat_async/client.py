@@ -109,7 +109,7 @@ class ImiChatClient:
         self.timeout = timeout
         self.max_retries = max_retries
         self.stats = ClientStats()
-        self._auth = TokenProvider(token)
+        self._auth = TokenProvider(token, on_refresh=self._count_refresh)
         self._url = protocol.search_url(self.base_url)
         self._headers: tuple[str, Mapping[str, str]] | None = None
         self._limiter = Limiter(concurrency, adaptive=adaptive, rate_limit=rate_limit)
@@ -294,9 +294,7 @@ class ImiChatClient:
                     raise exc.with_page(page) from None
                 refreshes += 1
                 log.warning("page %d: access token expired (2004); refreshing", page)
-                before = self._auth.refreshes
                 await self._auth.refresh(token)
-                self.stats.token_refreshes += self._auth.refreshes - before
                 continue
             self.stats.pages += 1
             self.stats.records += len(data.records)
@@ -334,6 +332,9 @@ class ImiChatClient:
 
     def _count_retry(self, exc: BaseException) -> None:
         self.stats.retries += 1
+
+    def _count_refresh(self) -> None:
+        self.stats.token_refreshes += 1
 
 
 def _ms(started: float) -> float:
