@@ -86,11 +86,17 @@ E = TypeVar("E", bound=enum.Enum)
 
 def parse_utc(value: str) -> datetime:
     """An ISO 8601 string as an aware UTC datetime; naive means UTC, `Z` is accepted on 3.10."""
-    text = value.strip()
-    if text.endswith(("Z", "z")):
-        text = text[:-1] + "+00:00"
-    parsed = datetime.fromisoformat(text)
-    if parsed.tzinfo is None:
+    try:
+        parsed = datetime.fromisoformat(value)  # 3.11+ reads "Z" itself: the fast path
+    except ValueError:
+        text = value.strip()
+        if text.endswith(("Z", "z")):
+            text = text[:-1] + "+00:00"
+        parsed = datetime.fromisoformat(text)
+    tz = parsed.tzinfo
+    if tz is timezone.utc:
+        return parsed
+    if tz is None:
         return parsed.replace(tzinfo=timezone.utc)
     return parsed.astimezone(timezone.utc)
 

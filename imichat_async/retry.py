@@ -115,6 +115,23 @@ def make_retrying(
 
 
 async def call_with_retries(retrying: tenacity.AsyncRetrying, fn: Callable[[], Awaitable[T]]) -> T:
-    """Run `fn` under a fresh copy of `retrying` (controllers keep per-call state)."""
-    result: T = await retrying.copy()(fn)
+    """Run `fn`, retrying under a fresh copy of `retrying` (controllers keep per-call state).
+
+    The first attempt runs outside tenacity, so the common case (success) costs
+    nothing; its failure is replayed to tenacity as attempt 1, so attempt
+    numbers, waits, stop and logging are exactly as if tenacity had run it.
+    """
+    try:
+        return await fn()
+    except Exception as exc:
+        if not is_retryable(exc):
+            raise
+        first: list[BaseException] = [exc]
+
+    async def replay_then_call() -> T:
+        if first:
+            raise first.pop()
+        return await fn()
+
+    result: T = await retrying.copy()(replay_then_call)
     return result
