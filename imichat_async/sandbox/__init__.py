@@ -1,0 +1,34 @@
+"""A simulated IMIchat tenant for tests, the demo and benchmarks: `serve(...)` it on 127.0.0.1.
+
+    from imichat_async import sandbox
+
+    async with sandbox.serve(chats=1000, seed=0, p_429=0.1) as sb:
+        sb.base_url, sb.token, sb.team_id   # what a client needs
+        sb.expected([("status", "eq", "closed")])  # the server's own answer
+        sb.stats.requests_by_page            # what happened
+
+The server speaks the wire contract (`shared/spec/wire-contract.md`) exactly,
+filters for real, and injects the `Faults` asked for. `python -m
+imichat_async.sandbox` serves one from the command line (see `cli`).
+"""
+
+from __future__ import annotations
+
+from .data import END, Row
+from .faults import FAULT_KINDS, Faults, Stats
+from .query import Query, QueryError
+from .server import SANDBOX_KEY, Sandbox, make_app, serve
+
+__all__ = [
+    "END",
+    "FAULT_KINDS",
+    "SANDBOX_KEY",
+    "Faults",
+    "Query",
+    "QueryError",
+    "Row",
+    "Sandbox",
+    "Stats",
+    "make_app",
+    "serve",
+]
