@@ -9,11 +9,17 @@ refreshed just picks up the new token.
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Awaitable, Callable
 
 from .errors import ConfigurationError, TokenExpiredError
 
 TokenSource = str | Callable[[], Awaitable[str]]
+
+STATIC_TOKEN_EXPIRED = (
+    "Access Token expired, and the client was given a fixed token: "
+    "pass an async callable as token= to refresh it"
+)
 
 
 class TokenProvider:
@@ -21,8 +27,7 @@ class TokenProvider:
 
     def __init__(self, source: TokenSource, on_refresh: Callable[[], None] | None = None) -> None:
         if isinstance(source, str):
-            if not source:
-                raise ConfigurationError("token must not be empty")
+            _check_token(source)
             self._fetch: Callable[[], Awaitable[str]] | None = None
             self._token: str | None = source
         elif callable(source):
@@ -34,6 +39,7 @@ class TokenProvider:
             )
         self._lock = asyncio.Lock()
         self._on_refresh = on_refresh
+        self._served: collections.deque[str] = collections.deque(maxlen=4)  # latest that worked
         self.refreshes = 0
 
     def __repr__(self) -> str:
@@ -44,6 +50,15 @@ class TokenProvider:
     def refreshable(self) -> bool:
         """True when a fresh token can be fetched (the source is a callable)."""
         return self._fetch is not None
+
+    def mark_served(self, token: str) -> None:
+        """Note that `token` was accepted and served a page."""
+        if token not in self._served:
+            self._served.append(token)
+
+    def served(self, token: str) -> bool:
+        """True when `token` served a page before it expired (a normal expiry)."""
+        return token in self._served
 
     async def get(self) -> str:
         """The current token, fetching the first one if needed."""
@@ -59,8 +74,7 @@ class TokenProvider:
         """A token newer than `stale`: one call for all the requests that saw `stale` expire."""
         if self._fetch is None:
             raise TokenExpiredError(
-                "Access Token expired, and the client was given a fixed token: "
-                "pass an async callable as token= to refresh it",
+                STATIC_TOKEN_EXPIRED,
                 status_code=2004,
                 http_status=401,
             )
@@ -76,6 +90,20 @@ class TokenProvider:
     async def _call(self) -> str:
         assert self._fetch is not None
         token = await self._fetch()
-        if not isinstance(token, str) or not token:
-            raise ConfigurationError("the token callable must return a non-empty str")
+        if not isinstance(token, str):
+            raise ConfigurationError(
+                f"the token callable must return a str, got {type(token).__name__}"
+            )
+        _check_token(token)
         return token
+
+
+def _check_token(token: str) -> None:
+    """Refuse what no server accepts in a header (the message never shows the token)."""
+    if not token:
+        raise ConfigurationError("the token must not be empty")
+    if token != token.strip() or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in token):
+        raise ConfigurationError(
+            "the token has surrounding whitespace or control characters (a trailing newline "
+            "from a file?): strip it"
+        )

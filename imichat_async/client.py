@@ -11,7 +11,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from contextlib import aclosing
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -21,13 +21,12 @@ import aiohttp
 import attrs
 
 from . import protocol
-from .auth import TokenProvider, TokenSource
+from .auth import STATIC_TOKEN_EXPIRED, TokenProvider, TokenSource
 from .errors import (
     ConfigurationError,
     InvalidQueryError,
     SearchTimeoutError,
     TokenExpiredError,
-    TransientError,
 )
 from .limiter import Limiter
 from .paging import Page, PagingStats, iterate_pages
@@ -38,7 +37,7 @@ from .transport import Transport
 
 log = logging.getLogger("imichat_async")
 
-MAX_REFRESHES_PER_REQUEST = 2  # a token that expires again right after a refresh is an error
+MAX_REFUSED_FRESH = 2  # tokens in a row refused before serving any page, before giving up
 RawRecord = Mapping[str, Any]
 
 
@@ -149,7 +148,7 @@ class ImiChatClient:
 
     # -- searching -------------------------------------------------------------------------
 
-    async def search_chats(
+    def search_chats(
         self,
         *,
         filters: Iterable[Filter | tuple[str, str, Any]] | None = None,
@@ -159,29 +158,19 @@ class ImiChatClient:
         max_pages: int | None = None,
         deadline: float | None = None,
         **params: Any,
-    ) -> AsyncIterator[Chat]:
-        """Every matching `Chat`, in page order. See the README for the guarantees.
+    ) -> AsyncGenerator[Chat, None]:
+        """An async generator of every matching `Chat`, in page order (see README: Guarantees).
 
-        Raises `InvalidQueryError` before any request for a bad param,
-        operator, value or argument; `ApiError` subclasses for errors of the
-        API; `DecodeError` for a record that cannot be decoded;
-        `SearchTimeoutError` when `deadline` seconds pass first.
+        Raises `InvalidQueryError` here, at the call, for a bad param, operator,
+        value or argument (so before any request). While iterating:
+        `ApiError` subclasses for errors of the API, `DecodeError` for a
+        record that cannot be decoded, `SearchTimeoutError` when `deadline`
+        seconds pass first.
         """
-        pages = self._pages(
-            build_query(params, filters, condition),
-            self._decoded,
-            prefetch,
-            start_page,
-            max_pages,
-            deadline,
-            None,
-        )
-        async with aclosing(pages) as it:
-            async for page in it:
-                for chat in page.items:
-                    yield chat
+        query = build_query(params, filters, condition)
+        return _chats(self._pages(query, self._decoded, prefetch, start_page, max_pages, deadline))
 
-    async def search_pages(
+    def search_pages(
         self,
         *,
         filters: Iterable[Filter | tuple[str, str, Any]] | None = None,
@@ -191,20 +180,12 @@ class ImiChatClient:
         max_pages: int | None = None,
         deadline: float | None = None,
         **params: Any,
-    ) -> AsyncIterator[ChatPage]:
+    ) -> AsyncGenerator[ChatPage, None]:
         """Like `search_chats`, one `ChatPage(chats, page)` at a time, for batch consumers."""
-        pages = self._pages(
-            build_query(params, filters, condition),
-            self._decoded,
-            prefetch,
-            start_page,
-            max_pages,
-            deadline,
-            None,
+        query = build_query(params, filters, condition)
+        return _chat_pages(
+            self._pages(query, self._decoded, prefetch, start_page, max_pages, deadline)
         )
-        async with aclosing(pages) as it:
-            async for page in it:
-                yield ChatPage(list(page.items), page.number)
 
     def search_raw_pages(
         self,
@@ -223,7 +204,7 @@ class ImiChatClient:
         """
         return self._pages(query, self._raw, prefetch, start_page, max_pages, deadline, stats)
 
-    async def _pages(
+    def _pages(
         self,
         query: Query,
         convert: Callable[[protocol.PageData, int], Page[Any]],
@@ -231,8 +212,9 @@ class ImiChatClient:
         start_page: int,
         max_pages: int | None,
         deadline: float | None,
-        stats: PagingStats | None,
+        stats: PagingStats | None = None,
     ) -> AsyncGenerator[Page[Any], None]:
+        """Check the paging arguments now, before any request; the pages come lazily."""
         window = self.concurrency if prefetch is None else prefetch
         _check_int("prefetch", window, 1)
         _check_int("start_page", start_page, 1)
@@ -240,7 +222,20 @@ class ImiChatClient:
             _check_int("max_pages", max_pages, 0)
         if deadline is not None and not deadline > 0:
             raise InvalidQueryError(f"deadline must be > 0 seconds, got {deadline!r}")
-        body = query.body()
+        return self._run_pages(
+            query.body(), convert, window, start_page, max_pages, deadline, stats
+        )
+
+    async def _run_pages(
+        self,
+        body: bytes,
+        convert: Callable[[protocol.PageData, int], Page[Any]],
+        window: int,
+        start_page: int,
+        max_pages: int | None,
+        deadline: float | None,
+        stats: PagingStats | None,
+    ) -> AsyncGenerator[Page[Any], None]:
         until = time.monotonic() + deadline if deadline is not None else None
 
         async def fetch(n: int) -> Page[Any]:
@@ -282,7 +277,8 @@ class ImiChatClient:
     # -- one page, through retries and token refresh ---------------------------------------
 
     async def _fetch(self, body: bytes, page: int) -> protocol.PageData:
-        refreshes = 0
+        refreshes = 0  # bounded, so a page can't cycle through tokens forever
+        refused = 0  # tokens in a row that expired before they ever served a page
         while True:
             token = await self._auth.get()
             try:
@@ -290,12 +286,23 @@ class ImiChatClient:
                     self._retrying, functools.partial(self._attempt, body, page, token)
                 )
             except TokenExpiredError as exc:
-                if refreshes >= MAX_REFRESHES_PER_REQUEST or not self._auth.refreshable:
-                    raise exc.with_page(page) from None
+                if not self._auth.refreshable:
+                    raise TokenExpiredError(
+                        STATIC_TOKEN_EXPIRED,
+                        status_code=2004,
+                        http_status=exc.http_status,
+                        page=page,
+                    ) from None
+                # A token that served pages and then expired (by age, by use) is normal and
+                # refreshed; fresh tokens refused again and again are an error.
+                refused = 0 if self._auth.served(token) else refused + 1
                 refreshes += 1
+                if refused > MAX_REFUSED_FRESH or refreshes > 2 * (self.max_retries + 1):
+                    raise exc.with_page(page) from None
                 log.warning("page %d: access token expired (2004); refreshing", page)
                 await self._auth.refresh(token)
                 continue
+            self._auth.mark_served(token)
             self.stats.pages += 1
             self.stats.records += len(data.records)
             return data
@@ -307,8 +314,8 @@ class ImiChatClient:
         try:
             raw = await self._transport.send(request)
             data = protocol.parse_response(raw.status, raw.headers, raw.body, page)
-        except TransientError as exc:
-            log.debug("page %d: %s after %.1f ms", page, exc, _ms(started))
+        except TokenExpiredError:
+            log.debug("page %d: token expired (2004) after %.1f ms", page, _ms(started))
             raise
         except Exception as exc:
             log.debug("page %d: failed: %s after %.1f ms", page, exc, _ms(started))
@@ -335,6 +342,21 @@ class ImiChatClient:
 
     def _count_refresh(self) -> None:
         self.stats.token_refreshes += 1
+
+
+async def _chats(pages: AsyncGenerator[Page[Chat], None]) -> AsyncGenerator[Chat, None]:
+    async with aclosing(pages) as it:
+        async for page in it:
+            for chat in page.items:
+                yield chat
+
+
+async def _chat_pages(
+    pages: AsyncGenerator[Page[Chat], None],
+) -> AsyncGenerator[ChatPage, None]:
+    async with aclosing(pages) as it:
+        async for page in it:
+            yield ChatPage(list(page.items), page.number)
 
 
 def _ms(started: float) -> float:

@@ -85,12 +85,11 @@ async def iterate_pages(
     try:
         # The first page alone: it may bring the total, and a permanent error costs one request.
         st.pages_requested += 1
-        first = await fetch(start_page)
-        if first.total is not None:
-            st.total = first.total
-            known_end = start_page - 1 + _pages_for(first.total, page_size, start_page)
+        current = await fetch(start_page)
+        if current.total is not None:
+            st.total = current.total
+            known_end = start_page - 1 + _pages_for(current.total, page_size, start_page)
             end = known_end if end is None else min(end, known_end)
-        current = first
         number = start_page
         while True:
             if len(current.items) < page_size or (end is not None and number >= end):

@@ -207,7 +207,7 @@ def parse_retry_after(value: str | None) -> float | None:
 def _decode_json(body: bytes) -> Any:
     try:
         return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
 
 

@@ -42,7 +42,10 @@ class Query:
 
 
 def format_datetime(value: datetime) -> str:
-    """ISO 8601 in UTC with a `Z` suffix; a naive datetime is taken as UTC."""
+    """ISO 8601 in UTC with a `Z` suffix; a naive datetime is taken as UTC.
+
+    Raises `OverflowError` for an instant outside years 1-9999 once in UTC.
+    """
     if value.tzinfo is None:
         value = value.replace(tzinfo=timezone.utc)
     text = value.astimezone(timezone.utc).replace(tzinfo=None).isoformat()
@@ -72,18 +75,20 @@ def _check_value(param: str, operator: str, value: Any) -> str:
 
 
 def _datetime_value(where: str, value: Any) -> str:
-    if isinstance(value, datetime):
-        return format_datetime(value)
-    if isinstance(value, date):
-        return format_datetime(datetime(value.year, value.month, value.day, tzinfo=timezone.utc))
-    if isinstance(value, str):
-        try:
+    try:
+        if isinstance(value, datetime):
+            return format_datetime(value)
+        if isinstance(value, date):
+            return format_datetime(
+                datetime(value.year, value.month, value.day, tzinfo=timezone.utc)
+            )
+        if isinstance(value, str):
             return format_datetime(parse_utc(value))
-        except ValueError:
-            pass
+    except (ValueError, OverflowError):
         raise InvalidQueryError(
-            f"invalid value {value!r:.80} for {where}: expected an ISO 8601 datetime"
-        )
+            f"invalid value {value!r:.80} for {where}: expected an ISO 8601 datetime "
+            "within years 1-9999 in UTC"
+        ) from None
     raise InvalidQueryError(
         f"invalid value {value!r:.80} for {where}: expected a datetime or an ISO 8601 string"
     )
@@ -127,8 +132,11 @@ def build_query(
         )
     checked: list[tuple[str, str, str]] = []
     if filters is not None:
-        if isinstance(filters, (str, bytes, Mapping)):
-            raise InvalidQueryError("filters= takes a list of imi.Filter(param, operator, value)")
+        if isinstance(filters, (str, bytes, Mapping, Filter)) or not isinstance(filters, Iterable):
+            raise InvalidQueryError(
+                f"filters= takes a list of imi.Filter(param, operator, value), "
+                f"got {type(filters).__name__}"
+            )
         for item in filters:
             checked.append(_explicit(item))
     for key, value in (keywords or {}).items():

@@ -77,8 +77,8 @@ class Chat:
     destination_id: str | None = None
     assignee: str | None = None
     flag: str | None = None
-    tag: Sequence[str] = ()
-    other_details: Mapping[str, Any] = _EMPTY
+    tag: list[str] = attrs.field(factory=list, hash=False)  # JSON's list, compares to one
+    other_details: Mapping[str, Any] = attrs.field(default=_EMPTY, hash=False)
 
 
 E = TypeVar("E", bound=enum.Enum)
@@ -138,16 +138,16 @@ def _asset_id(value: Any, _: Any) -> int | str | None:
     raise TypeError(f"expected an int or a string, got {type(value).__name__}")
 
 
-def _tags(value: Any, _: Any) -> tuple[str, ...]:
+def _tags(value: Any, _: Any) -> list[str]:
     if value is None:
-        return ()
+        return []
     if isinstance(value, str):
-        return (value,)  # a lone tag sent as a string
+        return [value]  # a lone tag sent as a string
     if not isinstance(value, list):
         raise TypeError(f"expected a list of strings, got {type(value).__name__}")
     if not all(isinstance(t, str) for t in value):
         raise TypeError("expected a list of strings")
-    return tuple(value)
+    return value
 
 
 def _details(value: Any, _: Any) -> Mapping[str, Any]:
@@ -182,7 +182,7 @@ def make_converter() -> cattrs.Converter:
       email or service key in practice; a numeric string keeps its zeros);
     - `status`, `channel`: a known value becomes the enum member, an unknown
       one stays a plain `str` (new enum values may appear);
-    - any optional field missing or `null` becomes `None`; `tag` becomes `()`,
+    - any optional field missing or `null` becomes `None`; `tag` becomes `[]`,
       `other_details` an empty mapping, `asset` `None`;
     - unknown extra fields are ignored;
     - `other_details` is kept as the free-form JSON object it is.

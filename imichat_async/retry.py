@@ -83,7 +83,7 @@ def _log_retry(max_attempts: int) -> Callable[[tenacity.RetryCallState], None]:
             wait,
             state.attempt_number + 1,
             max_attempts,
-            exc,
+            str(exc),  # the text, not the exception: a kept record must not pin its traceback
         )
 
     return before_sleep

@@ -44,7 +44,7 @@ class Transport:
         self.limiter = limiter
         self._session = session
         self._owns_session = session is None
-        self._timeout = aiohttp.ClientTimeout(total=timeout) if timeout else None
+        self._timeout = aiohttp.ClientTimeout(total=timeout)  # None: no limit
         self._max_bytes = max_response_bytes
         self._closed = False
 
@@ -69,14 +69,15 @@ class Transport:
                     headers=request.headers,
                     data=request.body,
                     allow_redirects=False,  # a redirect would carry the bearer token elsewhere
-                    timeout=self._timeout or aiohttp.client.DEFAULT_TIMEOUT,
+                    raise_for_status=False,  # a borrowed session may say otherwise
+                    timeout=self._timeout,
                 ) as resp:
                     body = await self._read(resp, request.page)
                     status = resp.status
                     headers = resp.headers
             except asyncio.TimeoutError:
                 raise NetworkError(
-                    f"no response within {self._timeout.total if self._timeout else '?'}s",
+                    f"no response within {self._timeout.total}s",
                     page=request.page,
                 ) from None
             except aiohttp.ClientError as exc:

@@ -1,0 +1,140 @@
+"""The token provider: static or callable, lazy first fetch, single-flight refresh, no leaks."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from imichat_async.auth import TokenProvider
+from imichat_async.errors import ConfigurationError, ImiChatError, TokenExpiredError
+
+SECRET = "tok-SECRET-c0ffee"
+
+
+class Source:
+    """An async token callable returning tok-1, tok-2, ...; it yields to the loop each call."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.calls = 0
+        self.fail_first = fail_first
+
+    async def __call__(self) -> str:
+        self.calls += 1
+        for _ in range(3):
+            await asyncio.sleep(0)
+        if self.calls <= self.fail_first:
+            raise RuntimeError("identity provider down")
+        return f"{SECRET}-{self.calls}"
+
+
+async def test_static_token() -> None:
+    """A str token is returned as is and is not refreshable."""
+    provider = TokenProvider(SECRET)
+    assert await provider.get() == SECRET
+    assert not provider.refreshable
+
+
+async def test_static_token_refresh_explains_itself() -> None:
+    """Refreshing a fixed token raises TokenExpiredError (2004/401) pointing to a callable."""
+    provider = TokenProvider(SECRET)
+    with pytest.raises(TokenExpiredError) as info:
+        await provider.refresh(SECRET)
+    assert (info.value.status_code, info.value.http_status) == (2004, 401)
+    assert "fixed token" in str(info.value)
+    assert "async callable" in str(info.value)
+    assert SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("source", "match"),
+    [("", "empty"), (None, "NoneType"), (42, "int"), (b"tok", "bytes")],
+)
+def test_bad_sources_rejected(source: Any, match: str) -> None:
+    """An empty str or a non-callable is a ConfigurationError (an ImiChatError)."""
+    with pytest.raises(ConfigurationError, match=match) as info:
+        TokenProvider(source)
+    assert isinstance(info.value, ImiChatError)
+
+
+async def test_callable_first_token_fetched_lazily_once() -> None:
+    """The callable is not called at construction; concurrent first get()s call it once."""
+    source = Source()
+    provider = TokenProvider(source)
+    assert provider.refreshable
+    assert source.calls == 0
+    tokens = await asyncio.gather(*(provider.get() for _ in range(10)))
+    assert set(tokens) == {f"{SECRET}-1"}
+    assert source.calls == 1
+    assert provider.refreshes == 0
+
+
+async def test_concurrent_refreshes_of_the_same_token_call_once() -> None:
+    """Many refresh(stale) at once: one call, every caller gets the same new token."""
+    source = Source()
+    provider = TokenProvider(source)
+    stale = await provider.get()
+    tokens = await asyncio.gather(*(provider.refresh(stale) for _ in range(8)))
+    assert set(tokens) == {f"{SECRET}-2"}
+    assert source.calls == 2
+    assert provider.refreshes == 1
+
+
+async def test_late_refresh_of_an_old_token_reuses_the_new_one() -> None:
+    """refresh() with a token already replaced returns the current one without a call."""
+    source = Source()
+    provider = TokenProvider(source)
+    first = await provider.get()
+    second = await provider.refresh(first)
+    assert await provider.refresh(first) == second
+    assert source.calls == 2
+    third = await provider.refresh(second)  # the new token expiring is a new refresh
+    assert third == f"{SECRET}-3"
+    assert provider.refreshes == 2
+
+
+async def test_failed_refresh_propagates_and_can_be_retried() -> None:
+    """A token callable failing raises its error; the next refresh calls it again."""
+    source = Source(fail_first=2)
+    provider = TokenProvider(source)
+    with pytest.raises(RuntimeError):
+        await provider.get()
+    with pytest.raises(RuntimeError):
+        await provider.get()
+    assert await provider.get() == f"{SECRET}-3"
+    assert source.calls == 3
+
+
+@pytest.mark.parametrize("bad", ["", None, 7, b"x"])
+async def test_callable_returning_garbage(bad: Any) -> None:
+    """A callable returning an empty or non-str token raises ConfigurationError."""
+
+    async def source() -> Any:
+        return bad
+
+    provider = TokenProvider(source)
+    with pytest.raises(ConfigurationError, match=r"must not be empty|must return a str"):
+        await provider.get()
+
+
+async def test_cancelled_refresh_does_not_wedge() -> None:
+    """A refresh cancelled mid-call releases the lock; the next refresh works."""
+    source = Source()
+    provider = TokenProvider(source)
+    stale = await provider.get()
+    task = asyncio.ensure_future(provider.refresh(stale))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await asyncio.wait_for(provider.refresh(stale), 1) == f"{SECRET}-3"
+
+
+@pytest.mark.parametrize("kind", ["static", "callable"])
+async def test_repr_hides_token(kind: str) -> None:
+    """repr(provider) never shows the token, before or after it is fetched."""
+    provider = TokenProvider(SECRET if kind == "static" else Source())
+    await provider.get()
+    assert "SECRET" not in repr(provider)
+    assert kind in repr(provider)

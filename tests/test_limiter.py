@@ -1,0 +1,175 @@
+"""The client-wide limiter: fixed bound, cancellation safety, adaptive AIMD."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from imichat_async.limiter import Limiter
+from tests.helpers import assert_no_stray_tasks
+
+
+async def run_workers(limiter: Limiter, n: int, seed: int = 0, ok: bool = True) -> int:
+    """n tasks each hold a slot for a few loop turns; returns the peak seen by the workers."""
+    rng = random.Random(seed)
+    active = 0
+    peak = 0
+
+    async def worker() -> None:
+        nonlocal active, peak
+        async with limiter.slot() as s:
+            active += 1
+            peak = max(peak, active)
+            for _ in range(rng.randint(1, 5)):
+                await asyncio.sleep(0)
+            active -= 1
+            s.ok = ok
+
+    await asyncio.gather(*(worker() for _ in range(n)))
+    return peak
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 8])
+async def test_fixed_mode_bounds_in_flight(limit: int) -> None:
+    """Fixed mode never lets more than `limit` holders in, and does reach the limit."""
+    limiter = Limiter(limit)
+    peak = await run_workers(limiter, 40)
+    assert peak == limit
+    assert limiter.peak == limit
+    assert limiter.in_flight == 0
+    assert limiter.limit == limit
+
+
+async def test_fixed_mode_ignores_feedback() -> None:
+    """Without adaptive=True, overload feedback does not change the limit."""
+    limiter = Limiter(4)
+    epoch = await limiter.acquire()
+    limiter.release(epoch, overloaded=True)
+    assert limiter.limit == 4
+    assert limiter.decreases == 0
+
+
+async def test_waiters_are_served_first_come() -> None:
+    """Waiters get slots in the order they asked."""
+    limiter = Limiter(1)
+    order: list[int] = []
+    epoch = await limiter.acquire()
+
+    async def waiter(i: int) -> None:
+        e = await limiter.acquire()
+        order.append(i)
+        limiter.release(e)
+
+    tasks = [asyncio.ensure_future(waiter(i)) for i in range(5)]
+    await asyncio.sleep(0)
+    limiter.release(epoch)
+    await asyncio.gather(*tasks)
+    assert order == [0, 1, 2, 3, 4]
+
+
+async def test_cancel_while_waiting_does_not_leak() -> None:
+    """A waiter cancelled while queued never takes (nor keeps) a slot."""
+    limiter = Limiter(2)
+    held = [await limiter.acquire(), await limiter.acquire()]
+    waiters = [asyncio.ensure_future(limiter.acquire()) for _ in range(3)]
+    await asyncio.sleep(0)
+    for w in waiters:
+        w.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    assert limiter.in_flight == 2
+    for epoch in held:
+        limiter.release(epoch)
+    assert limiter.in_flight == 0
+    # Both slots are usable again.
+    assert await run_workers(limiter, 6) == 2
+    await assert_no_stray_tasks()
+
+
+async def test_cancel_just_after_grant_gives_the_slot_back() -> None:
+    """A waiter granted a slot and cancelled before it runs hands the slot back."""
+    limiter = Limiter(1)
+    epoch = await limiter.acquire()
+    waiter = asyncio.ensure_future(limiter.acquire())
+    await asyncio.sleep(0)  # queued
+    limiter.release(epoch)  # grants the slot to the waiter, which has not resumed yet
+    assert limiter.in_flight == 1
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert limiter.in_flight == 0
+    assert await asyncio.wait_for(limiter.acquire(), 1) == 0  # the slot is free again
+    limiter.release(0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+async def test_random_cancellations_never_leak(seed: int) -> None:
+    """Many workers, some cancelled at random points: the count always returns to zero."""
+    rng = random.Random(seed)
+    limiter = Limiter(3)
+
+    async def worker() -> None:
+        async with limiter.slot():
+            for _ in range(rng.randint(0, 4)):
+                await asyncio.sleep(0)
+
+    tasks = [asyncio.ensure_future(worker()) for _ in range(30)]
+    for _ in range(12):
+        await asyncio.sleep(0)
+        for t in rng.sample(tasks, 3):
+            t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert limiter.in_flight == 0
+    assert limiter.peak <= 3
+    await assert_no_stray_tasks()
+
+
+async def test_adaptive_halves_on_overload_and_recovers() -> None:
+    """Adaptive mode halves the limit on overload and adds back up to max on success."""
+    limiter = Limiter(8, adaptive=True)
+    limiter.release(await limiter.acquire(), overloaded=True)
+    assert limiter.limit == 4
+    limiter.release(await limiter.acquire(), overloaded=True)
+    assert limiter.limit == 2
+    limiter.release(await limiter.acquire(), overloaded=True)
+    limiter.release(await limiter.acquire(), overloaded=True)
+    assert limiter.limit == 1  # never below min_limit
+    assert limiter.decreases == 4
+    for _ in range(200):
+        limiter.release(await limiter.acquire(), ok=True)
+        assert limiter.limit <= 8
+    assert limiter.limit == 8
+
+
+async def test_adaptive_one_decrease_per_epoch() -> None:
+    """Requests started before a decrease cannot halve the limit again."""
+    limiter = Limiter(8, adaptive=True)
+    epochs = [await limiter.acquire() for _ in range(4)]
+    for epoch in epochs:
+        limiter.release(epoch, overloaded=True)
+    assert limiter.limit == 4
+    assert limiter.decreases == 1
+
+
+async def test_adaptive_bound_applies_to_new_acquires() -> None:
+    """After a halving, no more than the new limit are admitted at once."""
+    limiter = Limiter(8, adaptive=True)
+    limiter.release(await limiter.acquire(), overloaded=True)
+    assert await run_workers(limiter, 20, ok=False) == 4
+
+
+async def test_adaptive_never_above_max() -> None:
+    """Success feedback never lifts the limit above max_limit."""
+    limiter = Limiter(3, adaptive=True)
+    for _ in range(50):
+        limiter.release(await limiter.acquire(), ok=True)
+    assert limiter.limit == 3
+    assert await run_workers(limiter, 20) <= 3
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+def test_limit_must_be_positive(limit: int) -> None:
+    """A limit below 1 is refused."""
+    with pytest.raises(ValueError, match="limit"):
+        Limiter(limit)

@@ -1,0 +1,329 @@
+"""The pure wire module: request building and response classification, table-driven."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imichat_async import errors as e
+from imichat_async import protocol
+
+SAMPLES = Path(__file__).parent / "samples"
+STATUS_ROWS: list[dict[str, Any]] = json.loads((SAMPLES / "status_codes.json").read_text())
+GATEWAY_HTML = (SAMPLES / "gateway_502.html").read_bytes()
+PAGE_QUIRKS = (SAMPLES / "page_quirks.json").read_bytes()
+TOKEN = "tok-SECRET-8f2c1b"
+
+KIND_BASE = {
+    "permanent": e.ApiError,
+    "transient": e.TransientError,
+    "token_expired": e.TokenExpiredError,
+}
+
+
+def _body(status_code: int | None, description: str | None, response: Any = None) -> bytes:
+    return json.dumps(
+        {"status_code": status_code, "description": description, "response": response}
+    ).encode()
+
+
+def _ok(records: list[dict[str, Any]]) -> bytes:
+    return _body(4305, "The list of chats retrieved successfully", records)
+
+
+# -- classification of the vendor's status table -------------------------------------------
+
+
+def test_status_table_covers_every_vendor_row() -> None:
+    """STATUS_TABLE holds exactly the vendor's codes with the vendor's HTTP statuses."""
+    expected = {row["status_code"]: row["http_status"] for row in STATUS_ROWS}
+    expected[4305] = 200
+    assert {c: r.http_status for c, r in protocol.STATUS_TABLE.items()} == expected
+
+
+@pytest.mark.parametrize("row", STATUS_ROWS, ids=lambda r: str(r["status_code"]))
+def test_every_error_row_raises_its_class(row: dict[str, Any]) -> None:
+    """Each row (HTTP status + status_code) raises its class carrying code, status, text."""
+    body = _body(row["status_code"], row["description"])
+    with pytest.raises(e.ApiError) as info:
+        protocol.parse_response(row["http_status"], {}, body, page=3)
+    err = info.value
+    assert type(err) is getattr(e, row["error"])
+    assert isinstance(err, KIND_BASE[row["kind"]])
+    assert err.status_code == row["status_code"]
+    assert err.http_status == row["http_status"]
+    assert err.description == row["description"]
+    assert err.page == 3
+    assert row["description"] in str(err)
+    assert str(row["status_code"]) in str(err)
+
+
+@pytest.mark.parametrize("row", STATUS_ROWS, ids=lambda r: str(r["status_code"]))
+def test_error_row_without_description_uses_the_vendor_text(row: dict[str, Any]) -> None:
+    """A known status_code with no description falls back to the vendor table's text."""
+    with pytest.raises(e.ApiError) as info:
+        protocol.parse_response(row["http_status"], {}, _body(row["status_code"], None))
+    assert info.value.description == protocol.STATUS_TABLE[row["status_code"]].description
+
+
+@pytest.mark.parametrize(
+    ("kind", "retryable"),
+    [("permanent", False), ("transient", True), ("token_expired", False)],
+)
+def test_error_kinds_match_the_contract(kind: str, retryable: bool) -> None:
+    """Only the contract's transient rows are TransientError; the others are not."""
+    for row in (r for r in STATUS_ROWS if r["kind"] == kind):
+        with pytest.raises(e.ApiError) as info:
+            protocol.parse_response(row["http_status"], {}, _body(row["status_code"], "x"))
+        assert isinstance(info.value, e.TransientError) is retryable, row
+
+
+def test_unknown_status_code_is_unexpected_response() -> None:
+    """A status_code outside the vendor's table raises UnexpectedResponseError, keeping it."""
+    with pytest.raises(e.UnexpectedResponseError) as info:
+        protocol.parse_response(418, {}, _body(9999, "I'm a teapot"))
+    assert (info.value.status_code, info.value.http_status) == (9999, 418)
+    assert info.value.description == "I'm a teapot"
+
+
+# -- success ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "total"),
+    [
+        ({}, None),
+        ({"X-Total-Count": "95"}, 95),
+        ({"x-total-count": "95"}, 95),
+        ({"X-Total-Count": " 0 "}, 0),
+        ({"X-Total-Count": "many"}, None),
+        ({"X-Total-Count": "-3"}, None),
+    ],
+)
+def test_success_parse_with_and_without_total(headers: dict[str, str], total: int | None) -> None:
+    """A 200/4305 page gives its records, and the total only when X-Total-Count is sane."""
+    data = protocol.parse_response(200, headers, PAGE_QUIRKS, page=1)
+    assert len(data.records) == 10
+    assert data.records[0]["chat_id"] == "c-0001"
+    assert data.total == total
+
+
+@pytest.mark.parametrize("response", [[], None])
+def test_empty_page_past_the_end(response: Any) -> None:
+    """A 200 with an empty (or null) response past the last page is an empty page."""
+    data = protocol.parse_response(200, {"X-Total-Count": "10"}, _ok(response))
+    assert list(data.records) == []
+    assert data.total == 10
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"{not json",
+        b"\xff\xfe\x00garbage",
+        b"<html>ok</html>",
+        b"[]",
+        b'"text"',
+        _body(4305, "ok", {"chat_id": "x"}),
+        _body(4305, "ok", ["x", "y"]),
+        json.dumps({"description": "no code", "response": []}).encode(),
+    ],
+    ids=[
+        "empty",
+        "truncated",
+        "binary",
+        "html",
+        "json-list",
+        "json-string",
+        "response-object",
+        "response-strings",
+        "no-status-code",
+    ],
+)
+def test_malformed_success_is_unexpected_response(body: bytes) -> None:
+    """A 200 whose body is not the success document raises UnexpectedResponseError."""
+    with pytest.raises(e.UnexpectedResponseError) as info:
+        protocol.parse_response(200, {}, body, page=2)
+    assert info.value.http_status == 200
+    assert info.value.page == 2
+
+
+# -- gateways, rate limits, redirects, bare statuses ------------------------------------
+
+
+@pytest.mark.parametrize("status", [502, 503, 504])
+@pytest.mark.parametrize("body", [GATEWAY_HTML, b"", b"   "], ids=["html", "empty", "blank"])
+def test_gateway_bodies_are_transient(status: int, body: bytes) -> None:
+    """HTTP 502/503/504 with an HTML or empty body is a GatewayError without a code."""
+    with pytest.raises(e.GatewayError) as info:
+        protocol.parse_response(status, {"Content-Type": "text/html"}, body)
+    assert info.value.http_status == status
+    assert info.value.status_code is None
+    assert str(status) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, None),
+        ("7", 7.0),
+        ("0", 0.0),
+        ("1.5", 1.5),
+        (" 12 ", 12.0),
+        ("garbage", None),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", None),
+        ("", None),
+        ("-5", None),
+        ("nan", None),
+        ("inf", None),
+        ("86400", protocol.MAX_RETRY_AFTER),
+        ("1e12", protocol.MAX_RETRY_AFTER),
+    ],
+)
+@pytest.mark.parametrize("body", [b"", _body(None, "Too Many Requests")], ids=["empty", "json"])
+def test_429_retry_after(value: str | None, expected: float | None, body: bytes) -> None:
+    """HTTP 429 is RateLimitedError; Retry-After parsed, garbage/negative ignored, huge clamped."""
+    headers = {} if value is None else {"Retry-After": value}
+    with pytest.raises(e.RateLimitedError) as info:
+        protocol.parse_response(429, headers, body)
+    assert info.value.retry_after == expected
+    assert info.value.http_status == 429
+
+
+def test_retry_after_header_name_is_case_insensitive() -> None:
+    """A lower-case retry-after header is read too."""
+    with pytest.raises(e.RateLimitedError) as info:
+        protocol.parse_response(429, {"retry-after": "3"}, b"")
+    assert info.value.retry_after == 3.0
+
+
+@pytest.mark.parametrize("body", [b"{broken", GATEWAY_HTML, b""], ids=["json", "html", "empty"])
+def test_malformed_body_on_500_is_transient(body: bytes) -> None:
+    """A 500 without the vendor's JSON body is an InternalServerError (retried), no code."""
+    with pytest.raises(e.InternalServerError) as info:
+        protocol.parse_response(500, {}, body)
+    assert info.value.status_code is None
+    assert info.value.http_status == 500
+
+
+@pytest.mark.parametrize("body", [b"", b"Unauthorized"])
+def test_bare_401_is_token_expired(body: bytes) -> None:
+    """A 401 without the vendor's body is treated as an expired token."""
+    with pytest.raises(e.TokenExpiredError) as info:
+        protocol.parse_response(401, {}, body)
+    assert info.value.http_status == 401
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_redirects_are_refused(status: int) -> None:
+    """A 3xx is classified as UnexpectedResponseError (never a page, never transient)."""
+    headers = {"Location": "https://evil.example/steal"}
+    with pytest.raises(e.UnexpectedResponseError) as info:
+        protocol.parse_response(status, headers, b"")
+    assert not isinstance(info.value, e.TransientError)
+    assert info.value.http_status == status
+    assert "redirect" in str(info.value)
+    assert "evil.example" not in str(info.value)
+
+
+@pytest.mark.parametrize("status", [400, 403, 404, 418])
+def test_other_bare_statuses_are_permanent(status: int) -> None:
+    """A bare non-table 4xx is an UnexpectedResponseError, not retried."""
+    with pytest.raises(e.UnexpectedResponseError) as info:
+        protocol.parse_response(status, {}, b"nope")
+    assert not isinstance(info.value, e.TransientError)
+    assert info.value.http_status == status
+
+
+# -- request building -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    ["https://acme.imi.chat/v3.0", "https://acme.imi.chat/v3.0/", "https://acme.imi.chat/v3.0//"],
+)
+@pytest.mark.parametrize("page", [1, 2, 37])
+def test_request_url_and_method(base_url: str, page: int) -> None:
+    """POST {base_url}/chats/search?page=n, whatever trailing slashes base_url has."""
+    url = protocol.search_url(base_url)
+    req = protocol.build_request(url, protocol.build_headers(TOKEN, "team-1"), b"{}", page)
+    assert req.method == "POST"
+    assert req.url == f"https://acme.imi.chat/v3.0/chats/search?page={page}"
+    assert req.page == page
+
+
+def test_request_headers_are_the_four_of_the_contract() -> None:
+    """Authorization Bearer, teamid, Content-Type and Accept JSON, nothing else."""
+    assert protocol.build_headers(TOKEN, "team-1") == {
+        "Authorization": f"Bearer {TOKEN}",
+        "teamid": "team-1",
+        "Content-Type": "application/json",
+        "Accept": "application/json",
+    }
+
+
+@pytest.mark.parametrize(
+    ("filters", "condition"),
+    [
+        ([], "and"),
+        ([("status", "eq", "closed")], "and"),
+        (
+            [
+                ("status", "eq", "closed"),
+                ("created_at", "gte", "2024-05-01T00:00:00Z"),
+                ("created_at", "lt", "2024-06-01T00:00:00Z"),
+            ],
+            "or",
+        ),
+    ],
+)
+def test_request_body_shape(filters: list[tuple[str, str, str]], condition: str) -> None:
+    """The body is {"condition", "filters": [{"param", "operator", "value"}]} in order."""
+    doc = json.loads(protocol.build_body(filters, condition))
+    assert doc == {
+        "condition": condition,
+        "filters": [{"param": p, "operator": o, "value": v} for p, o, v in filters],
+    }
+
+
+def test_prepared_request_repr_hides_token() -> None:
+    """repr/str of a PreparedRequest never shows the token (nor the headers)."""
+    req = protocol.build_request(
+        protocol.search_url("https://acme.imi.chat/v3.0"),
+        protocol.build_headers(TOKEN, "team-1"),
+        b"{}",
+        1,
+    )
+    assert TOKEN not in repr(req)
+    assert TOKEN not in str(req)
+    assert "page=1" in repr(req)
+
+
+@pytest.mark.parametrize(
+    ("total", "last"), [(0, 0), (1, 1), (9, 1), (10, 1), (11, 2), (95, 10), (100, 10)]
+)
+def test_last_page(total: int, last: int) -> None:
+    """last_page(total) is ceil(total / 10)."""
+    assert protocol.last_page(total) == last
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("localhost", True),
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("[::1]", True),
+        ("api.localhost", True),
+        ("acme.imi.chat", False),
+        ("10.0.0.1", False),
+        ("localhost.evil.example", False),
+    ],
+)
+def test_is_loopback_host(host: str, loopback: bool) -> None:
+    """Only localhost and the loopback ranges count as loopback."""
+    assert protocol.is_loopback_host(host) is loopback
