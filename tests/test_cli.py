@@ -1,0 +1,350 @@
+"""The `imichat-async` command line: each command, each exit code, progress and secrecy."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from imichat_async import cli
+from imichat_async.sandbox import Sandbox
+
+from .sandbox_thread import ThreadedSandbox, env_for
+
+SINCE = "2024-01-01"
+UNTIL = "2025-01-01"
+
+
+def invoke(args: list[str], env: dict[str, str] | None = None) -> Result:
+    """Run the CLI in-process, without the IMICHAT_* variables of the outer environment."""
+    base: dict[str, str | None] = {
+        "IMICHAT_BASE_URL": None,
+        "IMICHAT_TOKEN": None,
+        "IMICHAT_TEAM_ID": None,
+    }
+    base.update(env or {})
+    return CliRunner(env=base).invoke(cli.main, args, catch_exceptions=False)
+
+
+def sandbox_data(chats: int) -> list[dict[str, Any]]:
+    """The chats of the embedded sandbox (`--sandbox` serves seed 0)."""
+    return Sandbox(chats=chats, seed=0).data
+
+
+def creds(sb: Sandbox, token: str | None = None) -> dict[str, str]:
+    env = env_for(sb, token)
+    return {k: env[k] for k in ("IMICHAT_BASE_URL", "IMICHAT_TOKEN", "IMICHAT_TEAM_ID")}
+
+
+# -- search ----------------------------------------------------------------------------------------
+
+
+def test_search_prints_a_table_and_a_summary() -> None:
+    """`search` prints a header and one row per chat on stdout, the summary on stderr."""
+    result = invoke(
+        ["--sandbox", "--sandbox-chats", "400", "search", "-f", "status=closed", "--limit", "15"]
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["chat_id", "created_at", "status", "channel", "assignee", "tags"]
+    assert len(lines) == 16 and all(" closed " in line for line in lines[1:])
+    assert "records=15 pages=2 requests=2 retries=0" in result.stderr
+    assert "\r" not in result.stderr  # no progress bar when stderr is not a terminal
+
+
+def test_search_json_lines_are_the_raw_objects_in_order() -> None:
+    """`search --json` prints the server's objects, one per line, in page order."""
+    result = invoke(
+        [
+            "--sandbox",
+            "--sandbox-chats",
+            "400",
+            "search",
+            "--filter",
+            "channel=email",
+            "--filter",
+            "created_at__gte=2024-05-01",
+            "--limit",
+            "25",
+            "--json",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    got = [json.loads(line) for line in result.stdout.splitlines()]
+    expected = [
+        c
+        for c in sandbox_data(400)
+        if c.get("channel") == "email" and c["created_at"] >= "2024-05-01"
+    ]
+    assert got == expected[:25]
+
+
+def test_search_reads_credentials_from_the_environment_and_quiet_silences_stderr() -> None:
+    """IMICHAT_* variables configure the client; --quiet leaves stderr empty."""
+    with ThreadedSandbox(chats=120, seed=21) as sb:
+        result = invoke(["--quiet", "search", "--json"], creds(sb))
+        data = list(sb.data)
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["chat_id"] for line in result.stdout.splitlines()] == [
+        c["chat_id"] for c in data
+    ]
+    assert result.stderr == ""
+    assert sb.token not in result.output
+
+
+# -- export --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["ndjson", "csv"])
+def test_export_writes_every_chat_once(tmp_path: Path, fmt: str) -> None:
+    """`export` writes the whole range, each chat once, in the format asked; checkpoint removed."""
+    out = tmp_path / f"out.{fmt}"
+    result = invoke(
+        [
+            "--sandbox",
+            "--sandbox-chats",
+            "2000",
+            "export",
+            "--since",
+            SINCE,
+            "--until",
+            UNTIL,
+            "--format",
+            fmt,
+            "-o",
+            str(out),
+            "--concurrency",
+            "4",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    if fmt == "ndjson":
+        ids = [json.loads(line)["chat_id"] for line in out.read_text().splitlines()]
+    else:
+        with open(out, encoding="utf-8", newline="") as f:
+            ids = [row["chat_id"] for row in csv.DictReader(f)]
+    expected = {c["chat_id"] for c in sandbox_data(2000)}
+    assert len(ids) == len(expected) == len(set(ids)) and set(ids) == expected
+    assert "records=2000 duplicates=0" in result.stderr and f"output={out}" in result.stderr
+    assert not Path(str(out) + ".checkpoint.json").exists()
+
+
+def test_export_format_defaults_from_the_suffix(tmp_path: Path) -> None:
+    """Without --format, a .csv output is CSV."""
+    out = tmp_path / "out.csv"
+    result = invoke(
+        ["--sandbox", "--sandbox-chats", "50", "-q", "export", "--since", SINCE, "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert out.read_text().startswith("chat_id,alias_id,created_at")
+
+
+# -- exit codes ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["search", "--filter", "status"],  # not PARAM=VALUE
+        ["search", "--filter", "colour=red"],  # unknown param
+        ["search", "--filter", "status=sleeping"],  # bad value
+        ["search", "--filter", "channel__gte=sms"],  # bad operator
+        ["search", "--limit", "0"],
+        ["export", "--since", "last tuesday", "-o", "x.ndjson"],
+        ["export", "--since", UNTIL, "--until", SINCE, "-o", "x.ndjson"],
+        ["export", "--since", SINCE, "-o", "x.ndjson", "--format", "xml"],
+        ["export", "-o", "x.ndjson"],  # --since missing
+        ["frobnicate"],
+    ],
+)
+def test_usage_errors_exit_2(args: list[str], tmp_path: Path, monkeypatch: Any) -> None:
+    """Bad options, filters and ranges exit with 2 before any request."""
+    monkeypatch.chdir(tmp_path)
+    result = invoke(["--sandbox", "--sandbox-chats", "10", *args])
+    assert result.exit_code == 2, result.output
+    assert "Error" in result.stderr
+    assert not (tmp_path / "x.ndjson").exists()
+
+
+def test_missing_credentials_exit_2() -> None:
+    """Without credentials (flags, environment or --sandbox) the command exits with 2."""
+    result = invoke(["search"])
+    assert result.exit_code == 2
+    assert "IMICHAT_TOKEN" in result.stderr and "--sandbox" in result.stderr
+
+
+def test_existing_checkpoint_without_resume_exits_2(tmp_path: Path) -> None:
+    """A checkpoint left by an earlier run is not overwritten without --resume (exit 2)."""
+    out = tmp_path / "out.ndjson"
+    ckpt = tmp_path / "out.ndjson.checkpoint.json"
+    ckpt.write_text("{}")
+    args = ["--sandbox", "--sandbox-chats", "10", "export", "--since", SINCE, "-o", str(out)]
+    result = invoke(args)
+    assert result.exit_code == 2 and "--resume" in result.stderr
+    result = invoke([*args, "--resume"])  # not a checkpoint of this export
+    assert result.exit_code == 2 and "checkpoint" in result.stderr
+
+
+def test_permanent_api_error_exits_3_without_printing_the_token() -> None:
+    """A refused token exits with 3, showing the vendor's code and description, never the token."""
+    secret = "sbx.not-a-valid-token-7f3a9c"
+    with ThreadedSandbox(chats=50, seed=22) as sb:
+        from_env = invoke(["search"], creds(sb, secret))
+        from_flag = invoke(
+            ["--base-url", sb.base_url, "--team-id", sb.team_id, "--token", secret, "search"]
+        )
+    for result in (from_env, from_flag):
+        assert result.exit_code == 3
+        assert "API error 2003 (HTTP 400): Invalid Access Token" in result.stderr
+        assert secret not in result.output and "Traceback" not in result.output
+
+
+def test_unwritable_output_exits_1(tmp_path: Path) -> None:
+    """An output in a missing directory is an ordinary error: exit 1 with the OS's message."""
+    out = tmp_path / "missing" / "out.ndjson"
+    result = invoke(
+        ["--sandbox", "--sandbox-chats", "10", "export", "--since", SINCE, "-o", str(out)]
+    )
+    assert result.exit_code == 1
+    assert "No such file or directory" in result.stderr
+
+
+def test_retries_running_out_exit_4_for_export_and_1_for_search(tmp_path: Path) -> None:
+    """Transient errors past the retries: export stops resumably (4), search fails (1)."""
+    out = tmp_path / "out.ndjson"
+    with ThreadedSandbox(chats=300, seed=23, p_429=1.0, retry_after=0) as sb:
+        env = creds(sb)
+        args = ["export", "--since", SINCE, "--until", UNTIL, "-o", str(out), "--resume"]
+        failed = invoke(args, env)
+        search = invoke(["search"], env)
+        sb.faults.p_429 = 0.0
+        done = invoke(args, env)
+        data = list(sb.data)
+    assert failed.exit_code == 4, failed.output
+    assert "HTTP 429" in failed.stderr and "retries exhausted" in failed.stderr
+    assert "--resume" in failed.stderr
+    assert search.exit_code == 1 and "retries exhausted" in search.stderr  # nothing to resume
+    assert done.exit_code == 0, done.output
+    ids = [json.loads(line)["chat_id"] for line in out.read_text().splitlines()]
+    assert sorted(ids) == sorted(c["chat_id"] for c in data)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_the_checkpoint_exits_4_and_resume_completes(tmp_path: Path) -> None:
+    """SIGINT during an export: exit 4 with how to resume; --resume then ends with the exact set."""
+    out = tmp_path / "out.ndjson"
+    ckpt = Path(str(out) + ".checkpoint.json")
+    argv = [
+        sys.executable,
+        "-m",
+        "imichat_async.cli",
+        "export",
+        "--since",
+        SINCE,
+        "--until",
+        UNTIL,
+        "-o",
+        str(out),
+        "--concurrency",
+        "2",
+        "--slice-pages",
+        "5",
+    ]
+    with ThreadedSandbox(chats=2000, seed=24, latency=0.006) as sb:
+        env = env_for(sb)
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    if json.loads(ckpt.read_text())["slices"] >= 2:
+                        break
+                except (OSError, ValueError):
+                    pass
+                time.sleep(0.002)
+            proc.send_signal(signal.SIGINT)
+            _, err_bytes = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        err = err_bytes.decode()
+        assert proc.returncode == 4, err
+        assert "checkpoint saved" in err and "--resume" in err and "Traceback" not in err
+        state = json.loads(ckpt.read_text())
+        assert 0 < state["records"] < 2000
+        done = subprocess.run([*argv, "--resume"], env=env, capture_output=True, check=False)
+        data = list(sb.data)
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"resumed" in done.stderr
+    ids = [json.loads(line)["chat_id"] for line in out.read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 2000 and set(ids) == {c["chat_id"] for c in data}
+
+
+# -- demo, sandbox, progress --------------------------------------------------------------------
+
+
+def test_demo_searches_an_embedded_sandbox() -> None:
+    """`demo` serves a sandbox with faults, searches it all, prints chats and a summary line."""
+    result = invoke(["demo", "--chats", "300", "--latency", "0", "--faults", "0.1"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[1].startswith("chat_id") and len(lines) == 1 + 1 + 5 + 1
+    summary = lines[-1]
+    assert summary.startswith("records=300 pages=30 requests=")
+    fields = dict(item.split("=", 1) for item in summary.split())
+    assert int(fields["requests"]) == 30 + int(fields["retries"]) == int(fields["server_requests"])
+    assert int(fields["retries"]) == int(fields["faults"]) > 0
+    assert fields["elapsed"].endswith("s")
+
+
+def test_sandbox_command_is_mounted() -> None:
+    """`sandbox` is the sandbox helper's command."""
+    result = invoke(["sandbox", "--help"])
+    assert result.exit_code == 0
+    assert "--port" in result.stdout and "--p-429" in result.stdout
+
+
+def test_help_lists_commands_and_exit_codes() -> None:
+    """The top-level help names every command and the exit codes."""
+    result = invoke(["--help"])
+    assert result.exit_code == 0
+    for word in ("search", "export", "demo", "sandbox", "Exit codes"):
+        assert word in result.stdout
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_line_shows_records_rate_retries_and_eta() -> None:
+    """The progress line shows records of the total, pages/s, retries and the ETA."""
+    stream = _Tty()
+    bar = cli.ProgressLine(stream, enabled=True, interval=0.0)
+    bar.update(records=250, total=1000, pages=25, retries=3, elapsed=5.0)
+    text = stream.getvalue()
+    assert text.startswith("\r\x1b[K[######")
+    assert "250/1,000 records" in text and "25%" in text
+    assert "5.0 pages/s" in text and "3 retries" in text and "ETA 15s" in text
+    bar.close()
+    assert stream.getvalue().endswith("\r\x1b[K")
+    assert "ETA ?" in bar.render(records=10, total=None, pages=1, retries=0, elapsed=1.0)
+
+
+def test_progress_line_is_silent_when_disabled() -> None:
+    """Disabled (piped or --quiet), the progress line writes nothing."""
+    stream = _Tty()
+    bar = cli.ProgressLine(stream, enabled=False)
+    bar.update(records=1, total=2, pages=1, retries=0, elapsed=1.0)
+    bar.close()
+    assert stream.getvalue() == ""
