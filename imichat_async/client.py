@@ -222,27 +222,19 @@ class ImiChatClient:
             _check_int("max_pages", max_pages, 0)
         if deadline is not None and not deadline > 0:
             raise InvalidQueryError(f"deadline must be > 0 seconds, got {deadline!r}")
-        return self._run_pages(
-            query.body(), convert, window, start_page, max_pages, deadline, stats
-        )
+        body = query.body()
+        if deadline is None:
 
-    async def _run_pages(
-        self,
-        body: bytes,
-        convert: Callable[[protocol.PageData, int], Page[Any]],
-        window: int,
-        start_page: int,
-        max_pages: int | None,
-        deadline: float | None,
-        stats: PagingStats | None,
-    ) -> AsyncGenerator[Page[Any], None]:
-        until = time.monotonic() + deadline if deadline is not None else None
+            async def fetch(n: int) -> Page[Any]:
+                return convert(await self._fetch(body, n), n)
 
-        async def fetch(n: int) -> Page[Any]:
-            if until is None:
-                data = await self._fetch(body, n)
-            else:
-                left = until - time.monotonic()
+        else:
+            until: list[float] = []  # the clock starts with the first request
+
+            async def fetch(n: int) -> Page[Any]:
+                if not until:
+                    until.append(time.monotonic() + deadline)
+                left = until[0] - time.monotonic()
                 if left <= 0:
                     raise SearchTimeoutError(f"search deadline of {deadline}s passed at page {n}")
                 try:
@@ -251,20 +243,16 @@ class ImiChatClient:
                     raise SearchTimeoutError(
                         f"search deadline of {deadline}s passed at page {n}"
                     ) from None
-            return convert(data, n)
+                return convert(data, n)
 
-        async with aclosing(
-            iterate_pages(
-                fetch,
-                page_size=protocol.PAGE_SIZE,
-                prefetch=window,
-                start_page=start_page,
-                max_pages=max_pages,
-                stats=stats,
-            )
-        ) as it:
-            async for page in it:
-                yield page
+        return iterate_pages(
+            fetch,
+            page_size=protocol.PAGE_SIZE,
+            prefetch=window,
+            start_page=start_page,
+            max_pages=max_pages,
+            stats=stats,
+        )
 
     @staticmethod
     def _decoded(data: protocol.PageData, n: int) -> Page[Chat]:

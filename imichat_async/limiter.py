@@ -13,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import suppress
 
 
 class Limiter:
@@ -95,16 +94,6 @@ class Limiter:
                 self._limit = min(float(self.max_limit), self._limit + 1.0 / max(1.0, self._limit))
         self._wake()
 
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[_Slot]:
-        """`async with limiter.slot() as s:` ... `s.overloaded = True` / `s.ok = True`."""
-        epoch = await self.acquire()
-        s = _Slot()
-        try:
-            yield s
-        finally:
-            self.release(epoch, overloaded=s.overloaded, ok=s.ok)
-
     def _wake(self) -> None:
         while self._waiters and self._in_flight < self.limit:
             fut = self._waiters.popleft()
@@ -118,11 +107,3 @@ class Limiter:
         self._next_start = start + self._interval
         if start > now:
             await asyncio.sleep(start - now)
-
-
-class _Slot:
-    __slots__ = ("ok", "overloaded")
-
-    def __init__(self) -> None:
-        self.overloaded = False
-        self.ok = False

@@ -61,33 +61,33 @@ class Transport:
     async def send(self, request: PreparedRequest) -> RawResponse:
         """One attempt. Raises `NetworkError` when no response arrived in time."""
         session = self._get_session()
-        async with self.limiter.slot() as slot:
-            try:
-                async with session.request(
-                    request.method,
-                    request.url,
-                    headers=request.headers,
-                    data=request.body,
-                    allow_redirects=False,  # a redirect would carry the bearer token elsewhere
-                    raise_for_status=False,  # a borrowed session may say otherwise
-                    timeout=self._timeout,
-                ) as resp:
-                    body = await self._read(resp, request.page)
-                    status = resp.status
-                    headers = resp.headers
-            except asyncio.TimeoutError:
-                raise NetworkError(
-                    f"no response within {self._timeout.total}s",
-                    page=request.page,
-                ) from None
-            except aiohttp.ClientError as exc:
-                raise NetworkError(
-                    f"connection failed: {type(exc).__name__}: {_safe(exc)}", page=request.page
-                ) from None
-            if status in OVERLOAD_STATUSES:
-                slot.overloaded = True
-            elif status < 500:
-                slot.ok = True
+        limiter = self.limiter
+        epoch = await limiter.acquire()
+        status = 0
+        try:
+            async with session.request(
+                request.method,
+                request.url,
+                headers=request.headers,
+                data=request.body,
+                allow_redirects=False,  # a redirect would carry the bearer token elsewhere
+                raise_for_status=False,  # a borrowed session may say otherwise
+                timeout=self._timeout,
+            ) as resp:
+                body = await self._read(resp, request.page)
+                status = resp.status
+                headers = resp.headers
+        except asyncio.TimeoutError:
+            raise NetworkError(
+                f"no response within {self._timeout.total}s", page=request.page
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise NetworkError(
+                f"connection failed: {type(exc).__name__}: {_safe(exc)}", page=request.page
+            ) from None
+        finally:
+            # What the server said feeds adaptive concurrency: overloaded, fine, or neither.
+            limiter.release(epoch, overloaded=status in OVERLOAD_STATUSES, ok=0 < status < 500)
         return RawResponse(status, headers, body)
 
     async def _read(self, resp: aiohttp.ClientResponse, page: int) -> bytes:

@@ -19,13 +19,15 @@ async def run_workers(limiter: Limiter, n: int, seed: int = 0, ok: bool = True) 
 
     async def worker() -> None:
         nonlocal active, peak
-        async with limiter.slot() as s:
+        epoch = await limiter.acquire()
+        try:
             active += 1
             peak = max(peak, active)
             for _ in range(rng.randint(1, 5)):
                 await asyncio.sleep(0)
             active -= 1
-            s.ok = ok
+        finally:
+            limiter.release(epoch, ok=ok)
 
     await asyncio.gather(*(worker() for _ in range(n)))
     return peak
@@ -110,9 +112,12 @@ async def test_random_cancellations_never_leak(seed: int) -> None:
     limiter = Limiter(3)
 
     async def worker() -> None:
-        async with limiter.slot():
+        epoch = await limiter.acquire()
+        try:
             for _ in range(rng.randint(0, 4)):
                 await asyncio.sleep(0)
+        finally:
+            limiter.release(epoch)
 
     tasks = [asyncio.ensure_future(worker()) for _ in range(30)]
     for _ in range(12):

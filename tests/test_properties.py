@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 import imichat_async as imi
-from imichat_async import errors, protocol
+from imichat_async import errors, protocol, records
 from imichat_async.query import Filter, Query, build_query
 from imichat_async.records import Asset, Chat, decode_chat, decode_page, parse_utc
 
@@ -470,3 +470,51 @@ def test_deeply_nested_json_body_raises_api_error(status: int, body: bytes) -> N
             "protocol._decode_json catches only ValueError/UnicodeDecodeError, not RecursionError"
         )
     pytest.fail("a deeply nested body was accepted as a page")
+
+
+_DETAILED = records.detailed_chat_hook(records.make_converter())
+
+
+def _decode_both(raw: Any) -> tuple[object, object]:
+    """What the fast-path hook and cattrs' generated hook make of `raw` (a value or an error)."""
+    results: list[object] = []
+    for hook in (records._structure_chat, _DETAILED):
+        try:
+            results.append(hook(raw, records.Chat))
+        except Exception as exc:
+            results.append(type(exc))
+    return results[0], results[1]
+
+
+def test_fast_path_equals_the_generated_hook_on_sandbox_data() -> None:
+    """Every sandbox record (quirks included) decodes the same with and without the fast path."""
+    from imichat_async.sandbox.data import ChatFactory
+
+    data, _ = ChatFactory(3).generate(3000)
+    for raw in data:
+        fast, detailed = _decode_both(raw)
+        assert fast == detailed, raw
+        assert type(fast) is records.Chat
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    field=st.sampled_from(CHAT_FIELDS),
+    value=json_values,
+)
+@example(field="created_at", value="2024-05-01T10:00:00+05:30")
+@example(field="created_at", value="2024-05-01T10:00:00z")
+@example(field="updated_at", value="2024-05-01Z")
+@example(field="updated_at", value="2024-13-01T00:00:00Z")
+@example(field="asset", value={"id": True, "name": "x"})
+@example(field="asset", value={"id": 1.5})
+@example(field="asset", value={"id": "007", "name": 7})
+@example(field="tag", value=["a", None])
+@example(field="customer_id", value=12345)
+@example(field="chat_id", value="")
+def test_fast_path_equals_the_generated_hook_on_mutations(field: str, value: Any) -> None:
+    """A valid chat with one field replaced by any JSON value: both hooks agree (value or error)."""
+    raw = dict(VALID_CHAT)
+    raw[field] = value
+    fast, detailed = _decode_both(raw)
+    assert fast == detailed
