@@ -51,6 +51,7 @@ HOST = "127.0.0.1"
 API_ROOT = "/v3.0"
 TOKEN_PATH = "/oauth/token"
 DEFAULT_EXPIRES_IN = 3600  # what the token endpoint announces when tokens never expire
+_BODY_CACHE_SIZE = 20_000  # serialized pages kept (about 5 KB each)
 _CACHE_SIZE = 128
 
 _HTML_502 = (
@@ -107,6 +108,7 @@ class Sandbox:
         self._tokens: dict[str, _TokenState] = {}
         self.token = self._issue()
         self._cache: OrderedDict[Query, list[dict[str, Any]]] = OrderedDict()
+        self._bodies: dict[tuple[Query, int], bytes] = {}  # serialized pages, same lifetime
         self._valid_searches = 0
         self._closing = asyncio.Event()
         self._runner: web.AppRunner | None = None
@@ -197,6 +199,7 @@ class Sandbox:
         self.data[0:0] = [chat for chat, _ in made]
         self._rows[0:0] = [row for _, row in made]
         self._cache.clear()
+        self._bodies.clear()
         self.stats.inserted += n
         return [chat for chat, _ in made]
 
@@ -262,7 +265,8 @@ class Sandbox:
         delay = faults.latency + faults.latency_per_page * (page or 1)
         if faults.jitter > 0:
             delay += faults.jitter * self._fault_rng.random()
-        await self._sleep(delay)
+        if delay > 0:
+            await asyncio.sleep(delay)  # cheap: no task per request (hangs use `_sleep`)
 
         refused = self._check_auth(request)
         if refused is not None:
@@ -295,18 +299,20 @@ class Sandbox:
             return await self._inject(request, fault)
 
         results = self._results(query)
-        start = (page - 1) * PAGE_SIZE
-        body = {
-            "status_code": SUCCESS_CODE,
-            "description": STATUS_TABLE[SUCCESS_CODE].description,
-            "response": results[start : start + PAGE_SIZE],
-        }
+        body = self._bodies.get((query, page))
+        if body is None:
+            start = (page - 1) * PAGE_SIZE
+            doc = {
+                "status_code": SUCCESS_CODE,
+                "description": STATUS_TABLE[SUCCESS_CODE].description,
+                "response": results[start : start + PAGE_SIZE],
+            }
+            body = json.dumps(doc, separators=(",", ":")).encode()
+            if len(self._bodies) >= _BODY_CACHE_SIZE:
+                self._bodies.clear()
+            self._bodies[(query, page)] = body
         headers = {TOTAL_HEADER: str(len(results))} if self.total_header else None
-        return web.Response(
-            body=json.dumps(body, separators=(",", ":")).encode(),
-            content_type="application/json",
-            headers=headers,
-        )
+        return web.Response(body=body, content_type="application/json", headers=headers)
 
     def _check_auth(self, request: web.Request) -> web.Response | None:
         if request.method != "POST":
