@@ -6,6 +6,8 @@ an expired token refreshed once for all requests in flight, records decoded
 into attrs classes.
 """
 
+import logging
+
 from .client import ChatPage, ClientStats, ImiChatClient
 from .errors import (
     ApiError,
@@ -41,6 +43,9 @@ from .query import Filter
 from .records import Asset, Channel, Chat, ChatStatus
 
 __version__ = "0.1.0"
+
+# A library logs, the application decides where it goes (no lastResort output on stderr).
+logging.getLogger("imichat_async").addHandler(logging.NullHandler())
 
 __all__ = [
     "ApiError",

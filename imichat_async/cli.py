@@ -444,13 +444,9 @@ def main(
     Exit codes: 0 ok, 1 other error, 2 usage or invalid query, 3 API error
     (permanent), 4 export interrupted but resumable, 130 interrupted.
     """
-    if not verbose:
-        # Retries are counted in the progress bar and the summary; keep the library's
-        # warnings off the terminal unless asked (-v).
-        library = logging.getLogger("imichat_async")
-        if not library.handlers:
-            library.addHandler(logging.NullHandler())
-    else:
+    # Without -v the library's warnings stay off the terminal (it logs to a NullHandler);
+    # retries are counted in the progress bar and the summary.
+    if verbose:
         logging.basicConfig(
             level=logging.DEBUG if verbose > 1 else logging.INFO,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
