@@ -25,6 +25,8 @@ from . import errors as e
 SEARCH_PATH = "/chats/search"
 PAGE_SIZE = 10  # vendor page: "retrieves 10 records at a time"
 SUCCESS_CODE = 4305
+AUTH_HEADER = "Authorization"  # "Bearer {token}"
+TEAM_HEADER = "teamid"
 TOTAL_HEADER = "X-Total-Count"
 RETRY_AFTER_HEADER = "Retry-After"
 MAX_RETRY_AFTER = 300.0  # a Retry-After above five minutes is clamped, not obeyed blindly
@@ -174,8 +176,8 @@ def search_url(base_url: str) -> str:
 def build_headers(token: str, team_id: str) -> dict[str, str]:
     """The four headers the contract requires."""
     return {
-        "Authorization": f"Bearer {token}",
-        "teamid": team_id,
+        AUTH_HEADER: f"Bearer {token}",
+        TEAM_HEADER: team_id,
         "Content-Type": "application/json",
         "Accept": "application/json",
     }

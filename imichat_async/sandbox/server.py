@@ -35,11 +35,13 @@ import attrs
 from aiohttp import web
 
 from imichat_async.protocol import (
+    AUTH_HEADER,
     PAGE_SIZE,
     RETRY_AFTER_HEADER,
     SEARCH_PATH,
     STATUS_TABLE,
     SUCCESS_CODE,
+    TEAM_HEADER,
     TOTAL_HEADER,
 )
 
@@ -317,8 +319,8 @@ class Sandbox:
     def _check_auth(self, request: web.Request) -> web.Response | None:
         if request.method != "POST":
             return self._error(2099)
-        auth = request.headers.get("Authorization")
-        team = request.headers.get("teamid")
+        auth = request.headers.get(AUTH_HEADER)
+        team = request.headers.get(TEAM_HEADER)
         if not auth or not team:
             return self._error(2002)
         scheme, _, token = auth.partition(" ")
