@@ -741,6 +741,22 @@ def wasted(cfg: Config) -> ScenarioResult:
 # -- 7. faults ------------------------------------------------------------------------------
 
 
+def _faulted_run(sb: SandboxProcess, k: int, prefetch: int | None, expected: Any) -> dict[str, Any]:
+    """One search under the sandbox's current faults: wall, retries, faults, exactness."""
+    sb.reset()
+    c = measure.client_run(sb, k=k, prefetch=prefetch, keep=True)
+    st = sb.stats()
+    outcome = {
+        "wall": c.wall,
+        "retries": c.retries,
+        "faults": sum(st["faults"].values()),
+        "requests": st["requests_total"],
+        "exact": c.chats == expected,
+    }
+    c.chats.clear()
+    return outcome
+
+
 def faults(cfg: Config) -> ScenarioResult:
     n, latency, k, p = cfg.s1_chats, cfg.latency, cfg.s7_k, cfg.s7_p
     pages = pages_for(n)
@@ -771,29 +787,9 @@ def faults(cfg: Config) -> ScenarioResult:
             run: dict[str, Any] = {}
             for name, knobs in variants:
                 sb.set_faults(**knobs)
-                sb.reset()
-                c = measure.client_run(sb, k=k, keep=True)
-                st = sb.stats()
-                run[name] = {
-                    "wall": c.wall,
-                    "retries": c.retries,
-                    "faults": sum(st["faults"].values()),
-                    "requests": st["requests_total"],
-                    "exact": c.chats == expected,
-                }
-                c.chats.clear()
+                run[name] = _faulted_run(sb, k, None, expected)
             # Same faults as (b), still k in flight, but pages may run 4k ahead of the consumer.
-            sb.reset()
-            c = measure.client_run(sb, k=k, prefetch=4 * k, keep=True)
-            st = sb.stats()
-            run[deep] = {
-                "wall": c.wall,
-                "retries": c.retries,
-                "faults": sum(st["faults"].values()),
-                "requests": st["requests_total"],
-                "exact": c.chats == expected,
-            }
-            c.chats.clear()
+            run[deep] = _faulted_run(sb, k, 4 * k, expected)
             runs.append(run)
     clean = variants[0][0]
     table = Table(
