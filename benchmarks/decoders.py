@@ -11,7 +11,8 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from imichat_async import protocol, records
+from imichat_async import _protocol as protocol
+from imichat_async import _records as records
 from imichat_async.sandbox.data import ChatFactory
 
 Decoder = Callable[[Sequence[Mapping[str, Any]]], list[records.Chat]]

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import imichat_async as imi
-from imichat_async.paging import PagingStats
-from imichat_async.query import build_query
+from imichat_async._paging import PagingStats
+from imichat_async._query import build_query
 
 from . import baselines
 from .sandbox_proc import SandboxProcess

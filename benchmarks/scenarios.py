@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from imichat_async import records
+from imichat_async import _records as records
 
 from . import baselines, decoders, measure
 from .common import (
@@ -280,7 +280,7 @@ def _profile_tables(prof: cProfile.Profile, top: int = 15) -> list[Table]:
         if "cattrs generated" in file or "attrs generated" in file:
             return "cattrs/attrs generated code (decode)"
         if file.endswith("imichat_async/records.py"):
-            return "imichat_async.records hooks (decode)"
+            return "imichat_async._records hooks (decode)"
         if "imichat_async/" in file:
             return "imichat_async (client, paging, transport, limiter, protocol)"
         if "site-packages/cattrs" in file:
@@ -415,7 +415,7 @@ def decode_alone(cfg: Config) -> ScenarioResult:
         "I/O. Each pass handles every page once and drops the result (the garbage collector "
         f"runs as usual). Median (min-max) of {cfg.s3_runs} passes; `perf_counter` time.",
     )
-    from imichat_async import protocol
+    from imichat_async import _protocol as protocol
 
     bodies, parsed = decoders.sample_pages(n)
     lib = decoders.library_decoder()

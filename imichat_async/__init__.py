@@ -8,8 +8,8 @@ into attrs classes.
 
 import logging
 
-from .client import ChatPage, ClientStats, ImiChatClient
-from .errors import (
+from ._client import ChatPage, ClientStats, ImiChatClient
+from ._errors import (
     ApiError,
     AuthenticationError,
     BadRequestError,
@@ -39,8 +39,8 @@ from .errors import (
     TransientError,
     UnexpectedResponseError,
 )
-from .query import Filter
-from .records import Asset, Channel, Chat, ChatStatus
+from ._query import Filter
+from ._records import Asset, Channel, Chat, ChatStatus
 
 __version__ = "0.1.0"
 

@@ -46,18 +46,18 @@ import attrs
 import click
 
 from . import __version__
-from .client import ImiChatClient
-from .errors import (
+from ._client import ImiChatClient
+from ._errors import (
     ApiError,
     ConfigurationError,
     ImiChatError,
     InvalidQueryError,
     TransientError,
 )
+from ._paging import PagingStats
+from ._query import Filter, build_query, split_keyword
+from ._records import Chat, decode_page
 from .export import CheckpointError, ExportProgress, export_chats, make_sink
-from .paging import PagingStats
-from .query import Filter, build_query, split_keyword
-from .records import Chat, decode_page
 from .sandbox.cli import sandbox_command
 
 EXIT_OK = 0

@@ -58,12 +58,12 @@ from typing import IO, Any, ClassVar
 
 import attrs
 
-from .client import ImiChatClient
-from .errors import ImiChatError, InvalidQueryError
-from .paging import PagingStats
-from .protocol import PAGE_SIZE, last_page
-from .query import Filter, Query, build_query, format_datetime
-from .records import parse_utc
+from ._client import ImiChatClient
+from ._errors import ImiChatError, InvalidQueryError
+from ._paging import PagingStats
+from ._protocol import PAGE_SIZE, last_page
+from ._query import Filter, Query, build_query, format_datetime
+from ._records import parse_utc
 
 __all__ = [
     "CSV_COLUMNS",

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from imichat_async.auth import TokenProvider
-from imichat_async.errors import ConfigurationError, ImiChatError, TokenExpiredError
+from imichat_async._auth import TokenProvider
+from imichat_async._errors import ConfigurationError, ImiChatError, TokenExpiredError
 
 SECRET = "tok-SECRET-c0ffee"
 

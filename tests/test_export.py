@@ -20,6 +20,7 @@ import pytest
 
 import imichat_async as imi
 from imichat_async import export as ex
+from imichat_async._retry import RetryPolicy
 from imichat_async.export import (
     CallableSink,
     CheckpointError,
@@ -28,7 +29,6 @@ from imichat_async.export import (
     NdjsonSink,
     export_chats,
 )
-from imichat_async.retry import RetryPolicy
 from imichat_async.sandbox import END, Sandbox, serve
 
 from .helpers import assert_no_stray_tasks

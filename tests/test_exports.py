@@ -10,7 +10,8 @@ import pickle
 import pytest
 
 import imichat_async as imi
-from imichat_async import errors, protocol
+from imichat_async import _errors as errors
+from imichat_async import _protocol as protocol
 
 PROMISED = [
     "ImiChatClient",

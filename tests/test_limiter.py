@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from imichat_async.limiter import Limiter
+from imichat_async._limiter import Limiter
 from tests.helpers import assert_no_stray_tasks
 
 

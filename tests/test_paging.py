@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from imichat_async import errors as e
-from imichat_async.paging import Page, PagingStats, iterate_pages
+from imichat_async import _errors as e
+from imichat_async._paging import Page, PagingStats, iterate_pages
 from tests.helpers import assert_no_stray_tasks
 
 PAGE_SIZE = 10

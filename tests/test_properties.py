@@ -20,9 +20,11 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 import imichat_async as imi
-from imichat_async import errors, protocol, records
-from imichat_async.query import Filter, Query, build_query
-from imichat_async.records import Asset, Chat, decode_chat, decode_page, parse_utc
+from imichat_async import _errors as errors
+from imichat_async import _protocol as protocol
+from imichat_async import _records as records
+from imichat_async._query import Filter, Query, build_query
+from imichat_async._records import Asset, Chat, decode_chat, decode_page, parse_utc
 
 SETTINGS = settings(
     max_examples=250,

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from imichat_async import errors as e
-from imichat_async import protocol
+from imichat_async import _errors as e
+from imichat_async import _protocol as protocol
 
 SAMPLES = Path(__file__).parent / "samples"
 STATUS_ROWS: list[dict[str, Any]] = json.loads((SAMPLES / "status_codes.json").read_text())

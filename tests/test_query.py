@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 import imichat_async as imi
-from imichat_async import protocol
-from imichat_async.query import Filter, build_query, format_datetime, split_keyword
+from imichat_async import _protocol as protocol
+from imichat_async._query import Filter, build_query, format_datetime, split_keyword
 
 UTC = timezone.utc
 IST = timezone(timedelta(hours=5, minutes=30))

@@ -12,8 +12,8 @@ import cattrs
 import pytest
 
 import imichat_async as imi
-from imichat_async.errors import DecodeError
-from imichat_async.records import decode_chat, decode_page, parse_utc
+from imichat_async._errors import DecodeError
+from imichat_async._records import decode_chat, decode_page, parse_utc
 
 UTC = timezone.utc
 SAMPLES = Path(__file__).parent / "samples"

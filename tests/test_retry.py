@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from imichat_async import errors as e
-from imichat_async.retry import (
+from imichat_async import _errors as e
+from imichat_async._retry import (
     RetryPolicy,
     backoff_seconds,
     call_with_retries,

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from imichat_async import sandbox
-from imichat_async.protocol import (
+from imichat_async._protocol import (
     DESTINATION_PARAMS,
     PAGE_SIZE,
     PARAM_OPERATORS,

@@ -20,8 +20,8 @@ from aioresponses import core as aioresponses_core
 from yarl import URL
 
 import imichat_async as imi
-from imichat_async import errors as e
-from imichat_async.retry import RetryPolicy
+from imichat_async import _errors as e
+from imichat_async._retry import RetryPolicy
 from tests.helpers import assert_no_stray_tasks
 
 BASE = "https://acme.imi.chat/v3.0"

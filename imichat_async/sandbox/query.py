@@ -4,7 +4,7 @@
 raises `QueryError` carrying the vendor's status code and description (3115,
 3451, 3445, 3446, 3447, 4303). `predicate` compiles a `Query` into a function
 of a `data.Row`. Everything about params and operators comes from
-`imichat_async.protocol`, so the sandbox and the client read the same table.
+`imichat_async._protocol`, so the sandbox and the client read the same table.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from imichat_async.protocol import (
+from imichat_async._protocol import (
     CONDITIONS,
     DATETIME_PARAMS,
     DESTINATION_PARAMS,

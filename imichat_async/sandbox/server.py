@@ -34,7 +34,7 @@ from typing import Any
 import attrs
 from aiohttp import web
 
-from imichat_async.protocol import (
+from imichat_async._protocol import (
     AUTH_HEADER,
     PAGE_SIZE,
     RETRY_AFTER_HEADER,

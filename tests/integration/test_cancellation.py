@@ -25,8 +25,8 @@ import pytest
 
 import imichat_async as imi
 from imichat_async import sandbox
-from imichat_async.query import build_query
-from imichat_async.retry import RetryPolicy
+from imichat_async._query import build_query
+from imichat_async._retry import RetryPolicy
 from tests.helpers import assert_no_stray_tasks
 
 try:  # psutil comes with the `bench` extra; without it the socket counts are skipped

@@ -13,7 +13,7 @@ import pytest
 
 import imichat_async as imi
 from imichat_async import sandbox
-from imichat_async.retry import RetryPolicy
+from imichat_async._retry import RetryPolicy
 from tests.helpers import assert_no_stray_tasks
 
 NO_WAIT = RetryPolicy.testing(max_retries=8)

@@ -24,10 +24,11 @@ from typing import Any
 import pytest
 
 import imichat_async as imi
-from imichat_async import protocol, sandbox
-from imichat_async.query import build_query
-from imichat_async.records import decode_chat
-from imichat_async.retry import RetryPolicy
+from imichat_async import _protocol as protocol
+from imichat_async import sandbox
+from imichat_async._query import build_query
+from imichat_async._records import decode_chat
+from imichat_async._retry import RetryPolicy
 from tests.helpers import assert_no_stray_tasks
 
 try:  # psutil comes with the `bench` extra; without it: peak RSS and all sockets set aside

@@ -15,9 +15,9 @@ from typing import Any
 
 import attrs
 
-from . import protocol
-from .errors import InvalidQueryError
-from .records import parse_utc
+from . import _protocol as protocol
+from ._errors import InvalidQueryError
+from ._records import parse_utc
 
 
 @attrs.frozen

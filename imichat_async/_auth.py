@@ -12,7 +12,7 @@ import asyncio
 import collections
 from collections.abc import Awaitable, Callable
 
-from .errors import ConfigurationError, TokenExpiredError
+from ._errors import ConfigurationError, TokenExpiredError
 
 TokenSource = str | Callable[[], Awaitable[str]]
 

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import attrs
 import tenacity
 
-from .errors import TransientError
+from ._errors import TransientError
 
 log = logging.getLogger("imichat_async")
 T = TypeVar("T")

@@ -20,7 +20,7 @@ from typing import Any
 
 import attrs
 
-from . import errors as e
+from . import _errors as e
 
 SEARCH_PATH = "/chats/search"
 PAGE_SIZE = 10  # vendor page: "retrieves 10 records at a time"

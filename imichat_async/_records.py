@@ -18,7 +18,7 @@ import attrs
 import cattrs
 from cattrs.gen import make_dict_structure_fn, override
 
-from .errors import DecodeError
+from ._errors import DecodeError
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 

@@ -20,20 +20,20 @@ from urllib.parse import urlsplit
 import aiohttp
 import attrs
 
-from . import protocol
-from .auth import STATIC_TOKEN_EXPIRED, TokenProvider, TokenSource
-from .errors import (
+from . import _protocol as protocol
+from ._auth import STATIC_TOKEN_EXPIRED, TokenProvider, TokenSource
+from ._errors import (
     ConfigurationError,
     InvalidQueryError,
     SearchTimeoutError,
     TokenExpiredError,
 )
-from .limiter import Limiter
-from .paging import Page, PagingStats, iterate_pages
-from .query import Filter, Query, build_query
-from .records import Chat, decode_page
-from .retry import RetryPolicy, call_with_retries, make_retrying
-from .transport import Transport
+from ._limiter import Limiter
+from ._paging import Page, PagingStats, iterate_pages
+from ._query import Filter, Query, build_query
+from ._records import Chat, decode_page
+from ._retry import RetryPolicy, call_with_retries, make_retrying
+from ._transport import Transport
 
 log = logging.getLogger("imichat_async")
 
@@ -199,7 +199,7 @@ class ImiChatClient:
     ) -> AsyncGenerator[Page[RawRecord], None]:
         """Pages of the raw JSON objects, undecoded, for exporters that keep them as sent.
 
-        `query` comes from `imichat_async.query.build_query`; `stats` is filled
+        `query` comes from `imichat_async._query.build_query`; `stats` is filled
         as the run goes (total, last page, pages requested, wasted).
         """
         return self._pages(query, self._raw, prefetch, start_page, max_pages, deadline, stats)

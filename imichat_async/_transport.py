@@ -14,9 +14,9 @@ from collections.abc import Mapping
 import aiohttp
 import attrs
 
-from .errors import ImiChatError, NetworkError, ResponseTooLargeError
-from .limiter import Limiter
-from .protocol import PreparedRequest
+from ._errors import ImiChatError, NetworkError, ResponseTooLargeError
+from ._limiter import Limiter
+from ._protocol import PreparedRequest
 
 OVERLOAD_STATUSES = frozenset({429, 503})
 
