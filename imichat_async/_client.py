@@ -33,10 +33,11 @@ from ._paging import Page, PagingStats, iterate_pages
 from ._query import Filter, Query, build_query
 from ._records import Chat, decode_page
 from ._retry import RetryPolicy, call_with_retries, make_retrying
-from ._transport import Transport
+from ._transport import RawResponse, Transport
 
 log = logging.getLogger("imichat_async")
 
+OVERLOAD_STATUSES = frozenset({429, 503})  # what adaptive concurrency backs off on
 MAX_REFUSED_FRESH = 2  # tokens in a row refused before serving any page, before giving up
 RawRecord = Mapping[str, Any]
 
@@ -113,7 +114,10 @@ class ImiChatClient:
         self._headers: tuple[str, Mapping[str, str]] | None = None
         self._limiter = Limiter(concurrency, adaptive=adaptive, rate_limit=rate_limit)
         self._transport = Transport(
-            self._limiter, timeout=timeout, session=session, max_response_bytes=max_response_bytes
+            connections=concurrency,
+            timeout=timeout,
+            session=session,
+            max_response_bytes=max_response_bytes,
         )
         policy = retry_policy or RetryPolicy(max_retries=max_retries)
         if retry_policy is not None and retry_policy.max_retries != max_retries:
@@ -300,7 +304,7 @@ class ImiChatClient:
         self.stats.requests += 1
         started = time.perf_counter()
         try:
-            raw = await self._transport.send(request)
+            raw = await self._send(request)
             data = protocol.parse_response(raw.status, raw.headers, raw.body, page)
         except TokenExpiredError:
             log.debug("page %d: token expired (2004) after %.1f ms", page, _ms(started))
@@ -317,6 +321,19 @@ class ImiChatClient:
                 _ms(started),
             )
         return data
+
+    async def _send(self, request: protocol.PreparedRequest) -> RawResponse:
+        """One attempt under the client-wide limiter, fed back what the server said."""
+        limiter = self._limiter
+        epoch = await limiter.acquire()
+        status = 0
+        try:
+            raw = await self._transport.send(request)
+            status = raw.status
+            return raw
+        finally:
+            # Overloaded (429/503), fine (< 500), or neither (5xx, no answer).
+            limiter.release(epoch, overloaded=status in OVERLOAD_STATUSES, ok=0 < status < 500)
 
     def _headers_for(self, token: str) -> Mapping[str, str]:
         cached = self._headers

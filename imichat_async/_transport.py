@@ -1,9 +1,10 @@
 """The only aiohttp code: one `PreparedRequest` in, one `RawResponse` out.
 
-It owns (or borrows) the `aiohttp.ClientSession`, holds the client-wide
-`Limiter` around each attempt, applies the per-request timeout and the body
-size cap, refuses redirects, and turns aiohttp's and asyncio's errors into
-`NetworkError`. It knows nothing of records, pages or retries.
+It owns (or borrows) the `aiohttp.ClientSession`, applies the per-request
+timeout and the body size cap, refuses redirects, and turns aiohttp's and
+asyncio's errors into `NetworkError`. It knows nothing of records, pages,
+retries or how many requests may be in flight (the client's limiter decides
+that before calling `send`).
 """
 
 from __future__ import annotations
@@ -15,10 +16,7 @@ import aiohttp
 import attrs
 
 from ._errors import ImiChatError, NetworkError, ResponseTooLargeError
-from ._limiter import Limiter
 from ._protocol import PreparedRequest
-
-OVERLOAD_STATUSES = frozenset({429, 503})
 
 
 @attrs.frozen
@@ -31,17 +29,17 @@ class RawResponse:
 
 
 class Transport:
-    """Sends prepared requests over one session, under one limiter."""
+    """Sends prepared requests over one session; `connections` caps its connection pool."""
 
     def __init__(
         self,
-        limiter: Limiter,
         *,
+        connections: int,
         timeout: float | None,
         session: aiohttp.ClientSession | None = None,
         max_response_bytes: int = 16 * 1024 * 1024,
     ) -> None:
-        self.limiter = limiter
+        self._connections = connections
         self._session = session
         self._owns_session = session is None
         self._timeout = aiohttp.ClientTimeout(total=timeout)  # None: no limit
@@ -53,7 +51,7 @@ class Transport:
             raise ImiChatError("the client is closed")
         if self._session is None:
             connector = aiohttp.TCPConnector(
-                limit=self.limiter.max_limit, limit_per_host=self.limiter.max_limit
+                limit=self._connections, limit_per_host=self._connections
             )
             self._session = aiohttp.ClientSession(connector=connector, raise_for_status=False)
         return self._session
@@ -61,9 +59,6 @@ class Transport:
     async def send(self, request: PreparedRequest) -> RawResponse:
         """One attempt. Raises `NetworkError` when no response arrived in time."""
         session = self._get_session()
-        limiter = self.limiter
-        epoch = await limiter.acquire()
-        status = 0
         try:
             async with session.request(
                 request.method,
@@ -85,9 +80,6 @@ class Transport:
             raise NetworkError(
                 f"connection failed: {type(exc).__name__}: {_safe(exc)}", page=request.page
             ) from None
-        finally:
-            # What the server said feeds adaptive concurrency: overloaded, fine, or neither.
-            limiter.release(epoch, overloaded=status in OVERLOAD_STATUSES, ok=0 < status < 500)
         return RawResponse(status, headers, body)
 
     async def _read(self, resp: aiohttp.ClientResponse, page: int) -> bytes:
