@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import attrs
 
+from . import _otel
 from . import _protocol as protocol
 from ._auth import STATIC_TOKEN_EXPIRED, TokenProvider, TokenSource
 from ._errors import (
@@ -74,7 +75,8 @@ class ImiChatClient:
     Extras: `adaptive=True` lowers the requests in flight on 429/503 and
     raises them back (AIMD, never above `concurrency`); `rate_limit` caps
     requests per second; `max_response_bytes` caps one body; `retry_policy`
-    sets the backoff.
+    sets the backoff. `tracer_provider` / `meter_provider` (OpenTelemetry, extra
+    `otel`) override the global providers for this client's spans and metrics.
     """
 
     def __init__(
@@ -92,6 +94,8 @@ class ImiChatClient:
         max_response_bytes: int = 16 * 1024 * 1024,
         retry_policy: RetryPolicy | None = None,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        tracer_provider: Any = None,
+        meter_provider: Any = None,
     ) -> None:
         self.base_url = _check_base_url(base_url)
         if not isinstance(team_id, str) or not team_id:
@@ -123,6 +127,7 @@ class ImiChatClient:
         if retry_policy is not None and retry_policy.max_retries != max_retries:
             policy = attrs.evolve(retry_policy, max_retries=max_retries)
         self._retrying = make_retrying(policy, sleep=sleep, on_retry=self._count_retry)
+        self._telemetry = _otel.Telemetry(tracer_provider, meter_provider)
 
     def __repr__(self) -> str:
         return (
@@ -208,6 +213,7 @@ class ImiChatClient:
         """
         return self._pages(query, self._raw, prefetch, start_page, max_pages, deadline, stats)
 
+    @_otel.search_scope
     def _pages(
         self,
         query: Query,
@@ -299,6 +305,7 @@ class ImiChatClient:
             self.stats.records += len(data.records)
             return data
 
+    @_otel.attempt_scope
     async def _attempt(self, body: bytes, page: int, token: str) -> protocol.PageData:
         request = protocol.build_request(self._url, self._headers_for(token), body, page)
         self.stats.requests += 1
@@ -322,10 +329,12 @@ class ImiChatClient:
             )
         return data
 
+    @_otel.send_scope
     async def _send(self, request: protocol.PreparedRequest) -> RawResponse:
         """One attempt under the client-wide limiter, fed back what the server said."""
         limiter = self._limiter
         epoch = await limiter.acquire()
+        _otel.slot_acquired()
         status = 0
         try:
             raw = await self._transport.send(request)
@@ -344,9 +353,11 @@ class ImiChatClient:
 
     def _count_retry(self, exc: BaseException) -> None:
         self.stats.retries += 1
+        _otel.event(_otel.RETRY, exc)
 
     def _count_refresh(self) -> None:
         self.stats.token_refreshes += 1
+        _otel.event(_otel.TOKEN_REFRESH)
 
 
 async def _chats(pages: AsyncGenerator[Page[Chat], None]) -> AsyncGenerator[Chat, None]:
