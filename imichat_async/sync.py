@@ -211,6 +211,7 @@ class _LoopThread:
         self.closed = False
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.main_task: asyncio.Task[Any] | None = None  # the loop's own, waiting for stop()
         self._stop: asyncio.Event | None = None
         self._running: set[asyncio.Task[Any]] = set()
         self._spawned: set[asyncio.Task[Any]] = set()
@@ -232,6 +233,7 @@ class _LoopThread:
 
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.main_task = asyncio.current_task()
         self._stop = asyncio.Event()
         self._ready.set()
         await self._stop.wait()
