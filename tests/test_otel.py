@@ -311,3 +311,26 @@ def test_the_global_tracer_provider_is_used_when_none_is_given() -> None:
         """,
     )
     assert result == {"records": 30, "names": ["POST", "POST", "POST", "imichat.search_chats"]}
+
+
+def test_sync_client_searches_are_traced_with_the_same_parentage(otel: Telemetry) -> None:
+    """Through the sync client (each step in its own task) attempts still nest under the search."""
+    from imichat_async.sync import ImiChatClient
+    from tests.sandbox_thread import ThreadedSandbox
+
+    with (
+        ThreadedSandbox(chats=45, seed=3, fault_pages={4: "503"}) as sb,
+        ImiChatClient(
+            base_url=sb.base_url,
+            token=sb.token,
+            team_id=sb.team_id,
+            retry_policy=NO_WAIT,
+            tracer_provider=otel.tracer_provider,
+        ) as client,
+    ):
+        assert len(list(client.search_chats())) == 45
+    search = otel.search_span()
+    attempts = otel.attempts()
+    assert len(attempts) == 6
+    assert {a.parent.span_id for a in attempts if a.parent} == {search.context.span_id}
+    assert search.attributes["imichat.search.records"] == 45
