@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -796,3 +798,97 @@ async def test_command_line_serves_and_stops_on_sigterm() -> None:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
+
+
+# -- odd requests answered in the vendor's JSON form -------------------------------------------
+
+
+async def test_page_of_5000_digits_is_3115_after_auth(session: aiohttp.ClientSession) -> None:
+    """A page of 5,000 digits answers 3115 (not a 500), and only after the token check."""
+    async with sandbox.serve(chats=5) as sb:
+        huge = "9" * 5000
+        assert_error(*(await post(session, sb, huge))[:2], 3115)
+        assert_error(*(await post(session, sb, huge, hdrs=headers(sb, "nope")))[:2], 2003)
+        assert sb.stats.errors_by_code == {3115: 1, 2003: 1}
+
+
+async def test_page_bounds_are_a_64_bit_integer(session: aiohttp.ClientSession) -> None:
+    """Pages up to 2**63 - 1 are pages (past the end: []); 2**63 is 3115; leading zeros are fine."""
+    async with sandbox.serve(chats=15) as sb:
+        status, doc, _ = await post(session, sb, str(2**63 - 1))
+        assert status == 200 and doc["response"] == []
+        assert_error(*(await post(session, sb, str(2**63)))[:2], 3115)
+        _, doc, _ = await post(session, sb, "0002")
+        assert doc["response"] == sb.data[10:15]
+
+
+async def test_body_over_the_limit_is_3115_json(session: aiohttp.ClientSession) -> None:
+    """A body over 1 MiB answers 3115 in the vendor's JSON form, not aiohttp's plain-text 413."""
+    async with sandbox.serve(chats=5) as sb:
+        big = json.dumps({"filters": [], "pad": "x" * (1024 * 1024)}).encode()
+        async with session.post(sb.search_url, data=io.BytesIO(big), headers=headers(sb)) as resp:
+            assert resp.content_type == "application/json"
+            assert_error(resp.status, await resp.json(), 3115)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/v3.0/chats"), ("GET", "/"), ("POST", "/v3.0/chats/search/x"), ("PUT", "/v2/a")],
+)
+async def test_unknown_path_is_404_json(
+    session: aiohttp.ClientSession, method: str, path: str
+) -> None:
+    """An unknown path answers HTTP 404 with {"status_code", "description", "response": null}."""
+    async with sandbox.serve(chats=5) as sb:
+        url = f"http://127.0.0.1:{sb.port}{path}"
+        async with session.request(method, url, headers=headers(sb)) as resp:
+            assert resp.status == 404
+            assert resp.content_type == "application/json"
+            doc = await resp.json()
+        assert doc == {
+            "status_code": 404,
+            "description": f"No such resource: {method} {path}",
+            "response": None,
+        }
+        assert sb.stats.requests_total == 0  # not the search path
+
+
+class _WatchedSandbox(sandbox.Sandbox):
+    """A sandbox telling when a search request starts and when its handler is done."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.entered = asyncio.Event()
+        self.done = asyncio.Event()
+
+    async def handle_search(self, request: web.Request) -> web.StreamResponse:
+        self.entered.set()
+        try:
+            return await super().handle_search(request)
+        finally:
+            self.done.set()
+
+
+async def test_a_client_hanging_up_is_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """A client closing its connection while its request waits leaves no log record at all."""
+    caplog.set_level(logging.DEBUG, logger="aiohttp")
+    async with _WatchedSandbox(chats=5, faults=sandbox.Faults(latency=0.05)) as sb:
+        payload = json.dumps(body()).encode()
+        request = (
+            f"POST /v3.0/chats/search?page=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {sb.token}\r\nteamid: {sb.team_id}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+        ).encode()
+        for _ in range(3):
+            sb.entered.clear()
+            sb.done.clear()
+            _, writer = await asyncio.open_connection("127.0.0.1", sb.port)
+            writer.write(request + payload)
+            await writer.drain()
+            await sb.entered.wait()  # the server has the request and sleeps its latency
+            writer.close()
+            await writer.wait_closed()
+            await sb.done.wait()  # it woke, found the client gone, and returned
+        assert sb.stats.requests_total == 3
+    noisy = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert noisy == [], [r.getMessage() for r in noisy]
