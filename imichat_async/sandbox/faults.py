@@ -160,7 +160,8 @@ class Stats:
     `throttled`); `tokens_issued` counts tokens from `new_token()` and the
     token endpoint (not the one issued at start); `expired_hits` counts 2004
     answers; `errors_by_code` counts error answers by vendor `status_code`,
-    or by HTTP status for 429/502/503/504.
+    or by HTTP status for 429/502/503/504 and 404 (an unknown path, which is
+    not the search path: not in `requests_total`).
     """
 
     requests_total: int = 0
