@@ -57,6 +57,11 @@ class Limiter:
         return self._in_flight
 
     @property
+    def waiting(self) -> int:
+        """Requests queued for a slot."""
+        return sum(len(q) for q in self._queues.values())
+
+    @property
     def limit(self) -> int:
         """Slots currently allowed (below `max_limit` while adapting down)."""
         return max(self.min_limit, int(self._limit))
