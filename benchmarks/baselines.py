@@ -13,6 +13,8 @@ of records and the number of HTTP requests it sent.
    numbers from a shared counter, so k requests stay in flight continuously,
    until one sees an empty page. No ordering, no decoding: the least a
    concurrent fetch can cost.
+4. `retry_loop` (the reference of scenario 10): `workers`, plus a failure
+   retried at once (no backoff): what the server and its faults allow.
 """
 
 from __future__ import annotations
@@ -129,6 +131,36 @@ async def workers(base_url: str, token: str, team_id: str, k: int) -> Outcome:
             while not end.is_set():
                 records = await _get_page(session, url, headers, next(pages))
                 requests += 1
+                count += len(records)
+                if len(records) < 10:
+                    end.set()
+
+        await asyncio.gather(*(worker() for _ in range(k)))
+    return Outcome(count, requests)
+
+
+async def retry_loop(base_url: str, token: str, team_id: str, k: int) -> Outcome:
+    """What the server and the faults allow: k requests always in flight, a failure retried at
+    once (no backoff, no order, no decoding), until one worker sees a short page."""
+    url = f"{base_url}/chats/search"
+    headers = _headers(token, team_id)
+    pages = itertools.count(1)
+    end = asyncio.Event()
+    count = requests = 0
+    connector = aiohttp.TCPConnector(limit=k)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def worker() -> None:
+            nonlocal count, requests
+            while not end.is_set():
+                page = next(pages)
+                while True:
+                    requests += 1
+                    try:
+                        records = await _get_page(session, url, headers, page)
+                        break
+                    except (aiohttp.ClientError, ValueError, KeyError):
+                        continue  # a fault: the same page again, at once
                 count += len(records)
                 if len(records) < 10:
                     end.set()
