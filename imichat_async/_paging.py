@@ -88,7 +88,7 @@ class Hedger:
         *,
         factor: float = 2.0,
         quantile: float = 0.95,
-        floor: float = 0.05,
+        floor: float = 0.1,
         samples: int = 256,
         min_samples: int = 20,
         backing_off: Callable[[], bool] | None = None,
