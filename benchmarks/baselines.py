@@ -116,32 +116,14 @@ async def gather_windows(
     return Outcome(count, requests)
 
 
-async def workers(base_url: str, token: str, team_id: str, k: int) -> Outcome:
-    """The raw floor: k workers, k requests in flight continuously, json.loads only."""
-    url = f"{base_url}/chats/search"
-    headers = _headers(token, team_id)
-    pages = itertools.count(1)
-    end = asyncio.Event()
-    count = requests = 0
-    connector = aiohttp.TCPConnector(limit=k)
-    async with aiohttp.ClientSession(connector=connector) as session:
+async def workers(
+    base_url: str, token: str, team_id: str, k: int, *, retry: bool = False
+) -> Outcome:
+    """The raw floor: k workers, k requests in flight continuously, json.loads only.
 
-        async def worker() -> None:
-            nonlocal count, requests
-            while not end.is_set():
-                records = await _get_page(session, url, headers, next(pages))
-                requests += 1
-                count += len(records)
-                if len(records) < 10:
-                    end.set()
-
-        await asyncio.gather(*(worker() for _ in range(k)))
-    return Outcome(count, requests)
-
-
-async def retry_loop(base_url: str, token: str, team_id: str, k: int) -> Outcome:
-    """What the server and the faults allow: k requests always in flight, a failure retried at
-    once (no backoff, no order, no decoding), until one worker sees a short page."""
+    With `retry`, a failed request (an error status, a reset, a bad body) is sent again at
+    once, with no backoff: the raw retry loop.
+    """
     url = f"{base_url}/chats/search"
     headers = _headers(token, team_id)
     pages = itertools.count(1)
@@ -160,10 +142,17 @@ async def retry_loop(base_url: str, token: str, team_id: str, k: int) -> Outcome
                         records = await _get_page(session, url, headers, page)
                         break
                     except (aiohttp.ClientError, ValueError, KeyError):
-                        continue  # a fault: the same page again, at once
+                        if not retry:
+                            raise
                 count += len(records)
                 if len(records) < 10:
                     end.set()
 
         await asyncio.gather(*(worker() for _ in range(k)))
     return Outcome(count, requests)
+
+
+async def retry_loop(base_url: str, token: str, team_id: str, k: int) -> Outcome:
+    """What the server and the faults allow: k requests always in flight, a failure retried at
+    once (no backoff, no order, no decoding), until one worker sees a short page."""
+    return await workers(base_url, token, team_id, k, retry=True)
