@@ -50,6 +50,7 @@ class ClientRun:
     records: int = 0
     requests: int = 0
     retries: int = 0
+    hedges: int = 0
     pages: int = 0
     peak_in_flight: int = 0
     ttfr: float | None = None  # seconds from the search call to the first record
@@ -100,6 +101,7 @@ def client_run(
                         out.chats.append(chat)
             out.requests = client.stats.requests
             out.retries = client.stats.retries
+            out.hedges = client.stats.hedges
             out.pages = client.stats.pages
             out.peak_in_flight = client.limiter.peak
 

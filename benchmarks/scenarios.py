@@ -926,6 +926,15 @@ def export(cfg: Config) -> ScenarioResult:
     return export_bench.run(cfg)
 
 
+# -- 10. head-of-line blocking --------------------------------------------------------------
+
+
+def head_of_line(cfg: Config) -> ScenarioResult:
+    from . import hol
+
+    return hol.run(cfg)
+
+
 SCENARIOS: dict[int, Callable[[Config], ScenarioResult]] = {
     1: latency_scaling,
     2: cpu_throughput,
@@ -936,6 +945,7 @@ SCENARIOS: dict[int, Callable[[Config], ScenarioResult]] = {
     7: faults,
     8: adaptive,
     9: export,
+    10: head_of_line,
 }
 
 TITLES = {
@@ -948,6 +958,9 @@ TITLES = {
     7: "Faults",
     8: "Adaptive vs fixed concurrency",
     9: "Sliced export vs one search_chats()",
+    10: "Head-of-line blocking",
 }
 
-__all__ = ["SCENARIOS", "TITLES"]
+ALIASES = {"hol": [10]}  # `--only hol`
+
+__all__ = ["ALIASES", "SCENARIOS", "TITLES"]

@@ -11,10 +11,17 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
-from contextlib import aclosing
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -30,7 +37,7 @@ from ._errors import (
     TokenExpiredError,
 )
 from ._limiter import Limiter
-from ._paging import Page, PagingStats, iterate_pages
+from ._paging import Hedger, Page, PagingStats, iterate_pages
 from ._query import Filter, Query, build_query
 from ._records import Chat, decode_page
 from ._retry import RetryPolicy, call_with_retries, make_retrying
@@ -40,7 +47,9 @@ log = logging.getLogger("imichat_async")
 
 OVERLOAD_STATUSES = frozenset({429, 503})  # what adaptive concurrency backs off on
 MAX_REFUSED_FRESH = 2  # tokens in a row refused before serving any page, before giving up
+PREFETCH_PER_SLOT = 4  # default prefetch = 4 x concurrency: see README, "Choices"
 RawRecord = Mapping[str, Any]
+X = TypeVar("X")
 
 
 class ChatPage(NamedTuple):
@@ -59,6 +68,7 @@ class ClientStats:
     token_refreshes: int = 0
     pages: int = 0  # pages answered successfully
     records: int = 0
+    hedges: int = 0  # duplicate requests sent for an overdue head page
 
 
 class ImiChatClient:
@@ -75,8 +85,10 @@ class ImiChatClient:
     Extras: `adaptive=True` lowers the requests in flight on 429/503 and
     raises them back (AIMD, never above `concurrency`); `rate_limit` caps
     requests per second; `max_response_bytes` caps one body; `retry_policy`
-    sets the backoff. `tracer_provider` / `meter_provider` (OpenTelemetry, extra
-    `otel`) override the global providers for this client's spans and metrics.
+    sets the backoff; `hedge=False` never sends a duplicate request for an
+    overdue head page (README: "Choices where the contract leaves room").
+    `tracer_provider` / `meter_provider` (OpenTelemetry, extra `otel`)
+    override the global providers for this client's spans and metrics.
     """
 
     def __init__(
@@ -93,6 +105,7 @@ class ImiChatClient:
         rate_limit: float | None = None,
         max_response_bytes: int = 16 * 1024 * 1024,
         retry_policy: RetryPolicy | None = None,
+        hedge: bool = True,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         tracer_provider: Any = None,
         meter_provider: Any = None,
@@ -117,6 +130,13 @@ class ImiChatClient:
         self._url = protocol.search_url(self.base_url)
         self._headers: tuple[str, Mapping[str, str]] | None = None
         self._limiter = Limiter(concurrency, adaptive=adaptive, rate_limit=rate_limit)
+        self._hedger: Hedger | None = (
+            Hedger(backing_off=self._backing_off, on_sent=self._count_hedge) if hedge else None
+        )
+        self._warm = False  # a page was answered: token, team and query form are known good
+        # Start a warm client's searches with a whole window, not page 1 alone: measured, and
+        # left off (README, "Choices"): it sends pages past the end of every small search.
+        self._speculative_start = False
         self._transport = Transport(
             connections=concurrency,
             timeout=timeout,
@@ -225,7 +245,7 @@ class ImiChatClient:
         stats: PagingStats | None = None,
     ) -> AsyncGenerator[Page[Any], None]:
         """Check the paging arguments now, before any request; the pages come lazily."""
-        window = self.concurrency if prefetch is None else prefetch
+        window = PREFETCH_PER_SLOT * self.concurrency if prefetch is None else prefetch
         _check_int("prefetch", window, 1)
         _check_int("start_page", start_page, 1)
         if max_pages is not None:
@@ -233,10 +253,11 @@ class ImiChatClient:
         if deadline is not None and not deadline > 0:
             raise InvalidQueryError(f"deadline must be > 0 seconds, got {deadline!r}")
         body = query.body()
+        search = object()  # this search's queue at the limiter: its lowest page goes first
         if deadline is None:
 
             async def fetch(n: int) -> Page[Any]:
-                return convert(await self._fetch(body, n), n)
+                return convert(await self._fetch(body, n, search), n)
 
         else:
             until: list[float] = []  # the clock starts with the first request
@@ -248,7 +269,7 @@ class ImiChatClient:
                 if left <= 0:
                     raise SearchTimeoutError(f"search deadline of {deadline}s passed at page {n}")
                 try:
-                    data = await asyncio.wait_for(self._fetch(body, n), left)
+                    data = await asyncio.wait_for(self._fetch(body, n, search), left)
                 except asyncio.TimeoutError:
                     raise SearchTimeoutError(
                         f"search deadline of {deadline}s passed at page {n}"
@@ -262,6 +283,8 @@ class ImiChatClient:
             start_page=start_page,
             max_pages=max_pages,
             stats=stats,
+            first_alone=not (self._warm and self._speculative_start),
+            hedger=self._hedger,
         )
 
     @staticmethod
@@ -274,14 +297,14 @@ class ImiChatClient:
 
     # -- one page, through retries and token refresh ---------------------------------------
 
-    async def _fetch(self, body: bytes, page: int) -> protocol.PageData:
+    async def _fetch(self, body: bytes, page: int, search: object = None) -> protocol.PageData:
         refreshes = 0  # bounded, so a page can't cycle through tokens forever
         refused = 0  # tokens in a row that expired before they ever served a page
         while True:
             token = await self._auth.get()
             try:
                 data = await call_with_retries(
-                    self._retrying, functools.partial(self._attempt, body, page, token)
+                    self._retrying, functools.partial(self._attempt, body, page, token, search)
                 )
             except TokenExpiredError as exc:
                 if not self._auth.refreshable:
@@ -301,17 +324,20 @@ class ImiChatClient:
                 await self._auth.refresh(token)
                 continue
             self._auth.mark_served(token)
+            self._warm = True
             self.stats.pages += 1
             self.stats.records += len(data.records)
             return data
 
     @_otel.attempt_scope
-    async def _attempt(self, body: bytes, page: int, token: str) -> protocol.PageData:
+    async def _attempt(
+        self, body: bytes, page: int, token: str, search: object = None
+    ) -> protocol.PageData:
         request = protocol.build_request(self._url, self._headers_for(token), body, page)
         self.stats.requests += 1
         started = time.perf_counter()
         try:
-            raw = await self._send(request)
+            raw = await self._send(request, search)
             data = protocol.parse_response(raw.status, raw.headers, raw.body, page)
         except TokenExpiredError:
             log.debug("page %d: token expired (2004) after %.1f ms", page, _ms(started))
@@ -330,19 +356,31 @@ class ImiChatClient:
         return data
 
     @_otel.send_scope
-    async def _send(self, request: protocol.PreparedRequest) -> RawResponse:
-        """One attempt under the client-wide limiter, fed back what the server said."""
+    async def _send(self, request: protocol.PreparedRequest, search: object = None) -> RawResponse:
+        """One attempt under the client-wide limiter, fed back what the server said.
+
+        `search` and the page number order the waiters: a search's lowest page
+        first, searches in turn.
+        """
         limiter = self._limiter
-        epoch = await limiter.acquire()
+        epoch = await limiter.acquire(search, request.page)
         _otel.slot_acquired()
         status = 0
+        started = time.perf_counter()
         try:
             raw = await self._transport.send(request)
             status = raw.status
             return raw
         finally:
             # Overloaded (429/503), fine (< 500), or neither (5xx, no answer).
-            limiter.release(epoch, overloaded=status in OVERLOAD_STATUSES, ok=0 < status < 500)
+            overloaded = status in OVERLOAD_STATUSES
+            limiter.release(epoch, overloaded=overloaded, ok=0 < status < 500)
+            hedger = self._hedger
+            if hedger is not None:
+                if status == 200:
+                    hedger.record(time.perf_counter() - started)
+                elif overloaded:
+                    hedger.overloaded()
 
     def _headers_for(self, token: str) -> Mapping[str, str]:
         cached = self._headers
@@ -359,20 +397,78 @@ class ImiChatClient:
         self.stats.token_refreshes += 1
         _otel.event(_otel.TOKEN_REFRESH)
 
+    def _count_hedge(self) -> None:
+        self.stats.hedges += 1
+        _otel.event(_otel.HEDGE)
 
-async def _chats(pages: AsyncGenerator[Page[Chat], None]) -> AsyncGenerator[Chat, None]:
-    async with aclosing(pages) as it:
-        async for page in it:
-            for chat in page.items:
-                yield chat
+    def _backing_off(self) -> bool:
+        """Adaptive mode below its ceiling: the server was overloaded lately."""
+        limiter = self._limiter
+        return limiter.adaptive and limiter.limit < limiter.max_limit
 
 
-async def _chat_pages(
-    pages: AsyncGenerator[Page[Chat], None],
-) -> AsyncGenerator[ChatPage, None]:
-    async with aclosing(pages) as it:
-        async for page in it:
-            yield ChatPage(list(page.items), page.number)
+class _Flat(AsyncGenerator[X, None]):
+    """The values of each page, flattened: `search_chats` and `search_pages` return one.
+
+    A class, not a second async generator around the engine's: when
+    `asyncio.run` ends with a search still suspended, the loop closes every
+    live async generator at once, and an outer generator closing the inner one
+    at the same moment fails with "aclose(): asynchronous generator is
+    already running". With only the engine's generator alive, it is closed
+    once. A dropped `_Flat` drops the engine's generator, which the loop then
+    closes as any other.
+    """
+
+    __slots__ = ("__weakref__", "_explode", "_items", "_pages")  # weakref: tracked like a generator
+
+    def __init__(
+        self, pages: AsyncGenerator[Page[Any], None], explode: Callable[[Page[Any]], Iterable[X]]
+    ) -> None:
+        self._pages = pages
+        self._explode = explode
+        self._items: Iterator[X] = iter(())
+
+    def __aiter__(self) -> _Flat[X]:
+        return self
+
+    async def __anext__(self) -> X:
+        items = self._items
+        for item in items:
+            return item
+        while True:
+            self._items = items = iter(self._explode(await self._pages.__anext__()))
+            for item in items:
+                return item
+
+    async def asend(self, value: None) -> X:
+        return await self.__anext__()
+
+    async def athrow(self, typ: Any, val: Any = None, tb: Any = None) -> X:
+        """As a generator would: the exception ends the iteration (pages closed) and is raised."""
+        await self.aclose()
+        if val is None:
+            raise typ() if isinstance(typ, type) else typ
+        raise val
+
+    async def aclose(self) -> None:
+        self._items = iter(())
+        await self._pages.aclose()
+
+
+def _chats(pages: AsyncGenerator[Page[Chat], None]) -> AsyncGenerator[Chat, None]:
+    return _Flat(pages, _items_of)
+
+
+def _chat_pages(pages: AsyncGenerator[Page[Chat], None]) -> AsyncGenerator[ChatPage, None]:
+    return _Flat(pages, _as_chat_page)
+
+
+def _items_of(page: Page[Chat]) -> Sequence[Chat]:
+    return page.items
+
+
+def _as_chat_page(page: Page[Chat]) -> tuple[ChatPage]:
+    return (ChatPage(list(page.items), page.number),)
 
 
 def _ms(started: float) -> float:

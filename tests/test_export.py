@@ -130,7 +130,7 @@ async def test_export_with_transient_faults_is_exact(tmp_path: Path) -> None:
             p_503=0.02,
             p_reset=0.02,
         ) as sb,
-        client_for(sb) as client,
+        client_for(sb, hedge=False) as client,  # exact request accounting: no duplicates
     ):
         report = await export_chats(client, since=SINCE, until=UNTIL, sink=out)
         data = list(sb.data)

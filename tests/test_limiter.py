@@ -178,3 +178,67 @@ def test_limit_must_be_positive(limit: int) -> None:
     """A limit below 1 is refused."""
     with pytest.raises(ValueError, match="limit"):
         Limiter(limit)
+
+
+async def test_adaptive_stale_overload_never_enlarges() -> None:
+    """A 429/503 from before the last halving (stale epoch) leaves the window as it is."""
+    limiter = Limiter(8, adaptive=True)
+    epochs = [await limiter.acquire() for _ in range(8)]
+    limiter.release(epochs[0], overloaded=True, ok=True)  # a 429 is < 500: ok=True as well
+    assert limiter.limit == 4
+    for epoch in epochs[1:]:
+        limiter.release(epoch, overloaded=True, ok=True)
+    assert limiter.limit == 4
+    assert limiter.decreases == 1
+
+
+async def _grant_order(limiter: Limiter, asks: list[tuple[object, float | None]]) -> list[int]:
+    """Queue `asks` (group, rank) behind one held slot, free it, return the order of grants."""
+    order: list[int] = []
+    held = await limiter.acquire()
+
+    async def waiter(i: int, group: object, rank: float | None) -> None:
+        e = await limiter.acquire(group, rank)
+        order.append(i)
+        await asyncio.sleep(0)
+        limiter.release(e)
+
+    tasks = [asyncio.ensure_future(waiter(i, g, r)) for i, (g, r) in enumerate(asks)]
+    await asyncio.sleep(0)
+    limiter.release(held)
+    await asyncio.gather(*tasks)
+    return order
+
+
+async def test_lowest_rank_of_a_group_goes_first() -> None:
+    """Within one search the lowest page waiting gets the next slot, whenever it asked."""
+    asks: list[tuple[object, float | None]] = [("s", 5), ("s", 7), ("s", 6), ("s", 2)]
+    assert await _grant_order(Limiter(1), asks) == [3, 0, 2, 1]
+
+
+async def test_groups_take_turns() -> None:
+    """Two searches waiting are served alternately, each lowest page first."""
+    asks: list[tuple[object, float | None]] = [("a", 1), ("a", 2), ("a", 3), ("b", 9), ("b", 8)]
+    assert await _grant_order(Limiter(1), asks) == [0, 4, 1, 3, 2]
+
+
+async def test_cancelled_ranked_waiter_leaves_its_queue() -> None:
+    """A ranked waiter cancelled in its queue is skipped; the others still get slots in order."""
+    limiter = Limiter(1)
+    held = await limiter.acquire()
+    order: list[int] = []
+
+    async def waiter(i: int) -> None:
+        e = await limiter.acquire("s", i)
+        order.append(i)
+        limiter.release(e)
+
+    tasks = {i: asyncio.ensure_future(waiter(i)) for i in (3, 1, 2)}
+    await asyncio.sleep(0)
+    tasks[1].cancel()
+    await asyncio.gather(tasks[1], return_exceptions=True)
+    limiter.release(held)
+    await asyncio.gather(tasks[2], tasks[3])
+    assert order == [2, 3]
+    assert limiter.in_flight == 0
+    assert await asyncio.wait_for(limiter.acquire("s", 0), 1) == 0

@@ -56,7 +56,7 @@ async def test_pages_past_the_end(total_header: bool) -> None:
         sandbox.serve(chats=95, seed=1, total_header=total_header) as server,
         client_for(server, concurrency=8) as client,
     ):
-        got = await ids_of(client.search_chats())
+        got = await ids_of(client.search_chats(prefetch=8))
     assert got == [c["chat_id"] for c in server.data]
     past_end = sum(n for page, n in server.stats.requests_by_page.items() if page > 10)
     if total_header:
