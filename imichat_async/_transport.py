@@ -94,7 +94,10 @@ class MockTransport:
 
 
 class AiohttpTransport:
-    """Sends prepared requests over one session; `connections` caps its connection pool."""
+    """Sends prepared requests over one session; `connections` caps its connection pool.
+
+    Its arguments are the client's, checked by the client's constructor.
+    """
 
     def __init__(
         self,
@@ -104,14 +107,6 @@ class AiohttpTransport:
         session: aiohttp.ClientSession | None = None,
         max_response_bytes: int = 16 * 1024 * 1024,
     ) -> None:
-        if (
-            not isinstance(max_response_bytes, int)
-            or isinstance(max_response_bytes, bool)
-            or max_response_bytes <= 0
-        ):
-            raise ConfigurationError(
-                f"max_response_bytes must be an int > 0, got {max_response_bytes!r:.40}"
-            )
         self._connections = connections
         self._session = session
         self._owns_session = session is None

@@ -29,7 +29,6 @@ from aioresponses import aioresponses
 
 import imichat_async as imi
 from imichat_async import _errors as e
-from imichat_async._transport import AiohttpTransport
 from tests.helpers import assert_no_stray_tasks
 
 BASE = "https://acme.imi.chat/v3.0"
@@ -1003,12 +1002,6 @@ async def test_borrowed_session_stays_open(local: Local) -> None:
         async with local_client(local, session=session) as client:
             assert len(await collect(client)) == 1
         assert not session.closed
-
-
-def test_aiohttp_transport_refuses_a_zero_cap() -> None:
-    """AiohttpTransport(max_response_bytes=0) is refused: every body would be too large."""
-    with pytest.raises(e.ConfigurationError, match="max_response_bytes"):
-        AiohttpTransport(connections=1, timeout=None, max_response_bytes=0)
 
 
 def test_pickle_keeps_what_a_transport_error_says() -> None:
