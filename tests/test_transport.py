@@ -29,6 +29,7 @@ from aioresponses import aioresponses
 
 import imichat_async as imi
 from imichat_async import _errors as e
+from imichat_async import sandbox
 from tests.helpers import assert_no_stray_tasks
 
 BASE = "https://acme.imi.chat/v3.0"
@@ -880,32 +881,35 @@ async def test_request_on_the_wire(local: Local) -> None:
         }
 
 
-async def test_https_to_a_plain_http_port_fails_at_once_naming_tls(local: Local) -> None:
-    """https:// to a port speaking plain HTTP raises TLSError after one attempt, no retry."""
+async def test_https_to_a_plain_http_port_fails_at_once_naming_tls() -> None:
+    """https:// to the sandbox's plain-HTTP port raises TLSError after one attempt, no retry."""
     sleeps = Sleeps()
-    client = imi.ImiChatClient(
-        base_url=local.base_url.replace("http://", "https://"),
-        token=TOKEN,
-        team_id="t",
-        sleep=sleeps,
-    )
-    async with client:
-        with pytest.raises(e.TLSError) as info:
-            await collect(client)
+    async with sandbox.serve(chats=20) as sb:
+        client = imi.ImiChatClient(
+            base_url=sb.base_url.replace("http://", "https://"),
+            token=sb.token,
+            team_id=sb.team_id,
+            sleep=sleeps,
+        )
+        async with client:
+            with pytest.raises(e.TLSError) as info:
+                await collect(client)
+        assert sb.stats.requests_total == 0  # the handshake failed: no request was handled
     assert "TLS/SSL" in str(info.value)
-    assert f"127.0.0.1:{local.server.port}" in str(info.value)
+    assert f"127.0.0.1:{sb.port}" in str(info.value)
+    assert sb.token not in str(info.value)
     assert client.stats.requests == 1
     assert sleeps.waits == []
 
 
-async def test_refused_connection_is_retried_and_says_so(local: Local) -> None:
+async def test_refused_connection_is_retried_and_says_so() -> None:
     """A refused connection stays transient; the message says it was refused, and where."""
-    port = local.server.port
-    await local.server.close()  # nothing listens there any more
-    client = imi.ImiChatClient(
-        base_url=f"http://127.0.0.1:{port}/v3.0",
-        token=TOKEN,
-        team_id="t",
+    async with sandbox.serve(chats=20) as sb:
+        base_url, token, team_id, port = sb.base_url, sb.token, sb.team_id, sb.port
+    client = imi.ImiChatClient(  # the sandbox is gone: nothing listens on its port
+        base_url=base_url,
+        token=token,
+        team_id=team_id,
         retry_policy=imi.RetryPolicy.testing(max_retries=2),
         sleep=Sleeps(),
     )
