@@ -134,7 +134,9 @@ def _datetime(value: Any, _: Any) -> datetime | None:
 
 
 def _optional_str(value: Any, _: Any) -> str | None:
-    if value is None or isinstance(value, str):
+    if value.__class__ is str or value is None:  # the common cases first
+        return value
+    if isinstance(value, str):
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # a numeric id sent unquoted: keep its digits
@@ -150,19 +152,22 @@ def _asset_id(value: Any, _: Any) -> int | str | None:
 
 
 def _tags(value: Any, _: Any) -> list[str]:
+    if value.__class__ is list and all(t.__class__ is str for t in value):
+        return value  # the common case first
     if value is None:
         return []
     if isinstance(value, str):
         return [value]  # a lone tag sent as a string
     if not isinstance(value, list):
         raise TypeError(f"expected a list of strings, got {type(value).__name__}")
-    for t in value:
-        if t.__class__ is not str and not isinstance(t, str):
-            raise TypeError("expected a list of strings")
+    if not all(isinstance(t, str) for t in value):
+        raise TypeError("expected a list of strings")
     return value
 
 
 def _details(value: Any, _: Any) -> Mapping[str, Any]:
+    if value.__class__ is dict:  # the common case first
+        return value
     if value is None:
         return _EMPTY
     if not isinstance(value, dict):
@@ -176,6 +181,8 @@ def _asset(converter: cattrs.Converter) -> Any:
     )
 
     def structure(value: Any, _: Any) -> Asset | None:
+        if value.__class__ is dict:  # the common case first
+            return structure_asset(value, Asset)
         if value is None:
             return None
         if not isinstance(value, dict):
