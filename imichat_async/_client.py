@@ -31,7 +31,9 @@ from . import _otel
 from . import _protocol as protocol
 from ._auth import STATIC_TOKEN_EXPIRED, TokenProvider, TokenSource
 from ._errors import (
+    ApiError,
     ConfigurationError,
+    ImiChatError,
     InvalidQueryError,
     SearchTimeoutError,
     TokenExpiredError,
@@ -41,7 +43,7 @@ from ._paging import Hedger, Page, PagingStats, iterate_pages
 from ._query import Filter, Query, build_query
 from ._records import Chat, decode_page
 from ._retry import RetryPolicy, call_with_retries, make_retrying
-from ._transport import RawResponse, Transport
+from ._transport import AiohttpTransport, RawResponse, Transport
 
 log = logging.getLogger("imichat_async")
 
@@ -79,14 +81,18 @@ class ImiChatClient:
     every request that saw that expiry. `concurrency` bounds the requests in
     flight across all searches of this client. `timeout` is seconds per
     request attempt; `max_retries` the retries of a transient failure after
-    the first attempt. `session` borrows an existing `aiohttp.ClientSession`
-    (not closed by the client).
+    the first attempt (default: `retry_policy`'s, else 5). `session` borrows an
+    existing `aiohttp.ClientSession` (not closed by the client).
 
-    Extras: `adaptive=True` lowers the requests in flight on 429/503 and
-    raises them back (AIMD, never above `concurrency`); `rate_limit` caps
-    requests per second; `max_response_bytes` caps one body; `retry_policy`
-    sets the backoff; `hedge=False` never sends a duplicate request for an
-    overdue head page (README: "Choices where the contract leaves room").
+    Extras: `transport` replaces the aiohttp transport with anything having
+    `async send(request) -> RawResponse` (e.g. `MockTransport` in tests; not
+    closed by the client; excludes `session`); `adaptive=True` lowers the
+    requests in flight on 429/503 and raises them back (AIMD, never above
+    `concurrency`); `rate_limit` caps requests per second;
+    `max_response_bytes` caps one body, after decompression; `retry_policy`
+    sets the backoff and, unless `max_retries` is given, the retries;
+    `hedge=False` never sends a duplicate request for an overdue head page
+    (README: "Choices where the contract leaves room").
     `tracer_provider` / `meter_provider` (OpenTelemetry, extra `otel`)
     override the global providers for this client's spans and metrics.
     """
@@ -99,8 +105,9 @@ class ImiChatClient:
         team_id: str,
         concurrency: int = 8,
         timeout: float | None = 30.0,
-        max_retries: int = 5,
+        max_retries: int | None = None,
         session: aiohttp.ClientSession | None = None,
+        transport: Transport | None = None,
         adaptive: bool = False,
         rate_limit: float | None = None,
         max_response_bytes: int = 16 * 1024 * 1024,
@@ -110,21 +117,29 @@ class ImiChatClient:
         tracer_provider: Any = None,
         meter_provider: Any = None,
     ) -> None:
+        """Check every argument now; raises `ConfigurationError` naming the one that cannot work."""
         self.base_url = _check_base_url(base_url)
         if not isinstance(team_id, str) or not team_id:
             raise ConfigurationError("team_id must be a non-empty str")
         if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
             raise ConfigurationError(f"concurrency must be an int >= 1, got {concurrency!r}")
-        if not isinstance(max_retries, int) or max_retries < 0:
-            raise ConfigurationError(f"max_retries must be an int >= 0, got {max_retries!r}")
         if timeout is not None and not timeout > 0:
             raise ConfigurationError(f"timeout must be > 0 seconds or None, got {timeout!r}")
         if rate_limit is not None and not rate_limit > 0:
             raise ConfigurationError(f"rate_limit must be > 0 requests/s, got {rate_limit!r}")
+        if (
+            not isinstance(max_response_bytes, int)
+            or isinstance(max_response_bytes, bool)
+            or max_response_bytes <= 0
+        ):
+            raise ConfigurationError(
+                f"max_response_bytes must be an int > 0, got {max_response_bytes!r:.40}"
+            )
+        policy = _retry_policy(max_retries, retry_policy)
         self.team_id = team_id
         self.concurrency = concurrency
         self.timeout = timeout
-        self.max_retries = max_retries
+        self.max_retries = policy.max_retries
         self.stats = ClientStats()
         self._auth = TokenProvider(token, on_refresh=self._count_refresh)
         self._url = protocol.search_url(self.base_url)
@@ -137,15 +152,26 @@ class ImiChatClient:
         # Start a warm client's searches with a whole window, not page 1 alone: measured, and
         # left off (README, "Choices"): it sends pages past the end of every small search.
         self._speculative_start = False
-        self._transport = Transport(
-            connections=concurrency,
-            timeout=timeout,
-            session=session,
-            max_response_bytes=max_response_bytes,
-        )
-        policy = retry_policy or RetryPolicy(max_retries=max_retries)
-        if retry_policy is not None and retry_policy.max_retries != max_retries:
-            policy = attrs.evolve(retry_policy, max_retries=max_retries)
+        self._closed = False
+        self._own_transport: AiohttpTransport | None = None
+        if transport is None:
+            self._own_transport = AiohttpTransport(
+                connections=concurrency,
+                timeout=timeout,
+                session=session,
+                max_response_bytes=max_response_bytes,
+            )
+            transport = self._own_transport
+        elif session is not None:
+            raise ConfigurationError(
+                "pass either transport= or session=, not both: a session is used only by "
+                "the default (aiohttp) transport"
+            )
+        elif not callable(getattr(transport, "send", None)):
+            raise ConfigurationError(
+                f"transport must have an async send(request) method, got {type(transport).__name__}"
+            )
+        self._transport: Transport = transport
         self._retrying = make_retrying(policy, sleep=sleep, on_retry=self._count_retry)
         self._telemetry = _otel.Telemetry(tracer_provider, meter_provider)
 
@@ -167,8 +193,10 @@ class ImiChatClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the session if the client made it; a borrowed session stays open."""
-        await self._transport.close()
+        """Close the session if the client made it; a borrowed session or transport stays open."""
+        self._closed = True
+        if self._own_transport is not None:
+            await self._own_transport.close()
 
     @property
     def limiter(self) -> Limiter:
@@ -343,6 +371,8 @@ class ImiChatClient:
             log.debug("page %d: token expired (2004) after %.1f ms", page, _ms(started))
             raise
         except Exception as exc:
+            if isinstance(exc, ApiError) and exc.page is None:
+                exc.with_page(page)  # raised by a transport that did not know the page
             log.debug("page %d: failed: %s after %.1f ms", page, exc, _ms(started))
             raise
         if log.isEnabledFor(logging.DEBUG):
@@ -362,6 +392,8 @@ class ImiChatClient:
         `search` and the page number order the waiters: a search's lowest page
         first, searches in turn.
         """
+        if self._closed:
+            raise ImiChatError("the client is closed")
         limiter = self._limiter
         epoch = await limiter.acquire(search, request.page)
         _otel.slot_acquired()
@@ -480,7 +512,28 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise InvalidQueryError(f"{name} must be an int >= {minimum}, got {value!r:.40}")
 
 
+def _retry_policy(max_retries: int | None, policy: RetryPolicy | None) -> RetryPolicy:
+    """The policy in force: `retry_policy` keeps its count unless `max_retries` is given.
+
+    Raises `ConfigurationError` when both are given and disagree (which one
+    was meant cannot be known) or `max_retries` is not an int >= 0.
+    """
+    if max_retries is not None and (
+        not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0
+    ):
+        raise ConfigurationError(f"max_retries must be an int >= 0, got {max_retries!r:.40}")
+    if policy is None:
+        return RetryPolicy() if max_retries is None else RetryPolicy(max_retries=max_retries)
+    if max_retries is not None and max_retries != policy.max_retries:
+        raise ConfigurationError(
+            f"max_retries={max_retries} disagrees with retry_policy's max_retries="
+            f"{policy.max_retries}: give one of them"
+        )
+    return policy
+
+
 def _check_base_url(base_url: str) -> str:
+    """The base URL without its trailing slash; `ConfigurationError` for one that can't work."""
     if not isinstance(base_url, str):
         raise ConfigurationError("base_url must be a str")
     parts = urlsplit(base_url)
@@ -488,6 +541,17 @@ def _check_base_url(base_url: str) -> str:
         raise ConfigurationError(f"base_url must be an https:// URL, got {base_url!r:.100}")
     if parts.username or parts.password:
         raise ConfigurationError("base_url must not carry credentials")
+    if parts.query or parts.fragment or base_url.rstrip().endswith(("?", "#")):
+        raise ConfigurationError(
+            f"base_url must not have a query or fragment (the client appends "
+            f"/chats/search?page=n), got {base_url!r:.100}"
+        )
+    try:
+        port = parts.port
+    except ValueError:  # out of 0-65535, or not a number
+        port = 0
+    if port == 0:
+        raise ConfigurationError(f"base_url has an invalid port (1-65535), got {base_url!r:.100}")
     if parts.scheme == "http" and not protocol.is_loopback_host(parts.hostname):
         raise ConfigurationError(
             "refusing a cleartext http:// base_url to a remote host: the bearer token "

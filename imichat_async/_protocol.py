@@ -279,6 +279,12 @@ def parse_response(
         cls = e.InternalServerError  # a bare 500 without the vendor's body
     elif http_status == 401:
         cls = e.TokenExpiredError
+    elif http_status == 404 and code is None:  # not the service's own 404 (2010 has a body)
+        cls = e.UnexpectedResponseError
+        description = (
+            "HTTP 404 without the vendor's JSON body: is base_url the tenant's v3.0 root, "
+            "e.g. https://acme.imi.chat/v3.0?"
+        )
     elif 300 <= http_status < 400:
         cls = e.UnexpectedResponseError
         description = f"redirect refused (HTTP {http_status}): the bearer token is never resent"

@@ -300,8 +300,8 @@ async def _client(settings: Settings, concurrency: int = 8) -> AsyncIterator[Imi
 
 
 def _api_message(exc: ApiError) -> str:
-    code = exc.status_code if exc.status_code is not None else "none"
-    return f"API error {code} (HTTP {exc.http_status}): {exc.description}"
+    # The error's own message says what failed (no response, TLS, or the vendor's answer).
+    return f"API error: {exc}" if exc.http_status else str(exc)
 
 
 def _run(

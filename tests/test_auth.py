@@ -138,3 +138,66 @@ async def test_repr_hides_token(kind: str) -> None:
     await provider.get()
     assert "SECRET" not in repr(provider)
     assert kind in repr(provider)
+
+
+async def test_get_waits_for_a_refresh_in_progress() -> None:
+    """While a refresh runs, get() waits for the new token instead of the expired one."""
+    gate = asyncio.Event()
+    tokens = iter([f"{SECRET}-1", f"{SECRET}-2"])
+
+    async def source() -> str:
+        token = next(tokens)
+        if token.endswith("-2"):
+            await gate.wait()
+        return token
+
+    provider = TokenProvider(source)
+    stale = await provider.get()
+    refresh = asyncio.ensure_future(provider.refresh(stale))
+    await asyncio.sleep(0)
+    getter = asyncio.ensure_future(provider.get())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not getter.done()  # it does not hand out the token known to be expired
+    gate.set()
+    assert await getter == f"{SECRET}-2"
+    assert await refresh == f"{SECRET}-2"
+
+
+async def test_plain_callable_token_is_called() -> None:
+    """A plain (non-async) callable returning a str is accepted: called, not awaited."""
+    calls: list[int] = []
+
+    def source() -> str:
+        calls.append(1)
+        return f"{SECRET}-{len(calls)}"
+
+    provider = TokenProvider(source)
+    assert await provider.get() == f"{SECRET}-1"
+    assert await provider.refresh(f"{SECRET}-1") == f"{SECRET}-2"
+    assert len(calls) == 2
+
+
+async def test_same_token_again_fails_after_one_refresh() -> None:
+    """A callable handing back the token that just expired fails at once, saying so, once."""
+    calls: list[int] = []
+
+    async def source() -> str:
+        calls.append(1)
+        await asyncio.sleep(0)
+        return SECRET
+
+    provider = TokenProvider(source)
+    stale = await provider.get()
+    results = await asyncio.gather(
+        *(provider.refresh(stale) for _ in range(8)), return_exceptions=True
+    )
+    assert len(calls) == 2  # the first token, then one refresh for all eight
+    for err in results:
+        assert isinstance(err, TokenExpiredError)
+        assert (err.status_code, err.http_status) == (2004, 401)
+        assert "same token" in str(err)
+        assert SECRET not in str(err)
+    with pytest.raises(TokenExpiredError, match="same token"):
+        await provider.get()  # no request goes out with the dead token
+    assert len(calls) == 2

@@ -204,7 +204,7 @@ def test_permanent_api_error_exits_3_without_printing_the_token() -> None:
         )
     for result in (from_env, from_flag):
         assert result.exit_code == 3
-        assert "API error 2003 (HTTP 400): Invalid Access Token" in result.stderr
+        assert "API error: Invalid Access Token (HTTP 400, status_code 2003" in result.stderr
         assert secret not in result.output and "Traceback" not in result.output
 
 
