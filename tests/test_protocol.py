@@ -61,12 +61,39 @@ def test_every_error_row_raises_its_class(row: dict[str, Any]) -> None:
     assert str(row["status_code"]) in str(err)
 
 
+#: The vendor page's "Response Codes" descriptions, copied by hand (its placeholders
+#: `<param_name>`, `{0}` and `{1}` written `{param}` and `{value}`).
+VENDOR_TEXT = {
+    2002: "Invalid header param - could not find mandatory header parameters",
+    2003: "Invalid Access Token",
+    2004: "Access Token expired",
+    2007: "Internal Server Error",
+    2010: "Could not find details of team based on the teamid passed in the header",
+    2099: "Method not allowed",
+    3114: "Request body not provided. Check Content-Type header",
+    3115: "Request is invalid",
+    3445: "Provided filtration parameter: {param} is not valid",
+    3446: "Provided operator for filtration parameter: {param} is not valid",
+    3447: "Provided condition is not valid",
+    3451: "Search query request format is not valid",
+    4303: "Invalid input value:'{value}' provided for filtration parameter:'{param}'",
+    3454: "Chat list could not be retrieved",
+}
+
+
 @pytest.mark.parametrize("row", STATUS_ROWS, ids=lambda r: str(r["status_code"]))
-def test_error_row_without_description_uses_the_vendor_text(row: dict[str, Any]) -> None:
-    """A known status_code with no description falls back to the vendor table's text."""
+@pytest.mark.parametrize(
+    "description", [None, "", 123, ["x"]], ids=["null", "empty", "int", "list"]
+)
+def test_error_row_without_description_uses_the_vendor_text(
+    row: dict[str, Any], description: Any
+) -> None:
+    """A known status_code whose description is absent, empty or not a string gets the
+    vendor page's text, and keeps its class."""
     with pytest.raises(e.ApiError) as info:
-        protocol.parse_response(row["http_status"], {}, _body(row["status_code"], None))
-    assert info.value.description == protocol.STATUS_TABLE[row["status_code"]].description
+        protocol.parse_response(row["http_status"], {}, _body(row["status_code"], description))
+    assert type(info.value) is getattr(e, row["error"])
+    assert info.value.description == VENDOR_TEXT[row["status_code"]]
 
 
 @pytest.mark.parametrize(
@@ -79,6 +106,48 @@ def test_error_kinds_match_the_contract(kind: str, retryable: bool) -> None:
         with pytest.raises(e.ApiError) as info:
             protocol.parse_response(row["http_status"], {}, _body(row["status_code"], "x"))
         assert isinstance(info.value, e.TransientError) is retryable, row
+
+
+@pytest.mark.parametrize("http_status", [500, 401, 400, 404])
+@pytest.mark.parametrize(
+    ("status_code", "shown"),
+    [("2007", '"2007"'), (2007.0, "2007.0"), (True, "true"), ([2007], "[2007]"), ({}, "{}")],
+    ids=["string", "float", "bool", "list", "object"],
+)
+def test_malformed_status_code_is_unexpected_response(
+    http_status: int, status_code: Any, shown: str
+) -> None:
+    """A status_code that is not a JSON integer is UnexpectedResponseError (never retried),
+    whatever the HTTP status short of a gateway's; the message shows the odd value."""
+    with pytest.raises(e.ApiError) as info:
+        protocol.parse_response(http_status, {}, _body(status_code, "Internal Server Error"))
+    assert type(info.value) is e.UnexpectedResponseError
+    assert (info.value.status_code, info.value.http_status) == (None, http_status)
+    assert info.value.description == f"malformed status_code {shown}: Internal Server Error"
+
+
+@pytest.mark.parametrize("http_status", [500, 401])
+@pytest.mark.parametrize("status_code", [9999, 4305, 0, -2007])
+def test_unknown_status_code_on_500_or_401_is_not_retried(
+    http_status: int, status_code: int
+) -> None:
+    """An integer outside the vendor's error rows on a 500 or 401 is UnexpectedResponseError,
+    not a retried InternalServerError nor a token refresh."""
+    with pytest.raises(e.ApiError) as info:
+        protocol.parse_response(http_status, {}, _body(status_code, ""))
+    assert type(info.value) is e.UnexpectedResponseError
+    assert (info.value.status_code, info.value.http_status) == (status_code, http_status)
+    assert info.value.description == f"HTTP {http_status}"
+
+
+@pytest.mark.parametrize("status", [429, 502, 503, 504])
+@pytest.mark.parametrize("status_code", ["2007", 2007.0, 9999])
+def test_gateway_status_wins_over_an_odd_status_code(status: int, status_code: Any) -> None:
+    """HTTP 429/502/503/504 stay transient, Retry-After kept, when the body's code is odd."""
+    with pytest.raises(e.ApiError) as info:
+        protocol.parse_response(status, {"Retry-After": "2"}, _body(status_code, "x"))
+    assert type(info.value) is (e.RateLimitedError if status == 429 else e.GatewayError)
+    assert info.value.retry_after == 2.0
 
 
 def test_unknown_status_code_is_unexpected_response() -> None:
