@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import imichat_async as imi
-from imichat_async._query import Filter, build_query, format_datetime, split_keyword
+from imichat_async._query import Filter, Query, build_query, format_datetime, split_keyword
 
 UTC = timezone.utc
 IST = timezone(timedelta(hours=5, minutes=30))
@@ -349,3 +349,25 @@ def test_datetime_values_ignore_the_local_zone(new_york: None, value: Any, wire:
 def test_format_datetime_ignores_the_local_zone(new_york: None, value: datetime, wire: str) -> None:
     """format_datetime gives the same UTC Z text in New York as on a UTC machine."""
     assert format_datetime(value) == wire
+
+
+def test_query_defaults_to_and_with_no_filters() -> None:
+    """Query() is the contract's default: condition "and", an empty filter list."""
+    assert json.loads(Query().body()) == {"condition": "and", "filters": []}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "where"),
+    [
+        ({"status": "archived"}, "for status:"),
+        ({"status__eq": "archived"}, "for status:"),
+        ({"status__not_eq": "archived"}, "for status__not_eq:"),
+        ({"created_at": "soon"}, "for created_at:"),
+        ({"created_at__lt": "soon"}, "for created_at__lt:"),
+    ],
+)
+def test_message_names_the_keyword_as_written(kwargs: dict[str, Any], where: str) -> None:
+    """A bad value is named `param` for eq and `param__op` otherwise, as a user writes it."""
+    with pytest.raises(imi.InvalidQueryError) as info:
+        build_query(kwargs)
+    assert where in str(info.value)
