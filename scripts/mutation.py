@@ -14,7 +14,9 @@ How: the parent imports the package and pytest once; for each mutant it forks,
 the child re-executes the module's mutated source in the module's own namespace
 (so `protocol.X` lookups from other modules see the mutant too), then runs
 `pytest -x` on the test file, which it imports only now. A failing or
-timed-out run kills the mutant. Nothing on disk is changed.
+timed-out run kills the mutant. Nothing on disk is changed. A module that
+imported a name from the mutated one (`from ._retry import RetryPolicy`) keeps
+the original: that is why each module is measured with its own unit tests.
 
 Mutations: comparison flips (`==`/`!=`, `<`/`<=`, `>`/`>=`, `in`/`not in`,
 `is`/`is not`), `and`/`or`, drop `not` and unary minus, arithmetic and
