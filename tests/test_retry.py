@@ -196,5 +196,7 @@ async def test_each_retry_is_logged_with_wait_attempt_and_error(
         "retrying in 1.500s (attempt 2 of 4) after: slow down (HTTP 429, no vendor status_code)",
     )
     assert lines[1][2].startswith("retrying in ")
-    assert lines[1][2].endswith("(attempt 3 of 4) after: bad gateway (HTTP 502, no vendor status_code)")
+    assert lines[1][2].endswith(
+        "(attempt 3 of 4) after: bad gateway (HTTP 502, no vendor status_code)"
+    )
     assert len(lines) == 2
