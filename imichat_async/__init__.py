@@ -39,6 +39,7 @@ from ._errors import (
     TransientError,
     UnexpectedResponseError,
 )
+from ._paging import PagingStats
 from ._query import Filter
 from ._records import Asset, Channel, Chat, ChatStatus
 
@@ -77,6 +78,7 @@ __all__ = [
     "MissingBodyError",
     "MissingHeaderError",
     "NetworkError",
+    "PagingStats",
     "RateLimitedError",
     "ResponseTooLargeError",
     "SearchTimeoutError",

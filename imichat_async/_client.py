@@ -11,10 +11,10 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import aclosing
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any, Generic, Literal, TypeVar, overload
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -40,13 +40,32 @@ log = logging.getLogger("imichat_async")
 OVERLOAD_STATUSES = frozenset({429, 503})  # what adaptive concurrency backs off on
 MAX_REFUSED_FRESH = 2  # tokens in a row refused before serving any page, before giving up
 RawRecord = Mapping[str, Any]
+T = TypeVar("T")
 
 
-class ChatPage(NamedTuple):
-    """One page from `search_pages`: its chats and its 1-based page number."""
+@attrs.frozen
+class ChatPage(Generic[T]):
+    """One page of `search_pages`: its 1-based `number`, its `items` (`Chat` records, or with
+    `raw=True` the JSON objects as sent), the server's `total` match count when it sent one,
+    and `last`: True when no page follows. Without a total, a full page may still turn out
+    to be the last (the next one came back empty): then the search ends after a page whose
+    `last` is False.
+    """
 
-    chats: list[Chat]
-    page: int
+    number: int
+    items: Sequence[T]
+    total: int | None = None
+    last: bool = False
+
+    @property
+    def chats(self) -> Sequence[T]:
+        """The items (the name of the first release)."""
+        return self.items
+
+    @property
+    def page(self) -> int:
+        """The page number (the name of the first release)."""
+        return self.number
 
 
 @attrs.define
@@ -174,6 +193,54 @@ class ImiChatClient:
         query = build_query(params, filters, condition)
         return _chats(self._pages(query, self._decoded, prefetch, start_page, max_pages, deadline))
 
+    @overload
+    def search_pages(
+        self,
+        *,
+        filters: Iterable[Filter | tuple[str, str, Any]] | None = ...,
+        condition: str = ...,
+        prefetch: int | None = ...,
+        start_page: int = ...,
+        max_pages: int | None = ...,
+        limit: int | None = ...,
+        deadline: float | None = ...,
+        raw: Literal[False] = ...,
+        stats: PagingStats | None = ...,
+        **params: Any,
+    ) -> AsyncGenerator[ChatPage[Chat], None]: ...
+
+    @overload
+    def search_pages(
+        self,
+        *,
+        filters: Iterable[Filter | tuple[str, str, Any]] | None = ...,
+        condition: str = ...,
+        prefetch: int | None = ...,
+        start_page: int = ...,
+        max_pages: int | None = ...,
+        limit: int | None = ...,
+        deadline: float | None = ...,
+        raw: Literal[True],
+        stats: PagingStats | None = ...,
+        **params: Any,
+    ) -> AsyncGenerator[ChatPage[RawRecord], None]: ...
+
+    @overload
+    def search_pages(
+        self,
+        *,
+        filters: Iterable[Filter | tuple[str, str, Any]] | None = ...,
+        condition: str = ...,
+        prefetch: int | None = ...,
+        start_page: int = ...,
+        max_pages: int | None = ...,
+        limit: int | None = ...,
+        deadline: float | None = ...,
+        raw: bool = ...,
+        stats: PagingStats | None = ...,
+        **params: Any,
+    ) -> AsyncGenerator[ChatPage[Any], None]: ...
+
     def search_pages(
         self,
         *,
@@ -182,31 +249,31 @@ class ImiChatClient:
         prefetch: int | None = None,
         start_page: int = 1,
         max_pages: int | None = None,
+        limit: int | None = None,
         deadline: float | None = None,
-        **params: Any,
-    ) -> AsyncGenerator[ChatPage, None]:
-        """Like `search_chats`, one `ChatPage(chats, page)` at a time, for batch consumers."""
-        query = build_query(params, filters, condition)
-        return _chat_pages(
-            self._pages(query, self._decoded, prefetch, start_page, max_pages, deadline)
-        )
-
-    def search_raw_pages(
-        self,
-        query: Query,
-        *,
-        prefetch: int | None = None,
-        start_page: int = 1,
-        max_pages: int | None = None,
-        deadline: float | None = None,
+        raw: bool = False,
         stats: PagingStats | None = None,
-    ) -> AsyncGenerator[Page[RawRecord], None]:
-        """Pages of the raw JSON objects, undecoded, for exporters that keep them as sent.
+        **params: Any,
+    ) -> AsyncGenerator[ChatPage[Any], None]:
+        """The one page-level way to search: one `ChatPage` at a time, in page order.
 
-        `query` comes from `imichat_async._query.build_query`; `stats` is filled
-        as the run goes (total, last page, pages requested, wasted).
+        Filters and paging arguments as for `search_chats`, checked here, at the
+        call (`InvalidQueryError` before any request). `limit` stops after that
+        many items in all, requesting no page beyond them. With `raw=True` the
+        items are the JSON objects exactly as the server sent them (for exports
+        that keep them as sent); otherwise `Chat` records. `stats`, a
+        `PagingStats`, is filled as the search goes: pages requested and
+        yielded, pages requested past the end (`wasted`), the total.
         """
-        return self._pages(query, self._raw, prefetch, start_page, max_pages, deadline, stats)
+        query = build_query(params, filters, condition)
+        if limit is not None:
+            _check_int("limit", limit, 1)
+            needed = -(-limit // protocol.PAGE_SIZE)
+            max_pages = needed if max_pages is None else min(max_pages, needed)
+        st = stats if stats is not None else PagingStats()
+        convert = self._raw if raw else self._decoded
+        pages = self._pages(query, convert, prefetch, start_page, max_pages, deadline, st)
+        return _numbered_pages(pages, st, limit)
 
     def _pages(
         self,
@@ -356,12 +423,21 @@ async def _chats(pages: AsyncGenerator[Page[Chat], None]) -> AsyncGenerator[Chat
                 yield chat
 
 
-async def _chat_pages(
-    pages: AsyncGenerator[Page[Chat], None],
-) -> AsyncGenerator[ChatPage, None]:
+async def _numbered_pages(
+    pages: AsyncGenerator[Page[Any], None], stats: PagingStats, limit: int | None
+) -> AsyncGenerator[ChatPage[Any], None]:
+    """The engine's pages as `ChatPage`s: `last` from the engine's stats, `limit` applied."""
+    left = limit
     async with aclosing(pages) as it:
         async for page in it:
-            yield ChatPage(list(page.items), page.number)
+            items = page.items
+            if left is not None:
+                items = items[:left]
+                left -= len(items)
+            last = stats.last_page == page.number or left == 0
+            yield ChatPage(page.number, items, page.total, last)
+            if left == 0:
+                return
 
 
 def _ms(started: float) -> float:

@@ -27,6 +27,7 @@ from imichat_async.export import (
     CsvSink,
     ExportProgress,
     NdjsonSink,
+    _plan,
     export_chats,
 )
 from imichat_async.sandbox import END, Sandbox, serve
@@ -272,7 +273,7 @@ async def test_frozen_until_ignores_chats_created_during_export(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without until, the bound is frozen at the start: chats created later never shift pages."""
-    monkeypatch.setattr(ex, "_utcnow", lambda: END)
+    monkeypatch.setattr(_plan, "utcnow", lambda: END)
     out = tmp_path / "chats.ndjson"
     async with serve(chats=3000, seed=11, insert_every=3) as sb, client_for(sb) as client:
         original = list(sb.data)
