@@ -569,7 +569,9 @@ async def test_csv_resume_counts_rows_whatever_the_chat_ids(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("sink_type", [NdjsonSink, CsvSink])
-async def test_resume_streams_the_partial_file(tmp_path: Path, sink_type: type[ex.FileSink]) -> None:
+async def test_resume_streams_the_partial_file(
+    tmp_path: Path, sink_type: type[ex.FileSink]
+) -> None:
     """Resuming counts the records of a large .part file without reading it whole into memory."""
     import tracemalloc
 
