@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import imichat_async as imi
-from imichat_async._paging import PagingStats
-from imichat_async._query import build_query
 
 from . import baselines
 from .sandbox_proc import SandboxProcess
@@ -55,7 +53,7 @@ class ClientRun:
     peak_in_flight: int = 0
     ttfr: float | None = None  # seconds from the search call to the first record
     chats: list[Any] = field(default_factory=list)
-    paging: PagingStats | None = None
+    paging: imi.PagingStats | None = None
 
 
 def client_run(
@@ -69,7 +67,7 @@ def client_run(
     raw: bool = False,
     max_pages: int | None = None,
 ) -> ClientRun:
-    """One `search_chats()` (or `search_raw_pages()` with raw=True) over the whole tenant."""
+    """One `search_chats()` (or `search_pages(raw=True)` with raw=True) over the whole tenant."""
     out = ClientRun()
 
     async def go() -> None:
@@ -83,9 +81,9 @@ def client_run(
         ) as client:
             started = time.perf_counter()
             if raw:
-                out.paging = PagingStats()
-                async for page in client.search_raw_pages(
-                    build_query(), prefetch=prefetch, max_pages=max_pages, stats=out.paging
+                out.paging = imi.PagingStats()
+                async for page in client.search_pages(
+                    raw=True, prefetch=prefetch, max_pages=max_pages, stats=out.paging
                 ):
                     if out.ttfr is None:
                         out.ttfr = time.perf_counter() - started

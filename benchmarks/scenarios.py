@@ -334,7 +334,7 @@ def cpu_throughput(cfg: Config) -> ScenarioResult:
         ("raw floor: aiohttp + json.loads, k workers", lambda sb: _base(measure.workers(sb, k))),
         ("baseline 1: sequential aiohttp + json.loads", lambda sb: _base(measure.sequential(sb))),
         ("`search_chats()` (decoded attrs records)", lambda sb: _cli(sb, k, raw=False)),
-        ("`search_raw_pages()` (same client, no decoding)", lambda sb: _cli(sb, k, raw=True)),
+        ("`search_pages(raw=True)` (same client, no decoding)", lambda sb: _cli(sb, k, raw=True)),
     ]
     runs: list[dict[str, Any]] = []
     with SandboxProcess(n) as sb:
@@ -385,7 +385,7 @@ def cpu_throughput(cfg: Config) -> ScenarioResult:
     if split is not None:
         res.notes.append(
             f"Share of the client's CPU above the floor that is decoding "
-            f"(`search_chats` minus `search_raw_pages`): {split.fmt(2)}; the rest is the "
+            f"(`search_chats` minus `search_pages(raw=True)`): {split.fmt(2)}; the rest is the "
             "client's per-request machinery (retry controller, limiter, protocol checks, "
             "paging tasks)."
         )

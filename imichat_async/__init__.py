@@ -40,6 +40,7 @@ from ._errors import (
     TransientError,
     UnexpectedResponseError,
 )
+from ._paging import PagingStats
 from ._protocol import PreparedRequest
 from ._query import Filter
 from ._records import Asset, Channel, Chat, ChatStatus
@@ -82,6 +83,7 @@ __all__ = [
     "MissingHeaderError",
     "MockTransport",
     "NetworkError",
+    "PagingStats",
     "PreparedRequest",
     "RateLimitedError",
     "RawResponse",

@@ -21,7 +21,7 @@ from collections.abc import (
     Sequence,
 )
 from types import TracebackType
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Generic, Literal, TypeVar, overload
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -51,14 +51,33 @@ OVERLOAD_STATUSES = frozenset({429, 503})  # what adaptive concurrency backs off
 MAX_REFUSED_FRESH = 2  # tokens in a row refused before serving any page, before giving up
 PREFETCH_PER_SLOT = 4  # default prefetch = 4 x concurrency: see README, "Choices"
 RawRecord = Mapping[str, Any]
+T = TypeVar("T")
 X = TypeVar("X")
 
 
-class ChatPage(NamedTuple):
-    """One page from `search_pages`: its chats and its 1-based page number."""
+@attrs.frozen
+class ChatPage(Generic[T]):
+    """One page of `search_pages`: its 1-based `number`, its `items` (`Chat` records, or with
+    `raw=True` the JSON objects as sent), the server's `total` match count when it sent one,
+    and `last`: True when no page follows. Without a total, a full page may still turn out
+    to be the last (the next one came back empty): then the search ends after a page whose
+    `last` is False.
+    """
 
-    chats: list[Chat]
-    page: int
+    number: int
+    items: Sequence[T]
+    total: int | None = None
+    last: bool = False
+
+    @property
+    def chats(self) -> Sequence[T]:
+        """The items (the name of the first release)."""
+        return self.items
+
+    @property
+    def page(self) -> int:
+        """The page number (the name of the first release)."""
+        return self.number
 
 
 @attrs.define
@@ -227,6 +246,54 @@ class ImiChatClient:
         query = build_query(params, filters, condition)
         return _chats(self._pages(query, self._decoded, prefetch, start_page, max_pages, deadline))
 
+    @overload
+    def search_pages(
+        self,
+        *,
+        filters: Iterable[Filter | tuple[str, str, Any]] | None = ...,
+        condition: str = ...,
+        prefetch: int | None = ...,
+        start_page: int = ...,
+        max_pages: int | None = ...,
+        limit: int | None = ...,
+        deadline: float | None = ...,
+        raw: Literal[False] = ...,
+        stats: PagingStats | None = ...,
+        **params: Any,
+    ) -> AsyncGenerator[ChatPage[Chat], None]: ...
+
+    @overload
+    def search_pages(
+        self,
+        *,
+        filters: Iterable[Filter | tuple[str, str, Any]] | None = ...,
+        condition: str = ...,
+        prefetch: int | None = ...,
+        start_page: int = ...,
+        max_pages: int | None = ...,
+        limit: int | None = ...,
+        deadline: float | None = ...,
+        raw: Literal[True],
+        stats: PagingStats | None = ...,
+        **params: Any,
+    ) -> AsyncGenerator[ChatPage[RawRecord], None]: ...
+
+    @overload
+    def search_pages(
+        self,
+        *,
+        filters: Iterable[Filter | tuple[str, str, Any]] | None = ...,
+        condition: str = ...,
+        prefetch: int | None = ...,
+        start_page: int = ...,
+        max_pages: int | None = ...,
+        limit: int | None = ...,
+        deadline: float | None = ...,
+        raw: bool = ...,
+        stats: PagingStats | None = ...,
+        **params: Any,
+    ) -> AsyncGenerator[ChatPage[Any], None]: ...
+
     def search_pages(
         self,
         *,
@@ -235,31 +302,31 @@ class ImiChatClient:
         prefetch: int | None = None,
         start_page: int = 1,
         max_pages: int | None = None,
+        limit: int | None = None,
         deadline: float | None = None,
-        **params: Any,
-    ) -> AsyncGenerator[ChatPage, None]:
-        """Like `search_chats`, one `ChatPage(chats, page)` at a time, for batch consumers."""
-        query = build_query(params, filters, condition)
-        return _chat_pages(
-            self._pages(query, self._decoded, prefetch, start_page, max_pages, deadline)
-        )
-
-    def search_raw_pages(
-        self,
-        query: Query,
-        *,
-        prefetch: int | None = None,
-        start_page: int = 1,
-        max_pages: int | None = None,
-        deadline: float | None = None,
+        raw: bool = False,
         stats: PagingStats | None = None,
-    ) -> AsyncGenerator[Page[RawRecord], None]:
-        """Pages of the raw JSON objects, undecoded, for exporters that keep them as sent.
+        **params: Any,
+    ) -> AsyncGenerator[ChatPage[Any], None]:
+        """The one page-level way to search: one `ChatPage` at a time, in page order.
 
-        `query` comes from `imichat_async._query.build_query`; `stats` is filled
-        as the run goes (total, last page, pages requested, wasted).
+        Filters and paging arguments as for `search_chats`, checked here, at the
+        call (`InvalidQueryError` before any request). `limit` stops after that
+        many items in all, requesting no page beyond them. With `raw=True` the
+        items are the JSON objects exactly as the server sent them (for exports
+        that keep them as sent); otherwise `Chat` records. `stats`, a
+        `PagingStats`, is filled as the search goes: pages requested and
+        yielded, pages requested past the end (`wasted`), the total.
         """
-        return self._pages(query, self._raw, prefetch, start_page, max_pages, deadline, stats)
+        query = build_query(params, filters, condition)
+        if limit is not None:
+            _check_int("limit", limit, 1)
+            needed = -(-limit // protocol.PAGE_SIZE)
+            max_pages = needed if max_pages is None else min(max_pages, needed)
+        st = stats if stats is not None else PagingStats()
+        convert = self._raw if raw else self._decoded
+        pages = self._pages(query, convert, prefetch, start_page, max_pages, deadline, st)
+        return _numbered_pages(pages, st, limit)
 
     @_otel.search_scope
     def _pages(
@@ -491,16 +558,29 @@ def _chats(pages: AsyncGenerator[Page[Chat], None]) -> AsyncGenerator[Chat, None
     return _Flat(pages, _items_of)
 
 
-def _chat_pages(pages: AsyncGenerator[Page[Chat], None]) -> AsyncGenerator[ChatPage, None]:
-    return _Flat(pages, _as_chat_page)
-
-
 def _items_of(page: Page[Chat]) -> Sequence[Chat]:
     return page.items
 
 
-def _as_chat_page(page: Page[Chat]) -> tuple[ChatPage]:
-    return (ChatPage(list(page.items), page.number),)
+def _numbered_pages(
+    pages: AsyncGenerator[Page[Any], None], stats: PagingStats, limit: int | None
+) -> AsyncGenerator[ChatPage[Any], None]:
+    """The engine's pages as `ChatPage`s: `last` from the engine's stats, `limit` applied.
+
+    `max_pages` already stops the engine at the page that reaches `limit`.
+    """
+    left = limit
+
+    def number(page: Page[Any]) -> tuple[ChatPage[Any]]:
+        nonlocal left
+        items = page.items
+        if left is not None:
+            items = items[:left]
+            left -= len(items)
+        last = stats.last_page == page.number or left == 0
+        return (ChatPage(page.number, items, page.total, last),)
+
+    return _Flat(pages, number)
 
 
 def _ms(started: float) -> float:

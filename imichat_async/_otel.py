@@ -9,7 +9,7 @@ providers and nothing more.
 Spans (tracer `imichat_async`):
 
 - `imichat.search_chats` (INTERNAL), one per search (`search_chats`,
-  `search_pages`, `search_raw_pages`): `imichat.search.filters` (the
+  `search_pages`): `imichat.search.filters` (the
   `param:operator` pairs; never the values, which are customer data),
   `imichat.search.condition`, and at its end `imichat.search.pages` and
   `imichat.search.records`; status ERROR with the exception when the search

@@ -121,17 +121,17 @@ class ImiChatClient:
         """
         return _chats(self.search_pages(**kwargs))
 
-    def search_pages(self, **kwargs: Any) -> Iterator[ChatPage]:
+    def search_pages(self, **kwargs: Any) -> Iterator[ChatPage[Any]]:
         """Like `search_chats`, one `ChatPage(chats, page)` at a time."""
         client = self._client
-        pages: AsyncGenerator[ChatPage, None] = self._portal.call(
+        pages: AsyncGenerator[ChatPage[Any], None] = self._portal.call(
             functools.partial(client.search_pages, **kwargs)
         )
         self._open.add(pages)
         return _pages(self._portal, pages, self._open)
 
 
-def _chats(pages: Iterator[ChatPage]) -> Iterator[Chat]:
+def _chats(pages: Iterator[ChatPage[Any]]) -> Iterator[Chat]:
     with contextlib.closing(pages):  # type: ignore[type-var]  # a generator has close()
         for page in pages:
             yield from page.chats
@@ -139,9 +139,9 @@ def _chats(pages: Iterator[ChatPage]) -> Iterator[Chat]:
 
 def _pages(
     portal: _LoopThread,
-    pages: AsyncGenerator[ChatPage, None],
+    pages: AsyncGenerator[ChatPage[Any], None],
     open_searches: weakref.WeakSet[AsyncGenerator[Any, None]],
-) -> Iterator[ChatPage]:
+) -> Iterator[ChatPage[Any]]:
     try:
         while True:
             page = portal.run(_step(pages))

@@ -474,9 +474,7 @@ async def test_client_counts_hedges(monkeypatch: pytest.MonkeyPatch) -> None:
     transport = FakeTransport(2000, hang={150})
     async with make_client(transport, concurrency=4) as client:
         stats = PagingStats()
-        task = asyncio.ensure_future(
-            _count_pages(client.search_raw_pages(imi_query(), stats=stats))
-        )
+        task = asyncio.ensure_future(_count_pages(client.search_pages(raw=True, stats=stats)))
         while not task.done():
             await clock.advance(1.0)
         assert await task == 2000
@@ -486,12 +484,6 @@ async def test_client_counts_hedges(monkeypatch: pytest.MonkeyPatch) -> None:
         assert off._hedger is None
         await off.close()
     await assert_no_stray_tasks()
-
-
-def imi_query() -> Any:
-    from imichat_async._query import build_query
-
-    return build_query({}, None, "and")
 
 
 async def _count_pages(pages: Any) -> int:

@@ -73,6 +73,7 @@ PUBLIC_NAMES = [
     "MissingHeaderError",
     "MockTransport",
     "NetworkError",
+    "PagingStats",
     "PreparedRequest",
     "RateLimitedError",
     "RawResponse",
