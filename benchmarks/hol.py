@@ -30,6 +30,8 @@ CONDITIONS: list[tuple[str, dict[str, Any], float]] = [
         1.10,
     ),
 ]
+#: The default backoff before it was measured here: 0.25 s doubling (README, "Choices").
+FORMER_BACKOFF = imi.RetryPolicy(backoff_initial=0.25, backoff_factor=2.0)
 OFF = {"jitter": 0.0, "p_2007": 0.0, "p_503": 0.0, "p_429": 0.0, "p_reset": 0.0}
 
 
@@ -89,6 +91,10 @@ def run(cfg: Config) -> ScenarioResult:
                 measure.check(f"client {name}", c.records, n)
                 out, t = _loop(sb, k)
                 measure.check(f"retry loop {name}", out.records, n)
+                if knobs.get("p_2007"):  # the same faults with the former default backoff
+                    old = measure.client_run(sb, k=k, retry_policy=FORMER_BACKOFF)
+                    measure.check(f"client, former backoff, {name}", old.records, n)
+                    run["former backoff"] = {"client": old.wall, "loop": t.wall}
                 run[name] = {
                     "client": c.wall,
                     "loop": t.wall,
@@ -141,6 +147,27 @@ def run(cfg: Config) -> ScenarioResult:
                     "CPU per record <= 1.5 x the raw loop's (clean)", cpu.fmt(2), cpu.median <= 1.5
                 )
             )
+    former = per_run(
+        runs,
+        lambda r: (
+            r["former backoff"]["client"] / r["former backoff"]["loop"]
+            if "former backoff" in r
+            else None
+        ),
+    )
+    if former is not None:
+        table.add(
+            "same faults, former backoff (0.25 s doubling)",
+            summarize([r["former backoff"]["client"] for r in runs if "former backoff" in r]).fmt(
+                3
+            ),
+            "",
+            former.fmt(3),
+            "",
+            "",
+            "",
+            "",
+        )
     res.tables.append(table)
     st = Table(
         f"Small searches on a warm client (k = {k}, L = {latency * 1000:.0f} ms)",

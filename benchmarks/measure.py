@@ -66,6 +66,7 @@ def client_run(
     keep: bool = False,
     raw: bool = False,
     max_pages: int | None = None,
+    retry_policy: imi.RetryPolicy | None = None,
 ) -> ClientRun:
     """One `search_chats()` (or `search_pages(raw=True)` with raw=True) over the whole tenant."""
     out = ClientRun()
@@ -77,7 +78,8 @@ def client_run(
             team_id=sb.team_id,
             concurrency=k,
             adaptive=adaptive,
-            max_retries=max_retries,
+            max_retries=max_retries if retry_policy is None else None,
+            retry_policy=retry_policy,
         ) as client:
             started = time.perf_counter()
             if raw:

@@ -767,7 +767,7 @@ def faults(cfg: Config) -> ScenarioResult:
         f"Scenario 1 at k = {k} (N = {n}, L = {latency * 1000:.0f} ms, ideal "
         f"{ideal:.2f} s) with {p:.0%} of requests failing transiently. (a) HTTP 429 with "
         "`Retry-After: 0`; (b) the same share spread over 2007, 3454, 502, 503, 504 "
-        "(no Retry-After: the client's default backoff, full jitter from 0.25 s). Each "
+        "(no Retry-After: the client's default backoff, full jitter from 0.1 s). Each "
         "repetition also runs the fault-free client for the same-run ratio. Every run's "
         "records are compared with the sandbox's whole data set, decoded: same records, "
         f"same order. Median (min-max) of {cfg.runs}.",

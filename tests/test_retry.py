@@ -15,7 +15,9 @@ from imichat_async._retry import (
     make_retrying,
 )
 
-POLICY = RetryPolicy(max_retries=10, backoff_initial=0.25, backoff_max=4.0, retry_after_max=60.0)
+POLICY = RetryPolicy(
+    max_retries=10, backoff_initial=0.25, backoff_max=4.0, retry_after_max=60.0, backoff_factor=2.0
+)
 
 
 def transient(retry_after: float | None = None) -> e.TransientError:
@@ -165,9 +167,10 @@ async def test_permanent_error_after_a_transient_one_is_not_retried() -> None:
 
 
 def test_documented_defaults() -> None:
-    """RetryPolicy(): 5 retries, backoff from 0.25 s up to 20 s, Retry-After capped at 60 s."""
+    """RetryPolicy(): 5 retries, backoff from 0.1 s x3 up to 20 s, Retry-After capped at 60 s."""
     policy = RetryPolicy()
-    assert (policy.max_retries, policy.backoff_initial, policy.backoff_max) == (5, 0.25, 20.0)
+    assert (policy.max_retries, policy.backoff_initial, policy.backoff_max) == (5, 0.1, 20.0)
+    assert policy.backoff_factor == 3.0
     assert policy.retry_after_max == 60.0
     assert backoff_seconds(policy, 1, transient(3600.0)) == 60.0
 

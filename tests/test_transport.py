@@ -254,7 +254,9 @@ async def test_retry_after_is_honoured(api: Api) -> None:
         ]
     }
     sleeps = Sleeps()
-    policy = imi.RetryPolicy(backoff_initial=0.25, backoff_max=20.0, retry_after_max=60.0)
+    policy = imi.RetryPolicy(
+        backoff_initial=0.25, backoff_max=20.0, retry_after_max=60.0, backoff_factor=2.0
+    )
     async with make_client(api, sleeps, retry_policy=policy) as client:
         assert await collect(client) == ["c-1-0"]
     assert len(sleeps.waits) == 4
