@@ -20,6 +20,7 @@ from imichat_async import cli
 from imichat_async.sandbox import Sandbox
 
 from .sandbox_thread import ThreadedSandbox, env_for
+from .test_export import _checkpoint
 
 SINCE = "2024-01-01"
 UNTIL = "2025-01-01"
@@ -383,7 +384,7 @@ def test_sigterm_stops_export_resumably_and_resume_completes(tmp_path: Path) -> 
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
         while proc.poll() is None and time.monotonic() < deadline:
-            state = _checkpoint_of(ckpt)
+            state = _checkpoint(ckpt)
             if state is not None and state["slices"] >= 1:
                 break
             time.sleep(0.002)
@@ -396,14 +397,6 @@ def test_sigterm_stops_export_resumably_and_resume_completes(tmp_path: Path) -> 
     assert done.returncode == 0, done.stderr.decode()
     ids = [json.loads(line)["chat_id"] for line in out.read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 1000 and set(ids) == {c["chat_id"] for c in data}
-
-
-def _checkpoint_of(path: Path) -> dict[str, Any] | None:
-    try:
-        state: dict[str, Any] = json.loads(path.read_text())
-        return state
-    except (OSError, ValueError):
-        return None
 
 
 def test_sigterm_stops_search_with_130_and_no_traceback() -> None:
