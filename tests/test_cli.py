@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from imichat_async import cli
 from imichat_async.sandbox import Sandbox
 
 from .sandbox_thread import ThreadedSandbox, env_for
+from .test_export import _checkpoint
 
 SINCE = "2024-01-01"
 UNTIL = "2025-01-01"
@@ -348,3 +350,203 @@ def test_progress_line_is_silent_when_disabled() -> None:
     bar.update(records=1, total=2, pages=1, retries=0, elapsed=1.0)
     bar.close()
     assert stream.getvalue() == ""
+
+
+# -- issue #12: signals, pipes, options in either place ------------------------------------------
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "imichat_async.cli", *args]
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int) -> tuple[int, str]:
+    """Send `sig`, wait; the return code and stderr (the process is killed if it hangs)."""
+    try:
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err.decode()
+
+
+def test_sigterm_stops_export_resumably_and_resume_completes(tmp_path: Path) -> None:
+    """SIGTERM during an export: checkpoint kept, exit 4 saying --resume (even with --quiet)."""
+    out = tmp_path / "out.ndjson"
+    ckpt = Path(str(out) + ".checkpoint.json")
+    argv = _cli(
+        "export", "--since", SINCE, "--until", UNTIL, "-o", str(out), "--quiet",
+        "--concurrency", "2", "--slice-pages", "5",
+    )  # fmt: skip
+    with ThreadedSandbox(chats=1000, seed=40, latency=0.006) as sb:
+        env = env_for(sb)
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            state = _checkpoint(ckpt)
+            if state is not None and state["slices"] >= 1:
+                break
+            time.sleep(0.002)
+        code, err = _stop(proc, signal.SIGTERM)
+        assert code == 4, err
+        assert "SIGTERM" in err and "--resume" in err and "Traceback" not in err
+        assert 0 < json.loads(ckpt.read_text())["records"] < 1000
+        done = subprocess.run([*argv, "--resume"], env=env, capture_output=True, check=False)
+        data = list(sb.data)
+    assert done.returncode == 0, done.stderr.decode()
+    ids = [json.loads(line)["chat_id"] for line in out.read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 1000 and set(ids) == {c["chat_id"] for c in data}
+
+
+def test_sigterm_stops_search_with_130_and_no_traceback() -> None:
+    """SIGTERM during a search on the embedded sandbox: exit 130, one line, no traceback."""
+    argv = _cli("--sandbox", "--sandbox-latency", "0.05", "search", "--json", "--quiet")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().startswith(b"{")  # ready: the first chat arrived
+    code, err = _stop(proc, signal.SIGTERM)
+    proc.stdout.close()
+    assert code == 130
+    assert err.strip() == "Error: terminated (SIGTERM)"
+
+
+@pytest.mark.parametrize("table", [False, True])
+def test_closed_stdout_pipe_exits_141_silently(table: bool) -> None:
+    """`search | head -1` on the embedded sandbox: exit 141, nothing on stderr."""
+    argv = _cli("--sandbox", "--sandbox-chats", "3000", "search", *([] if table else ["--json"]))
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline()
+    proc.stdout.close()  # what `head -1` does after its line
+    try:
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert code == 141 and err == ""
+
+
+def test_demo_ctrl_c_prints_one_line_and_exits_130() -> None:
+    """Ctrl-C during the demo (embedded sandbox, slow pages): only `Error: interrupted`."""
+    proc = subprocess.Popen(
+        _cli("-vv", "demo", "--latency", "0.3"), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stderr is not None
+    lines: list[bytes] = []
+    while proc.poll() is None:  # ready: the first page was logged
+        lines.append(proc.stderr.readline())
+        if b"imichat_async: page" in lines[-1]:
+            break
+    code, err = _stop(proc, signal.SIGINT)
+    err = b"".join(lines).decode() + err
+    assert code == 130, err
+    assert err.rstrip().endswith("Error: interrupted")
+    for noise in ("Traceback", "Error handling request", "Task was destroyed", "Unclosed"):
+        assert noise not in err
+
+
+def test_search_prints_no_header_when_the_first_request_fails() -> None:
+    """A refused first request: exit 3 and an empty stdout (no table header)."""
+    with ThreadedSandbox(chats=30, seed=41) as sb:
+        result = invoke(["search"], creds(sb, "sbx.wrong"))
+    assert result.exit_code == 3 and result.stdout == ""
+
+
+def test_global_options_are_accepted_after_the_command(tmp_path: Path) -> None:
+    """`search --sandbox -q`, `export ... --quiet`, `search -v`: as before the command."""
+    found = invoke(["search", "--sandbox", "--sandbox-chats", "30", "--limit", "3", "-q"])
+    assert found.exit_code == 0, found.output
+    assert len(found.stdout.splitlines()) == 4 and found.stderr == ""
+    out = tmp_path / "out.ndjson"
+    args = ["export", "--since", SINCE, "-o", str(out), "--sandbox", "--sandbox-chats", "40"]
+    exported = invoke([*args, "--quiet"])
+    assert exported.exit_code == 0, exported.output
+    assert exported.stderr == "" and len(out.read_text().splitlines()) == 40
+    loud = invoke(["--quiet", "search", "--sandbox", "--sandbox-chats", "5", "-v"])
+    assert loud.exit_code == 0 and "records=5" not in loud.stderr  # -q still holds
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--sandbox", "--token", "abc", "search"], "--token"),
+        (["search", "--sandbox", "--base-url", "http://127.0.0.1:9/v3.0"], "--base-url"),
+        (["--sandbox-latency", "0.1", "search"], "--sandbox-latency"),
+        (["search", "--sandbox-chats", "10"], "--sandbox-chats"),
+    ],
+)
+def test_options_that_would_be_ignored_are_refused(args: list[str], named: str) -> None:
+    """Credentials with --sandbox, --sandbox-* without it: exit 2 naming both options."""
+    with ThreadedSandbox(chats=10, seed=42) as sb:
+        result = invoke(args, creds(sb))
+    assert result.exit_code == 2, result.output
+    assert named in result.stderr and "--sandbox" in result.stderr
+
+
+def test_credentials_from_the_environment_do_not_clash_with_sandbox() -> None:
+    """IMICHAT_* in the environment and --sandbox: the sandbox is used, nothing refused."""
+    with ThreadedSandbox(chats=10, seed=43) as sb:
+        result = invoke(["--sandbox", "--sandbox-chats", "7", "search", "-q"], creds(sb))
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 1 + 7
+
+
+def test_export_to_dash_is_refused(tmp_path: Path, monkeypatch: Any) -> None:
+    """`export -o -` exits 2 pointing at `search --json`, and creates no file named `-`."""
+    monkeypatch.chdir(tmp_path)
+    result = invoke(["--sandbox", "--sandbox-chats", "10", "export", "--since", SINCE, "-o", "-"])
+    assert result.exit_code == 2 and "search --json" in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_huge_concurrency_is_capped_with_a_note(tmp_path: Path) -> None:
+    """--concurrency 100000 runs at 256, says so; the export needs no more requests for it."""
+    found = invoke(["--sandbox", "--sandbox-chats", "50", "search", "--concurrency", "100000"])
+    assert found.exit_code == 0, found.output
+    assert "--concurrency 100,000 capped at 256" in found.stderr
+    out = tmp_path / "out.ndjson"
+    exported = invoke(
+        [
+            "--sandbox",
+            "--sandbox-chats",
+            "300",
+            "export",
+            "--since",
+            SINCE,
+            "--until",
+            UNTIL,
+            "-o",
+            str(out),
+            "--concurrency",
+            "100000",
+        ]
+    )
+    assert exported.exit_code == 0, exported.output
+    fields = dict(i.split("=", 1) for i in exported.stderr.splitlines()[-1].split())
+    assert int(fields["requests"]) <= 30 + 8 and len(out.read_text().splitlines()) == 300
+
+
+def test_bad_token_export_leaves_nothing_so_the_retry_runs(tmp_path: Path) -> None:
+    """Exit 3 on a refused token leaves no checkpoint; the same command then succeeds."""
+    out = tmp_path / "out.ndjson"
+    args = ["export", "--since", SINCE, "--until", UNTIL, "-o", str(out)]
+    with ThreadedSandbox(chats=60, seed=44) as sb:
+        refused = invoke(args, creds(sb, "sbx.wrong"))
+        retried = invoke(args, creds(sb))
+    assert refused.exit_code == 3 and "--resume" not in refused.stderr
+    assert retried.exit_code == 0, retried.output
+    assert len(out.read_text().splitlines()) == 60
+    assert os.listdir(tmp_path) == ["out.ndjson"]
+
+
+def test_open_ended_export_does_not_claim_unverified_counts(tmp_path: Path) -> None:
+    """`export --since` with no --until (empty slices up to now): no "not verified" note."""
+    out = tmp_path / "out.ndjson"
+    result = invoke(
+        ["--sandbox", "--sandbox-chats", "200", "export", "--since", SINCE, "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "not verified" not in result.stderr and "records=200" in result.stderr

@@ -701,3 +701,81 @@ async def test_export_memory_does_not_grow_with_the_chats_exported() -> None:
     small = await _export_held_bytes(300)
     large = await _export_held_bytes(2000)
     assert large - small < 16_000  # a set of 1,700 more ids alone would hold > 60 kB
+
+
+# -- issue #12: empty slices, many workers, a failed first run, progress -----------------------
+
+
+async def test_empty_slices_with_a_zero_total_are_verified(tmp_path: Path) -> None:
+    """A range far past the data: its empty slices' `X-Total-Count: 0` verifies them."""
+    out = tmp_path / "chats.ndjson"
+    ckpt = tmp_path / "chats.ckpt"
+    states: list[dict[str, Any] | None] = []
+    async with serve(chats=300, seed=30) as sb, client_for(sb) as client:
+        report = await export_chats(
+            client,
+            since=SINCE,
+            until="2030-01-01",
+            sink=out,
+            checkpoint=ckpt,
+            progress=lambda p: states.append(_checkpoint(ckpt)),
+        )
+        data = list(sb.data)
+    assert_exact(ids_of(read_ndjson(out)), data)
+    assert report.verified and report.notes == ()
+    saved = [s for s in states if s is not None]
+    assert saved and all(s["verified"] for s in saved)  # the checkpoint said so all along
+
+
+async def test_first_cut_does_not_grow_with_the_workers(tmp_path: Path) -> None:
+    """500 workers over 30 pages of chats: no more requests than 30 pages plus 8 first slices."""
+    out = tmp_path / "chats.ndjson"
+    async with serve(chats=300, seed=31) as sb, client_for(sb, concurrency=4) as client:
+        report = await export_chats(client, since=SINCE, until=UNTIL, sink=out, workers=500)
+        data = list(sb.data)
+        requests = sb.stats.requests_total
+    assert_exact(ids_of(read_ndjson(out)), data)
+    assert report.slices <= 8 and requests <= 30 + 8
+
+
+async def test_failed_run_that_wrote_nothing_leaves_nothing_behind(tmp_path: Path) -> None:
+    """A refused token before any chat was written: no checkpoint, no .part; a retry starts."""
+    out = tmp_path / "chats.ndjson"
+    ckpt = tmp_path / "chats.ckpt"
+    async with serve(chats=200, seed=32) as sb:
+        async with imi.ImiChatClient(base_url=sb.base_url, token="nope", team_id=sb.team_id) as c:
+            with pytest.raises(imi.InvalidTokenError):
+                await export_chats(c, since=SINCE, until=UNTIL, sink=out, checkpoint=ckpt)
+        assert not ckpt.exists() and not (tmp_path / "chats.ndjson.part").exists()
+        async with client_for(sb) as client:
+            report = await export_chats(client, since=SINCE, until=UNTIL, sink=out, checkpoint=ckpt)
+        data = list(sb.data)
+    assert report.records == 200 and not report.resumed
+    assert_exact(ids_of(read_ndjson(out)), data)
+
+
+class _Stats:
+    requests = 0
+    retries = 0
+
+
+class _Client:
+    stats = _Stats()
+
+
+def test_progress_counts_pages_read_and_keeps_the_first_slices_total() -> None:
+    """Progress counts chats read before their slice is written; the total is the first
+    slices' announced totals, unmoved by the guessed shares or totals of their parts."""
+    tally = ex._progress.Tally(records=100)  # written by an earlier run
+    progress = ex._progress.Progress(_Client(), tally, None)  # type: ignore[arg-type]
+    a, b = _plan.Slice(0, 10), _plan.Slice(10, 20)
+    progress.plan([a, b])
+    a.estimate, a.received = 40, 10
+    first = progress.snapshot([a, b])
+    assert first.received == 110 and first.total is None  # b has not answered yet
+    b.estimate = 60
+    parts = _plan.split(b, 3, b.estimate)  # guessed shares: 20 each
+    parts[0].estimate = 35  # a part announces its own total
+    parts[1].received = 7
+    snap = progress.snapshot([a, *parts])
+    assert snap.total == 200 and snap.received == 117

@@ -22,9 +22,12 @@ Exit codes:
   a checkpoint that does not match the arguments or exists without `--resume`).
 - 3: the API refused the request (permanent error); the message carries the
   vendor's status_code, the HTTP status and the description.
-- 4: `export` interrupted but resumable (Ctrl-C, or a transient error whose
-  retries ran out): the checkpoint is saved; run the same command with `--resume`.
-- 130: `search` or `demo` interrupted by Ctrl-C (nothing to resume).
+- 4: `export` interrupted but resumable (Ctrl-C, SIGTERM, or a transient error
+  whose retries ran out): the checkpoint is saved; run the same command with `--resume`.
+- 130: `search` or `demo` interrupted by Ctrl-C or SIGTERM (nothing to resume).
+- 141: stdout was closed early (`search | head`); nothing is printed.
+
+The global options may also follow the command (`search --sandbox -v`).
 
 The work lives in the library (`ImiChatClient.search_pages`,
 `imichat_async.export`); this package only parses, calls and prints:

@@ -10,7 +10,7 @@ from .. import Chat, ImiChatClient
 from ._exit import run
 from ._progress import ProgressLine, summary
 from ._render import table_header, table_row
-from ._wiring import Settings
+from ._wiring import Settings, concurrency_option
 
 
 @click.command()
@@ -29,7 +29,7 @@ from ._wiring import Settings
     show_default=True,
     help="Probability of a transient fault per request.",
 )
-@click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True)
+@concurrency_option
 @click.option(
     "--show", type=click.IntRange(min=0), default=5, show_default=True, help="Chats to print."
 )
@@ -93,5 +93,16 @@ def demo(
                 + f" server_requests={sb.stats.requests_total} faults={faults_seen}"
                 + f" peak_in_flight={sb.stats.peak_in_flight}"
             )
+        if not settings.quiet:
+            click.echo(NEXT_STEPS, err=True)
 
     run(go())
+
+
+NEXT_STEPS = """
+Try next (each against an embedded sandbox; drop --sandbox and set IMICHAT_BASE_URL,
+IMICHAT_TOKEN and IMICHAT_TEAM_ID for your tenant):
+  imichat-async --sandbox search --filter status=closed --filter channel=email --limit 10
+  imichat-async --sandbox export --since 2024-01-01 --until 2025-01-01 -o chats.ndjson
+  imichat-async --sandbox search --filter created_at__gte=2024-06-01 --json | head -3
+  imichat-async sandbox --port 8765 --chats 5000    # serve a sandbox for other tools"""

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NoReturn
 
 import click
 
-from .. import TransientError
+from .. import ApiError, TransientError
 from ..export import ExportProgress, export_chats, make_sink
-from ._exit import Resumable, api_message, run
+from ._exit import ApiFailure, Resumable, api_message, run
 from ._progress import ProgressLine
-from ._wiring import Settings, echo_err, filter_option, open_client, parse_filters
+from ._wiring import (
+    Settings,
+    concurrency_option,
+    echo_err,
+    filter_option,
+    open_client,
+    parse_filters,
+)
 
 
 @click.command()
@@ -39,16 +47,9 @@ from ._wiring import Settings, echo_err, filter_option, open_client, parse_filte
     "--output",
     required=True,
     type=click.Path(dir_okay=False, writable=True),
-    help="Output file.",
+    help="Output file (not `-`: the export resumes into a real file; see `search --json`).",
 )
-@click.option(
-    "--concurrency",
-    type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
-    metavar="K",
-    help="Requests in flight.",
-)
+@concurrency_option
 @click.option(
     "--checkpoint",
     type=click.Path(dir_okay=False),
@@ -81,14 +82,29 @@ def export(
     Resumable: the checkpoint is kept after every slice; after a crash or
     Ctrl-C, run the same command with --resume.
     """
+    if output == "-":
+        # The export writes FILE.part, syncs it and renames it; a resume truncates it to the
+        # checkpointed length. None of that works on a pipe.
+        raise click.BadParameter(
+            "an export needs a real file to resume into; for chats on stdout use "
+            "`imichat-async search --json` (the same objects, one per line)",
+            param_hint="'-o' / '--output'",
+        )
     parsed = parse_filters(filters)
     ckpt = checkpoint if checkpoint is not None else output + ".checkpoint.json"
     bar = ProgressLine.for_stderr(settings.quiet)
 
     def show(p: ExportProgress) -> None:
+        # Chats read count from the first page, before their slice is written.
+        shown = p.received if p.total is None else min(p.received, p.total)
         bar.update(
-            records=p.records, total=p.total, pages=p.pages, retries=p.retries, elapsed=p.elapsed
+            records=shown, total=p.total, pages=p.pages, retries=p.retries, elapsed=p.elapsed
         )
+
+    def resume_hint() -> str:
+        if Path(ckpt).exists():
+            return f"checkpoint saved to {ckpt}. Run the same command with --resume to continue."
+        return "nothing was written yet. Run the same command (--resume or not) to start again."
 
     async def go() -> None:
         async with open_client(settings, concurrency) as client:
@@ -114,15 +130,15 @@ def export(
         echo_err(settings, f"{report.summary()} output={output}")
 
     def interrupted() -> NoReturn:
-        raise Resumable(
-            f"interrupted; checkpoint saved to {ckpt}. "
-            "Run the same command with --resume to continue."
-        )
+        raise Resumable(f"interrupted; {resume_hint()}")
 
     def transient(exc: TransientError) -> NoReturn:
-        raise Resumable(
-            f"{api_message(exc)} (retries exhausted); checkpoint saved to {ckpt}. "
-            "Run the same command with --resume to continue."
-        )
+        raise Resumable(f"{api_message(exc)} (retries exhausted); {resume_hint()}")
 
-    run(go(), on_interrupt=interrupted, on_transient=transient)
+    def refused(exc: ApiError) -> NoReturn:
+        if Path(ckpt).exists():
+            # Chats were written before the API refused: once fixed, resume (not restart).
+            raise ApiFailure(f"{api_message(exc)}; {resume_hint()}")
+        raise ApiFailure(api_message(exc))
+
+    run(go(), on_interrupt=interrupted, on_transient=transient, on_refused=refused)

@@ -11,7 +11,14 @@ from .. import InvalidQueryError
 from ._exit import run
 from ._progress import ProgressLine, summary
 from ._render import json_lines, table_header, table_row
-from ._wiring import Settings, echo_err, filter_option, open_client, parse_filters
+from ._wiring import (
+    Settings,
+    concurrency_option,
+    echo_err,
+    filter_option,
+    open_client,
+    parse_filters,
+)
 
 
 @click.command()
@@ -19,9 +26,7 @@ from ._wiring import Settings, echo_err, filter_option, open_client, parse_filte
 @click.option("--condition", type=click.Choice(["and", "or"]), default="and", show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Stop after N chats.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines (the raw objects) on stdout.")
-@click.option(
-    "--concurrency", type=click.IntRange(min=1), default=8, show_default=True, metavar="K"
-)
+@concurrency_option
 @click.pass_obj
 def search(
     settings: Settings,
@@ -50,10 +55,10 @@ def search(
             except InvalidQueryError as exc:
                 raise click.UsageError(f"invalid query: {exc}") from None
             try:
-                if not as_json:
-                    click.echo(table_header())
                 async with contextlib.aclosing(pages) as it:
                     async for page in it:
+                        if not as_json and not pages_read:
+                            click.echo(table_header())  # not before the first answer came
                         if as_json:
                             click.echo(json_lines(page.items))
                         else:

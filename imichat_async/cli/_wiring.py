@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -28,6 +30,31 @@ class Settings:
     sandbox_latency: float
     sandbox_faults: float
     quiet: bool
+    given: set[str] = attrs.field(factory=set)  # the options given on the command line
+
+    def check(self) -> None:
+        """Refuse options that would be silently ignored: credentials given with `--sandbox`
+        (it has its own), `--sandbox-*` settings without it. Raises `click.UsageError`."""
+        if self.sandbox:
+            extra, why = CREDENTIALS, "the embedded sandbox has its own credentials"
+        else:
+            extra, why = SANDBOX_SETTINGS, "they set up the embedded sandbox"
+        named = [_flag(name) for name in extra if name in self.given]
+        if named:
+            state = "with" if self.sandbox else "without"
+            raise click.UsageError(
+                f"{', '.join(named)} given {state} --sandbox ({why}): "
+                + ("drop one or the other" if self.sandbox else "add --sandbox or drop them")
+            )
+
+
+CREDENTIALS = ("base_url", "token", "team_id")
+SANDBOX_SETTINGS = ("sandbox_chats", "sandbox_latency", "sandbox_faults")
+MAX_CONCURRENCY = 256
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def parse_filters(values: Sequence[str]) -> list[Filter]:
@@ -63,12 +90,51 @@ def filter_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
+def _cap_concurrency(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    if value > MAX_CONCURRENCY:
+        # Every request in flight holds a connection (a file descriptor), and an export
+        # reads that many slices at once: 20,000 ran out of descriptors (issue #12).
+        click.echo(
+            f"note: --concurrency {value:,} capped at {MAX_CONCURRENCY} "
+            "(each request in flight holds a connection)",
+            err=True,
+        )
+        return MAX_CONCURRENCY
+    return value
+
+
+def concurrency_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """`--concurrency K`: requests in flight, 8 by default, capped at `MAX_CONCURRENCY`."""
+    return click.option(
+        "--concurrency",
+        type=click.IntRange(min=1),
+        default=8,
+        show_default=True,
+        metavar="K",
+        callback=_cap_concurrency,
+        help=f"Requests in flight (at most {MAX_CONCURRENCY}; more is capped, with a note).",
+    )(f)
+
+
+def configure_logging(verbose: int) -> None:
+    """`-v`: INFO to stderr, `-vv`: DEBUG. Without it the library logs to a NullHandler, so
+    its warnings stay off the terminal (retries are counted in the progress and summary)."""
+    if verbose:
+        logging.basicConfig(
+            level=logging.DEBUG if verbose > 1 else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+            force=True,
+        )
+
+
 # -- running -------------------------------------------------------------------------------------
 
 
 @contextlib.asynccontextmanager
 async def open_client(settings: Settings, concurrency: int = 8) -> AsyncIterator[ImiChatClient]:
     """A client on the configured API, or on an embedded sandbox with `--sandbox`."""
+    settings.check()
     if settings.sandbox:
         from ..sandbox import serve
 

@@ -172,9 +172,15 @@ async def _run(
     client: ImiChatClient, run: _Run, out: Sink, bar: Progress, workers: int, slice_pages: int
 ) -> None:
     """Open (or resume) the sink, read every window not done, publish; on failure leave the
-    checkpoint consistent (or, without one, remove the partial output)."""
+    checkpoint consistent (or, without one, remove the partial output).
+
+    A fresh run that fails (not cancelled) before writing a chat leaves nothing behind:
+    a checkpoint of nothing would only make the same command, run again once the cause
+    is fixed, refuse to start without `--resume` (issue #12).
+    """
     count = await out.open(run.offset if run.resumed else None)
     ok = False
+    nothing_written = False
     try:
         if run.offset is not None and count is not None and count != run.tally.records:
             raise CheckpointError(
@@ -198,10 +204,15 @@ async def _run(
         await out.complete()
         run.checkpoint.drop()
         ok = True
+    except Exception:
+        nothing_written = not run.resumed and run.tally.records == 0
+        raise
     finally:
         if not ok:
-            if run.checkpoint.path is None:
+            if run.checkpoint.path is None or nothing_written:
                 out.discard()
+                if nothing_written:
+                    run.checkpoint.drop()
             else:
                 out.close()
 

@@ -86,6 +86,7 @@ class Slice:
     lo: int
     hi: int
     estimate: int | None = None  # records expected (the server's total, or the parent's share)
+    received: int = 0  # records read so far and not yet written (for progress)
 
 
 class Intervals:

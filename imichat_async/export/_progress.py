@@ -25,8 +25,9 @@ class ExportProgress:
     retries: int
     slices_done: int
     slices_pending: int
-    total: int | None  # estimated chats in the whole export, once every slice has a total
+    total: int | None  # chats in the whole export: the totals the first slices announced
     elapsed: float
+    received: int = 0  # records, plus the chats read in slices not yet written (for a bar)
 
 
 @attrs.frozen
@@ -95,7 +96,13 @@ class Progress:
         self.started = time.monotonic()
         self.requests0 = client.stats.requests
         self.retries0 = client.stats.retries
+        self.records0 = tally.records  # written by earlier runs
+        self.top: list[Slice] = []  # the slices the run started with
         self._last = 0.0
+
+    def plan(self, slices: Iterable[Slice]) -> None:
+        """The run's first slices: the totals they announce sum to the run's total."""
+        self.top = list(slices)
 
     def requests(self) -> int:
         return self.client.stats.requests - self.requests0
@@ -107,11 +114,15 @@ class Progress:
         return time.monotonic() - self.started
 
     def snapshot(self, active: Iterable[Slice]) -> ExportProgress:
-        """The numbers now; `total` once every pending slice has an estimate."""
+        """The numbers now; `total` once every first slice announced its total.
+
+        The first slices' totals, not their parts' guessed shares: on data that does not
+        change, the total then never moves (issue #12: it jumped back and forth).
+        """
         t = self.tally
         pending = list(active)
-        total: int | None = t.records
-        for s in pending:
+        total: int | None = self.records0
+        for s in self.top:
             if s.estimate is None or total is None:
                 total = None
                 break
@@ -127,6 +138,7 @@ class Progress:
             slices_pending=len(pending),
             total=None if total is None else max(total, t.records),
             elapsed=self.elapsed(),
+            received=t.records + sum(s.received for s in pending),
         )
 
     def tell(self, active: Iterable[Slice], force: bool = False) -> None:

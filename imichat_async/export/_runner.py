@@ -40,6 +40,7 @@ from ._plan import (
 from ._progress import Progress, Tally
 from ._sinks import Sink
 
+FIRST_SLICES = 8  # slices a run starts with, at most, whatever the workers (issue #12)
 MAX_REREADS = 3  # re-reads of one slice whose count stays short before it is accepted as is
 
 
@@ -80,6 +81,7 @@ class SliceReader:
         attempt = 0
         while True:
             attempt += 1
+            s.received = len(merged) + len(keyless)  # a re-read counts what it adds
             outcome = await self.read_once(s, may_split=attempt == 1 and s.hi - s.lo >= 2)
             if isinstance(outcome, Split):
                 return outcome
@@ -164,6 +166,7 @@ class SliceReader:
                     records.extend(page.items)
                     self.tally.pages += 1
                     self.tally.fetched += len(page.items)
+                    s.received += len(page.items)
                     if page.total is None and may_split and not page.last:
                         deep = await self.deep_without_total(s, len(totals), records)
                         if deep is not None:
@@ -172,6 +175,12 @@ class SliceReader:
                     self.on_page()
         finally:
             self.tally.wasted += stats.wasted
+        if not totals and stats.total is not None:
+            # No page was yielded (an empty slice), but the first answer brought its total:
+            # `X-Total-Count: 0` verifies the slice as much as any total does.
+            self.has_total = True
+            s.estimate = stats.total
+            totals.append(stats.total)
         return records, totals
 
     async def deep_without_total(
@@ -256,9 +265,12 @@ class Runner:
         On any exit (error, cancellation, even repeated) every worker is cancelled and
         awaited before this returns.
         """
-        slices = first_slices(gaps, self.workers)
+        # The first cut does not grow with the workers: deep slices are split by the data
+        # (their totals), so a huge `workers` costs no empty slices and no extra requests.
+        slices = first_slices(gaps, min(self.workers, FIRST_SLICES))
         if not slices:
             return
+        self.progress.plan(slices)
         for s in slices:
             self.enqueue(s)
         tasks = [asyncio.ensure_future(self.worker()) for _ in range(self.workers)]
