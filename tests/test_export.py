@@ -224,6 +224,18 @@ async def test_callable_sink_gets_each_chat_once() -> None:
     assert report.output is None and report.records == 1200
 
 
+async def test_plain_callable_sink_gets_each_chat_once() -> None:
+    """A plain (non-async) callable sink works too: its result is awaited only if awaitable."""
+    got: list[str] = []
+    async with serve(chats=300, seed=7) as sb, client_for(sb) as client:
+        report = await export_chats(
+            client, since=SINCE, until=UNTIL, sink=lambda chat: got.append(chat["chat_id"])
+        )
+        data = list(sb.data)
+    assert_exact(got, data)
+    assert report.records == 300
+
+
 async def test_empty_range_writes_an_empty_file(tmp_path: Path) -> None:
     """A range with no chats ends with an empty output file and zero records."""
     out = tmp_path / "none.ndjson"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -96,7 +96,7 @@ async def export_chats(
     *,
     since: datetime | date | str,
     until: datetime | date | str | None = None,
-    sink: Sink | str | os.PathLike[str] | Callable[[RawRecord], Awaitable[Any]],
+    sink: Sink | str | os.PathLike[str] | Callable[[RawRecord], Any],
     filters: Iterable[Filter | tuple[str, str, Any]] | None = None,
     condition: str = "and",
     checkpoint: str | os.PathLike[str] | None = None,

@@ -11,10 +11,11 @@ from __future__ import annotations
 import abc
 import contextlib
 import csv
+import inspect
 import io
 import json
 import os
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
@@ -269,7 +270,9 @@ class CsvSink(FileSink):
 
 
 class CallableSink(Sink):
-    """Hands each chat (the raw JSON object) to `await fn(chat)`, in slice order.
+    """Hands each chat (the raw JSON object) to `fn(chat)`, in slice order.
+
+    `fn` may be async or plain: its result is awaited only when it is awaitable.
 
     Exactly once within a run; across a crash, the chats of a slice delivered
     but not yet checkpointed are delivered again on resume (at least once).
@@ -277,9 +280,9 @@ class CallableSink(Sink):
 
     kind = "callable"
 
-    def __init__(self, fn: Callable[[RawRecord], Awaitable[Any]]) -> None:
+    def __init__(self, fn: Callable[[RawRecord], Any]) -> None:
         if not callable(fn):
-            raise TypeError("CallableSink takes an async callable: fn(chat) -> awaitable")
+            raise TypeError("CallableSink takes a callable: fn(chat), async or plain")
         self.fn = fn
 
     def describe(self) -> dict[str, Any]:
@@ -287,12 +290,15 @@ class CallableSink(Sink):
         return {"kind": self.kind, "name": str(name)}
 
     async def write(self, records: Sequence[RawRecord]) -> None:
+        fn = self.fn
         for record in records:
-            await self.fn(record)
+            result = fn(record)
+            if inspect.isawaitable(result):
+                await result
 
 
 def make_sink(
-    target: Sink | str | os.PathLike[str] | Callable[[RawRecord], Awaitable[Any]],
+    target: Sink | str | os.PathLike[str] | Callable[[RawRecord], Any],
     format: str | None = None,
 ) -> Sink:
     """A sink from a `Sink`, an async callable, or a path (`format` "ndjson" or "csv";
