@@ -12,6 +12,7 @@ from ..sandbox.cli import sandbox_command
 from ._demo import demo
 from ._export import export
 from ._search import search
+from ._sync import sync
 from ._wiring import ENV_BASE_URL, ENV_TEAM_ID, ENV_TOKEN, Settings
 
 
@@ -72,7 +73,7 @@ def main(
     """Search and export IMIchat chats (POST /chats/search), concurrently and resumably.
 
     Exit codes: 0 ok, 1 other error, 2 usage or invalid query, 3 API error
-    (permanent), 4 export interrupted but resumable, 130 interrupted.
+    (permanent), 4 export or sync interrupted but resumable, 130 interrupted.
     """
     # Without -v the library's warnings stay off the terminal (it logs to a NullHandler);
     # retries are counted in the progress bar and the summary.
@@ -96,5 +97,6 @@ def main(
 
 main.add_command(search)
 main.add_command(export)
+main.add_command(sync)
 main.add_command(demo)
 main.add_command(sandbox_command, "sandbox")
