@@ -37,6 +37,7 @@ from imichat_async.export._syncplan import (
 from imichat_async.sandbox import Churn, Faults, Sandbox, serve
 
 from .sandbox_thread import ThreadedSandbox, env_for
+from .test_export import _run_until
 
 UTC = timezone.utc
 SINCE = "2024-03-01"
@@ -288,26 +289,6 @@ def _state(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _run_and_kill(argv: list[str], env: dict[str, str], after: float) -> int:
-    """Run the CLI; SIGKILL it after `after` seconds unless it ended. Its return code."""
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        try:
-            proc.wait(after)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        assert proc.stderr is not None
-        err = proc.stderr.read().decode()
-        proc.stderr.close()
-    assert "Traceback" not in err, err
-    return proc.returncode
-
-
 def _on_loop(box: ThreadedSandbox, fn: Callable[[], Any]) -> Any:
     """Call `fn` on the sandbox's own loop (its data is not shared across threads)."""
     assert box._loop is not None
@@ -334,7 +315,8 @@ def test_runs_killed_with_sigkill_finish_on_rerun(tmp_path: Path) -> None:
         env = env_for(sb)
         for _ in range(5):
             before = _state(state)
-            code = _run_and_kill(argv, env, rng.uniform(0.05, 0.8))
+            delay = rng.uniform(0.05, 0.8)
+            code = _run_until(argv, env, state, lambda t, _, d=delay: t >= d)
             after = _state(state)
             assert after is not None or before is None
             if code == -signal.SIGKILL:
