@@ -935,6 +935,15 @@ def head_of_line(cfg: Config) -> ScenarioResult:
     return hol.run(cfg)
 
 
+# -- 11. incremental sync -------------------------------------------------------------------
+
+
+def sync(cfg: Config) -> ScenarioResult:
+    from . import sync_bench
+
+    return sync_bench.run(cfg)
+
+
 SCENARIOS: dict[int, Callable[[Config], ScenarioResult]] = {
     1: latency_scaling,
     2: cpu_throughput,
@@ -946,6 +955,7 @@ SCENARIOS: dict[int, Callable[[Config], ScenarioResult]] = {
     8: adaptive,
     9: export,
     10: head_of_line,
+    11: sync,
 }
 
 TITLES = {
@@ -959,8 +969,9 @@ TITLES = {
     8: "Adaptive vs fixed concurrency",
     9: "Sliced export vs one search_chats()",
     10: "Head-of-line blocking",
+    11: "Incremental sync after 1 % changed vs a full export",
 }
 
-ALIASES = {"hol": [10]}  # `--only hol`
+ALIASES = {"hol": [10], "sync": [11]}  # `--only hol`, `--only sync`
 
 __all__ = ["ALIASES", "SCENARIOS", "TITLES"]

@@ -669,6 +669,7 @@ def test_export_package_all_lists_its_public_names() -> None:
     assert sorted(ex.__all__) == sorted(
         [
             "CSV_COLUMNS",
+            "DEFAULT_LAG",
             "CallableSink",
             "CheckpointError",
             "CsvSink",
@@ -677,8 +678,12 @@ def test_export_package_all_lists_its_public_names() -> None:
             "FileSink",
             "NdjsonSink",
             "Sink",
+            "SyncReport",
+            "SyncState",
             "export_chats",
             "make_sink",
+            "state_from_json",
+            "sync_chats",
         ]
     )
     assert all(hasattr(ex, name) for name in ex.__all__)

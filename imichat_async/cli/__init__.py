@@ -3,6 +3,7 @@
     imichat-async search --filter status=closed --filter created_at__gte=2024-05-01 --limit 20
     imichat-async export --since 2024-01-01 --until 2025-01-01 --format csv -o chats.csv
     imichat-async --sandbox export --since 2024-01-01 -o chats.ndjson   # against a local sandbox
+    imichat-async sync --since 2024-01-01 --state chats.state.json -o chats.log.ndjson
     imichat-async demo                                                 # the one-command tour
     imichat-async sandbox --port 8765                                  # serve a sandbox
 
@@ -24,6 +25,7 @@ Exit codes:
   vendor's status_code, the HTTP status and the description.
 - 4: `export` interrupted but resumable (Ctrl-C, SIGTERM, or a transient error
   whose retries ran out): the checkpoint is saved; run the same command with `--resume`.
+  Likewise `sync`: the state is saved; the same command finishes the run.
 - 130: `search` or `demo` interrupted by Ctrl-C or SIGTERM (nothing to resume).
 - 141: stdout was closed early (`search | head`); nothing is printed.
 
@@ -31,8 +33,8 @@ The global options may also follow the command (`search --sandbox -v`).
 
 The work lives in the library (`ImiChatClient.search_pages`,
 `imichat_async.export`); this package only parses, calls and prints:
-`_main.py` the group and its options, `_search.py`, `_export.py` and
-`_demo.py` one command each (`sandbox` is `imichat_async.sandbox.cli`),
+`_main.py` the group and its options, `_search.py`, `_export.py`,
+`_sync.py` and `_demo.py` one command each (`sandbox` is `imichat_async.sandbox.cli`),
 `_wiring.py` settings, filters and the client, `_exit.py` errors to exit
 codes, `_progress.py` the progress line and summary, `_render.py` the table.
 """

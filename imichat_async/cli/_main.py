@@ -16,6 +16,7 @@ from ..sandbox.cli import sandbox_command
 from ._demo import demo
 from ._export import export
 from ._search import search
+from ._sync import sync
 from ._wiring import ENV_BASE_URL, ENV_TEAM_ID, ENV_TOKEN, Settings, configure_logging
 
 _OWN_OPTIONS = frozenset({"sandbox"})  # commands whose options are their own (a server)
@@ -95,8 +96,8 @@ def main(ctx: click.Context, /, verbose: int, **options: Any) -> None:
     The options below may also follow the command (`imichat-async search --sandbox -v`).
 
     Exit codes: 0 ok, 1 other error, 2 usage or invalid query, 3 API error
-    (permanent), 4 export interrupted (Ctrl-C, SIGTERM) but resumable, 130 interrupted,
-    141 stdout closed (`| head`).
+    (permanent), 4 export or sync interrupted (Ctrl-C, SIGTERM) but resumable,
+    130 interrupted, 141 stdout closed (`| head`).
     """
     configure_logging(verbose)
     given = {
@@ -107,5 +108,6 @@ def main(ctx: click.Context, /, verbose: int, **options: Any) -> None:
 
 main.add_command(search)
 main.add_command(export)
+main.add_command(sync)
 main.add_command(demo)
 main.add_command(sandbox_command, "sandbox")

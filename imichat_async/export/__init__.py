@@ -67,9 +67,12 @@ from ._checkpoint import CheckpointError
 from ._export import export_chats
 from ._progress import ExportProgress, ExportReport
 from ._sinks import CSV_COLUMNS, CallableSink, CsvSink, FileSink, NdjsonSink, Sink, make_sink
+from ._sync import SyncReport, state_from_json, sync_chats
+from ._syncplan import DEFAULT_LAG, SyncState
 
 __all__ = [
     "CSV_COLUMNS",
+    "DEFAULT_LAG",
     "CallableSink",
     "CheckpointError",
     "CsvSink",
@@ -78,6 +81,10 @@ __all__ = [
     "FileSink",
     "NdjsonSink",
     "Sink",
+    "SyncReport",
+    "SyncState",
     "export_chats",
     "make_sink",
+    "state_from_json",
+    "sync_chats",
 ]

@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import attrs
 
@@ -69,14 +69,33 @@ def atomic_write(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-class Checkpoint:
-    """The checkpoint file of one run (`path` None: no checkpoint, every call a no-op)."""
+S = TypeVar("S")
 
-    def __init__(self, path: Path | None, *, resume: bool) -> None:
+
+class Checkpoint(Generic[S]):
+    """The checkpoint file of one run (`path` None: no checkpoint, every call a no-op).
+
+    `state_type` and `version` say what the file holds (an export's `ExportState` by
+    default; a sync's state is another attrs class, saved the same way); `what` names
+    it in messages.
+    """
+
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        resume: bool,
+        state_type: type[S] = ExportState,  # type: ignore[assignment]
+        version: int = VERSION,
+        what: str = "export",
+    ) -> None:
         self.path = path
         self.resume = resume
+        self.state_type = state_type
+        self.version = version
+        self.what = what
 
-    def load(self, key: dict[str, Any]) -> ExportState | None:
+    def load(self, key: dict[str, Any]) -> S | None:
         """The saved state of a run started with `key`, or None when there is none.
 
         Raises `CheckpointError` when one exists without `resume`, cannot be read, or was
@@ -94,27 +113,38 @@ class Checkpoint:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {exc}") from None
-        if not isinstance(raw, dict) or raw.get("version") != VERSION:
+        if not isinstance(raw, dict) or raw.get("version") != self.version:
             raise CheckpointError(
-                f"checkpoint {str(path)!r} is not a version-{VERSION} export checkpoint"
+                f"checkpoint {str(path)!r} is not a version-{self.version} {self.what} checkpoint"
             )
         if raw.get("key") != key:
             raise CheckpointError(
-                f"checkpoint {str(path)!r} was written for another export (other filters, "
-                "range or output); use the same arguments, or delete it to start over"
+                f"checkpoint {str(path)!r} was written for another {self.what} (other "
+                f"{self.mismatch_hint(raw.get('key'), key)}); use the same arguments, "
+                "or delete it to start over"
             )
         try:
-            state: ExportState = converter.structure(raw, ExportState)
+            state: S = converter.structure(raw, self.state_type)
         except Exception as exc:
             raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: {exc}") from None
         return state
 
-    async def save(self, state: ExportState) -> None:
+    @staticmethod
+    def mismatch_hint(saved: Any, key: dict[str, Any]) -> str:
+        """Which arguments differ ("filters, range or output" when it cannot tell)."""
+        names = {"since": "range", "until": "range", "lag_us": "lag", "sink": "output"}
+        if not isinstance(saved, dict):
+            return "filters, range or output"
+        differ = [names.get(k, k) for k in key if saved.get(k) != key[k]]
+        return ", ".join(dict.fromkeys(differ)) or "filters, range or output"
+
+    async def save(self, state: S) -> None:
         """Write `state` atomically (off the event loop)."""
         if self.path is None:
             return
         raw = converter.unstructure(state)
-        raw["notes"] = raw["notes"][-MAX_NOTES:]
+        if "notes" in raw:
+            raw["notes"] = raw["notes"][-MAX_NOTES:]
         data = json.dumps(raw, separators=(",", ":")).encode()
         await in_thread(atomic_write, self.path, data)
 

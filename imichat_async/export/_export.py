@@ -27,14 +27,16 @@ class _Run:
 
     key: dict[str, Any]
     plan: TimeRange
-    checkpoint: Checkpoint
+    checkpoint: Checkpoint[ExportState]
     tally: Tally = attrs.field(factory=Tally)
     done: Intervals = attrs.field(factory=Intervals)
     offset: int | None = None
     resumed: bool = False
 
     @classmethod
-    def restore(cls, key: dict[str, Any], user: UserQuery, st: ExportState, ck: Checkpoint) -> _Run:
+    def restore(
+        cls, key: dict[str, Any], user: UserQuery, st: ExportState, ck: Checkpoint[ExportState]
+    ) -> _Run:
         """The run a checkpoint describes."""
         tally = Tally(
             records=st.records,
@@ -152,7 +154,9 @@ async def export_chats(
         "until": until_us,
         "sink": out.describe(),
     }
-    ckpt = Checkpoint(Path(checkpoint) if checkpoint is not None else None, resume=resume)
+    ckpt: Checkpoint[ExportState] = Checkpoint(
+        Path(checkpoint) if checkpoint is not None else None, resume=resume
+    )
     state = ckpt.load(key)
     if state is None:
         now = to_us("now", _plan.utcnow())
@@ -217,7 +221,7 @@ async def _run(
                 out.close()
 
 
-async def _finish_published(out: Sink, ckpt: Checkpoint) -> None:
+async def _finish_published(out: Sink, ckpt: Checkpoint[ExportState]) -> None:
     """A checkpoint marked complete: the run was killed while publishing. Finish that."""
     if isinstance(out, FileSink):
         if out.temp_path.exists():

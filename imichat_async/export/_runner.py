@@ -12,7 +12,18 @@ It knows nothing of what the slices mean (the plan says that) nor of files
 
 Records are de-duplicated within a slice and its re-reads only: a record
 belongs to exactly one slice of the plan's axis, so memory stays flat
-however long the export.
+however long the export. A plan whose records may come up in several slices
+(a sync's two query families) de-duplicates across them with `Runner(admit=)`,
+called under the commit lock before each write.
+
+Atomic leaves (`atomic=True`, a sync): a slice is read as ONE page, the only
+read that is a snapshot of the server at one instant. A page that is not
+complete (fewer than a page of records, or a total within the page) means
+"maybe more": the slice is split by time (into pieces from the total when
+the server sends one) and its children are read the same way. A slice one
+microsecond wide that still fills a page cannot be split: it is paged whole,
+again and again, until two reads in a row give the same records
+(`MAX_REREADS` at most; a note says when they never agreed).
 """
 
 from __future__ import annotations
@@ -25,8 +36,10 @@ from typing import Any
 import attrs
 
 from .. import ImiChatClient, PagingStats
+from .._protocol import PAGE_SIZE
 from ._aio import cancel_and_wait, uncancelled
 from ._plan import (
+    SPLIT_SLACK,
     Intervals,
     Plan,
     RawRecord,
@@ -42,6 +55,7 @@ from ._sinks import Sink
 
 FIRST_SLICES = 8  # slices a run starts with, at most, whatever the workers (issue #12)
 MAX_REREADS = 3  # re-reads of one slice whose count stays short before it is accepted as is
+ATOMIC_SPLIT_NO_TOTAL = 4  # pieces for a full single page without a total (atomic leaves)
 
 
 @attrs.frozen
@@ -64,7 +78,9 @@ class SliceReader:
         slice_pages: int,
         prefetch: Callable[[], int],
         on_page: Callable[[], None],
+        atomic: bool = False,
     ) -> None:
+        self.atomic = atomic
         self.client = client
         self.plan = plan
         self.tally = tally
@@ -76,6 +92,10 @@ class SliceReader:
 
     async def read(self, s: Slice) -> list[RawRecord] | Split:
         """The records of `s`, each once (re-read while short), or how to split it."""
+        if self.atomic:
+            if s.hi - s.lo >= 2:
+                return await self.read_leaf(s)
+            return await self.read_until_stable(s)
         merged: dict[Hashable, RawRecord] = {}
         keyless: list[RawRecord] = []
         attempt = 0
@@ -92,6 +112,60 @@ class SliceReader:
             if not self.verify(s, attempt, got, got - before, totals):
                 break
             self.tally.rereads += 1
+        return [*merged.values(), *keyless]
+
+    async def read_leaf(self, s: Slice) -> list[RawRecord] | Split:
+        """Atomic mode: page 1 alone; complete, or split (from its total when it has one)."""
+        stats = PagingStats()
+        pages = self.client.search_pages(
+            raw=True, prefetch=1, max_pages=1, stats=stats, **self.plan.search_args(s)
+        )
+        items: Sequence[RawRecord] = ()
+        total: int | None = None
+        try:
+            async with aclosing(pages) as it:
+                async for page in it:
+                    items, total = page.items, page.total
+        finally:
+            self.tally.wasted += stats.wasted
+        self.tally.pages += 1
+        self.tally.fetched += len(items)
+        self.has_total = total is not None
+        if total is not None:
+            s.estimate = total
+        self.on_page()
+        size = self.page_size or PAGE_SIZE
+        if len(items) < size or (total is not None and total <= len(items)):
+            records: dict[Hashable, RawRecord] = {}
+            return self.merge(items, records) + list(records.values())
+        self.tally.fetched -= len(items)
+        if total is None:
+            return Split(ATOMIC_SPLIT_NO_TOTAL, None)
+        return Split(max(2, -(-int(total * SPLIT_SLACK) // size)), total)
+
+    async def read_until_stable(self, s: Slice) -> list[RawRecord]:
+        """Atomic mode, a slice too narrow to split: paged whole until two reads agree."""
+        where = f"slice {fmt(s.lo)}..{fmt(s.hi)}"
+        previous: set[Hashable] | None = None
+        merged: dict[Hashable, RawRecord] = {}
+        keyless: list[RawRecord] = []
+        for attempt in range(1, MAX_REREADS + 2):
+            outcome = await self.read_once(s, may_split=False)
+            assert not isinstance(outcome, Split)
+            merged_now: dict[Hashable, RawRecord] = {}
+            keyless = self.merge(outcome[0], merged_now)
+            keys = set(merged_now)
+            merged = merged_now
+            if keys == previous:
+                self.tally.notes.append(f"{where}: too narrow to split, paged {attempt} times")
+                break
+            if previous is not None:
+                self.tally.rereads += 1
+            previous = keys
+        else:
+            self.tally.notes.append(
+                f"{where}: too narrow to split and its reads never agreed; kept the last"
+            )
         return [*merged.values(), *keyless]
 
     def merge(self, records: Sequence[RawRecord], merged: dict[Hashable, RawRecord]) -> list[Any]:
@@ -235,8 +309,11 @@ class Runner:
         progress: Progress,
         workers: int,
         slice_pages: int,
+        atomic: bool = False,
+        admit: Callable[[Sequence[RawRecord]], Sequence[RawRecord]] | None = None,
     ) -> None:
         self.client = client
+        self.admit = admit
         self.sink = sink
         self.tally = tally
         self.done = done
@@ -254,20 +331,23 @@ class Runner:
             slice_pages=slice_pages,
             prefetch=self.prefetch,
             on_page=self.tell,
+            atomic=atomic,
         )
 
     def tell(self, force: bool = False) -> None:
         self.progress.tell(self.active, force)
 
-    async def run(self, gaps: Sequence[tuple[int, int]]) -> None:
+    async def run(self, gaps: Sequence[tuple[int, int]], *, spread: bool = True) -> None:
         """Read every window of `gaps`; return when all are committed, or raise the first error.
 
-        On any exit (error, cancellation, even repeated) every worker is cancelled and
-        awaited before this returns.
+        `spread`: cut the gaps so that every worker starts with a slice (else one slice
+        per gap: a window expected nearly empty costs one request). On any exit (error,
+        cancellation, even repeated) every worker is cancelled and awaited before this
+        returns.
         """
         # The first cut does not grow with the workers: deep slices are split by the data
         # (their totals), so a huge `workers` costs no empty slices and no extra requests.
-        slices = first_slices(gaps, min(self.workers, FIRST_SLICES))
+        slices = first_slices(gaps, min(self.workers, FIRST_SLICES) if spread else 1)
         if not slices:
             return
         self.progress.plan(slices)
@@ -325,6 +405,8 @@ class Runner:
     async def commit(self, s: Slice, records: Sequence[RawRecord]) -> None:
         """Write a finished slice, make it durable, then record it in the checkpoint."""
         async with self.lock:
+            if self.admit is not None:
+                records = self.admit(records)
             await self.sink.write(records)  # a file sink does not await: no cancellation here
             await uncancelled(self.make_durable(s, len(records)))
         self.tell(force=True)

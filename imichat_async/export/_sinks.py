@@ -68,11 +68,19 @@ class Sink(abc.ABC):
 
 
 class FileSink(Sink):
-    """A file written to `<path>.part`, then renamed to `path` when the export completes."""
+    """A file written to `<path>.part`, then renamed to `path` when the export completes.
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    With `append=True` (a sync's change log) the records go to `path` itself,
+    after what is there: a fresh open creates it (refusing a non-empty file it
+    has no record of), a resume truncates it to the length the state
+    recorded, and `complete` publishes nothing (no rename; nothing is ever
+    deleted, not even by `discard`).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, append: bool = False) -> None:
         self.path = Path(path)
-        self.temp_path = self.path.with_name(self.path.name + ".part")
+        self.append = append
+        self.temp_path = self.path if append else self.path.with_name(self.path.name + ".part")
         self._file: IO[bytes] | None = None
 
     def __repr__(self) -> str:
@@ -94,6 +102,8 @@ class FileSink(Sink):
         """The records in a file this sink wrote, read from its start to its end, streamed."""
 
     async def open(self, offset: int | None) -> int | None:
+        if self.append:
+            return await in_thread(self._open_log, offset)
         if offset is None:
             fresh: IO[bytes] = await in_thread(open, self.temp_path, "wb")
             self._file = fresh
@@ -122,6 +132,36 @@ class FileSink(Sink):
         f.seek(offset)
         return records
 
+    def _open_log(self, offset: int | None) -> None:
+        """Append mode: create the log (offset None) or truncate it to `offset` and go on."""
+        if offset is None:
+            with contextlib.suppress(FileNotFoundError):
+                if self.path.read_bytes()[:65536] not in (b"", self.header()):
+                    raise CheckpointError(
+                        f"{str(self.path)!r} exists and is not empty, but the state has no "
+                        "record of it: give the state it was written with, or another output"
+                    )
+            f: IO[bytes] = open(self.path, "wb")  # noqa: SIM115 (kept open)
+            f.write(self.header())
+        else:
+            try:
+                size = self.path.stat().st_size
+            except FileNotFoundError:
+                raise CheckpointError(
+                    f"cannot continue: the log {str(self.path)!r} is missing "
+                    f"(the state recorded {offset} bytes)"
+                ) from None
+            if size < offset:
+                raise CheckpointError(
+                    f"cannot continue: {str(self.path)!r} holds {size} bytes, "
+                    f"fewer than the {offset} the state recorded"
+                )
+            f = open(self.path, "r+b")  # noqa: SIM115 (kept open)
+            f.truncate(offset)  # drop whatever was written after the last saved state
+            f.seek(offset)
+        self._file = f
+        return None
+
     async def write(self, records: Sequence[RawRecord]) -> None:
         if self._file is None:
             raise RuntimeError("sink is not open")
@@ -140,7 +180,8 @@ class FileSink(Sink):
         if self._file is not None:
             await self.sync()
             self.close()
-        await in_thread(self._publish)
+        if not self.append:
+            await in_thread(self._publish)
 
     def _publish(self) -> None:
         os.replace(self.temp_path, self.path)
@@ -153,8 +194,9 @@ class FileSink(Sink):
 
     def discard(self) -> None:
         self.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.temp_path.unlink()
+        if not self.append:
+            with contextlib.suppress(FileNotFoundError):
+                self.temp_path.unlink()
 
 
 def _json_line(record: RawRecord) -> str:
@@ -300,18 +342,23 @@ class CallableSink(Sink):
 def make_sink(
     target: Sink | str | os.PathLike[str] | Callable[[RawRecord], Any],
     format: str | None = None,
+    *,
+    append: bool = False,
 ) -> Sink:
     """A sink from a `Sink`, an async callable, or a path (`format` "ndjson" or "csv";
-    by default from the suffix: `.csv` is CSV, anything else NDJSON)."""
+    by default from the suffix: `.csv` is CSV, anything else NDJSON). `append`: a file
+    sink appends to the path itself (a sync's log; a `FileSink` given is reopened so)."""
+    if isinstance(target, FileSink) and target.append != append:
+        return type(target)(target.path, append=append)
     if isinstance(target, Sink):
         return target
     if isinstance(target, (str, os.PathLike)):
         path = Path(target)
         fmt = format or ("csv" if path.suffix.lower() == ".csv" else "ndjson")
         if fmt == "ndjson":
-            return NdjsonSink(path)
+            return NdjsonSink(path, append=append)
         if fmt == "csv":
-            return CsvSink(path)
+            return CsvSink(path, append=append)
         raise InvalidQueryError(f"unknown export format {fmt!r}: expected ndjson or csv")
     if callable(target):
         return CallableSink(target)
