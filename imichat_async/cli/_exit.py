@@ -149,6 +149,24 @@ def run(
         raise CliError(os_message(exc)) from None
 
 
+def run_resumable(
+    coro: Coroutine[Any, Any, None],
+    hint: Callable[[], str],
+    *,
+    on_refused: Callable[[ApiError], NoReturn] | None = None,
+) -> None:
+    """`run` for a command that can pick up where it stopped (export, sync): an
+    interruption or retries run out exit 4 (`Resumable`), with `hint()` saying how."""
+
+    def interrupted() -> NoReturn:
+        raise Resumable(f"interrupted; {hint()}")
+
+    def transient(exc: TransientError) -> NoReturn:
+        raise Resumable(f"{api_message(exc)} (retries exhausted); {hint()}")
+
+    run(coro, on_interrupt=interrupted, on_transient=transient, on_refused=on_refused)
+
+
 def os_message(exc: OSError) -> str:
     where = f": {exc.filename}" if exc.filename else ""
     return f"{exc.strerror or exc}{where}"

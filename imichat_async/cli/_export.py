@@ -7,15 +7,16 @@ from typing import NoReturn
 
 import click
 
-from .. import ApiError, TransientError
+from .. import ApiError
 from ..export import ExportProgress, export_chats, make_sink
-from ._exit import ApiFailure, Resumable, api_message, run
+from ._exit import ApiFailure, api_message, run_resumable
 from ._progress import ProgressLine
 from ._wiring import (
     Settings,
     concurrency_option,
     echo_err,
     filter_option,
+    format_option,
     open_client,
     parse_filters,
 )
@@ -35,13 +36,7 @@ from ._wiring import (
     help="created_at < DATE; default: now, frozen at the start.",
 )
 @filter_option
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["ndjson", "csv"]),
-    default=None,
-    help="Output format; default from the file's suffix (.csv), else ndjson.",
-)
+@format_option
 @click.option(
     "-o",
     "--output",
@@ -129,16 +124,10 @@ def export(
             echo_err(settings, "note: the server sent no totals; slice counts were not verified")
         echo_err(settings, f"{report.summary()} output={output}")
 
-    def interrupted() -> NoReturn:
-        raise Resumable(f"interrupted; {resume_hint()}")
-
-    def transient(exc: TransientError) -> NoReturn:
-        raise Resumable(f"{api_message(exc)} (retries exhausted); {resume_hint()}")
-
     def refused(exc: ApiError) -> NoReturn:
         if Path(ckpt).exists():
             # Chats were written before the API refused: once fixed, resume (not restart).
             raise ApiFailure(f"{api_message(exc)}; {resume_hint()}")
         raise ApiFailure(api_message(exc))
 
-    run(go(), on_interrupt=interrupted, on_transient=transient, on_refused=refused)
+    run_resumable(go(), resume_hint, on_refused=refused)

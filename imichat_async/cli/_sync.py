@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from typing import NoReturn
-
 import click
 
-from .. import TransientError
 from ..export import DEFAULT_LAG, ExportProgress, make_sink, sync_chats
-from ._exit import Resumable, api_message, run
+from ._exit import run_resumable
 from ._progress import ProgressLine
-from ._wiring import Settings, echo_err, filter_option, open_client, parse_filters
+from ._wiring import (
+    Settings,
+    concurrency_option,
+    echo_err,
+    filter_option,
+    format_option,
+    open_client,
+    parse_filters,
+)
 
 
 @click.command()
@@ -33,13 +38,7 @@ from ._wiring import Settings, echo_err, filter_option, open_client, parse_filte
     type=click.Path(dir_okay=False, writable=True),
     help="Change log, appended to: one line per new version of a chat.",
 )
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["ndjson", "csv"]),
-    default=None,
-    help="Log format; default from the file's suffix (.csv), else ndjson.",
-)
+@format_option
 @click.option(
     "--lag",
     type=click.FloatRange(min=0.0),
@@ -48,16 +47,8 @@ from ._wiring import Settings, echo_err, filter_option, open_client, parse_filte
     metavar="SECONDS",
     help="Re-read this much before the previous run's start (late writes, clock skew).",
 )
-@click.option(
-    "--concurrency",
-    type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
-    metavar="K",
-    help="Requests in flight.",
-)
+@concurrency_option
 @filter_option
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
 @click.pass_obj
 def sync(
     settings: Settings,
@@ -68,7 +59,6 @@ def sync(
     lag: float,
     concurrency: int,
     filters: tuple[str, ...],
-    quiet: bool,
 ) -> None:
     """Append every new version of every chat created since --since to a change log.
 
@@ -77,8 +67,6 @@ def sync(
     each version (chat_id, updated_at) once across runs. After a crash or
     Ctrl-C, run the same command again: it finishes the interrupted run.
     """
-    if quiet:
-        settings.quiet = True
     parsed = parse_filters(filters)
     bar = ProgressLine.for_stderr(settings.quiet)
 
@@ -106,15 +94,7 @@ def sync(
                 click.echo(f"note: {note}", err=True)
         echo_err(settings, f"{report.summary()} output={output}")
 
-    def interrupted() -> NoReturn:
-        raise Resumable(
-            f"interrupted; state saved to {state}. Run the same command to finish the run."
-        )
+    def hint() -> str:
+        return f"state saved to {state}. Run the same command to finish the run."
 
-    def transient(exc: TransientError) -> NoReturn:
-        raise Resumable(
-            f"{api_message(exc)} (retries exhausted); state saved to {state}. "
-            "Run the same command to finish the run."
-        )
-
-    run(go(), on_interrupt=interrupted, on_transient=transient)
+    run_resumable(go(), hint)

@@ -90,6 +90,17 @@ def filter_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
+def format_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """`--format ndjson|csv` (parameter `fmt`); default from the file's suffix."""
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(["ndjson", "csv"]),
+        default=None,
+        help="File format; default from the file's suffix (.csv), else ndjson.",
+    )(f)
+
+
 def _cap_concurrency(ctx: click.Context, param: click.Parameter, value: int) -> int:
     if value > MAX_CONCURRENCY:
         # Every request in flight holds a connection (a file descriptor), and an export
