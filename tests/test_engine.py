@@ -570,25 +570,11 @@ async def test_second_cancel_during_cleanup_still_awaits_every_task() -> None:
 
 async def test_cancel_during_cleanup_after_break_is_not_lost() -> None:
     """Cancelled while a break waits for the fetches to stop: the consumer still ends cancelled."""
-    stopping = asyncio.Event()
-    running = 0
+    script = Script(1000, hold=set(range(2, 100)), linger={2, 3, 4})
     went_on: list[bool] = []
 
-    async def fetch(n: int) -> Page[int]:
-        nonlocal running
-        running += 1
-        try:
-            if n > 1:
-                await asyncio.Event().wait()
-            return Page(n, list(range(10)))
-        except asyncio.CancelledError:
-            await stopping.wait()
-            raise
-        finally:
-            running -= 1
-
     async def consumer() -> None:
-        async with aclosing(iterate_pages(fetch, page_size=10, prefetch=4)) as it:
+        async with aclosing(iterate_pages(script.fetch, page_size=10, prefetch=4)) as it:
             async for _ in it:
                 await spin(3)  # pages 2..4 start
                 break
@@ -596,15 +582,16 @@ async def test_cancel_during_cleanup_after_break_is_not_lost() -> None:
 
     task = asyncio.ensure_future(consumer())
     await spin()
-    assert running == 3  # pages 2..4, cancelled by the break, slow to stop
+    assert script.running == 3  # pages 2..4, cancelled by the break, slow to stop
     task.cancel()
     await spin()
-    assert running == 3 and not task.done()
-    stopping.set()
+    assert script.running == 3 and not task.done()
+    for stopped in script.linger.values():
+        stopped.set()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert went_on == []
-    assert running == 0
+    assert script.running == 0
 
 
 # -- the client around the engine ------------------------------------------------------------
