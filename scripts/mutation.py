@@ -1,19 +1,21 @@
 """Mutation testing of one core module against its own unit tests (not part of the suite).
 
-    .venv/bin/python scripts/mutation.py protocol query retry auth   # or a module path
+    .venv/bin/python scripts/mutation.py paging protocol query retry auth limiter  # or paths
     .venv/bin/python scripts/mutation.py retry --list                # mutants, no run
     .venv/bin/python scripts/mutation.py protocol --only _error_from_body  # some of them
 
 Why a small AST mutator rather than mutmut 3: mutmut 3 copies the tree into
 `mutants/`, rewrites every function into a trampoline and picks tests by
 tracing the whole suite (sandbox and subprocess tests included), which takes
-many minutes on two cores; here each module meets only its own test file
-(`_protocol.py` -> `tests/test_protocol.py`), so a module takes a minute or two.
+many minutes on two cores; here each module meets only its own unit tests
+(`_protocol.py` -> `tests/test_protocol.py`; `TESTS` names the modules whose
+unit tests span several files), so a module takes seconds to a few minutes
+(paging, 294 mutants, about 3 minutes with the default 2 jobs).
 
 How: the parent imports the package and pytest once; for each mutant it forks,
 the child re-executes the module's mutated source in the module's own namespace
 (so `protocol.X` lookups from other modules see the mutant too), then runs
-`pytest -x` on the test file, which it imports only now. A failing or
+`pytest -x` on the test files, which it imports only now. A failing or
 timed-out run kills the mutant. Nothing on disk is changed. A module that
 imported a name from the mutated one (`from ._retry import RetryPolicy`) keeps
 the original: that is why each module is measured with its own unit tests.
@@ -47,6 +49,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "imichat_async"
 
+#: module -> its unit test files, where they are not just `tests/test_MODULE.py`.
+TESTS: dict[str, list[str]] = {
+    "paging": ["tests/test_paging.py", "tests/test_engine.py"],
+}
+
 #: module -> {mutant key: why it is equivalent}. Keys as printed by `--list`.
 EQUIVALENT: dict[str, dict[str, str]] = {
     "query": {
@@ -66,6 +73,59 @@ EQUIVALENT: dict[str, dict[str, str]] = {
     "protocol": {
         "_header: value = headers.get(name) -> value = None": (
             "the case-insensitive scan that follows finds the exact-case name too (only slower)"
+        ),
+    },
+    "paging": {
+        "<module>: 'T' -> ''": "a TypeVar's name matters to type checkers only",
+        "Hedger.__init__: 0 -> 1": (
+            "`_seen` is only ever compared as `_seen - _computed_at`, and `_computed_at` is set"
+            " from `_seen` at the first sort: the start value cancels out"
+        ),
+        "Hedger.__init__: 1 -> 2": (
+            "`_computed_at`'s start value is never read: the first delay() sorts because"
+            " `_delay is None`"
+        ),
+        "Hedger.__init__: -1 -> 1": (
+            "`_computed_at`'s start value is never read: the first delay() sorts because"
+            " `_delay is None`"
+        ),
+        "iterate_pages: 8 -> 9": (
+            "the engine's own default: its one caller, the client, always passes prefetch"
+            " (4 x concurrency unless given)"
+        ),
+        "iterate_pages.stalled: next_launch > end -> next_launch >= end": (
+            "the window is topped up before a page is taken, so it is short only for the first"
+            " page fetched alone; there `next_launch == end` means nothing behind the head, and"
+            " the `all()` that follows is True as well"
+        ),
+        "iterate_pages: tasks.clear() -> pass": (
+            "the last statement of the generator: the dict goes with its frame"
+        ),
+        "_reaped: return False -> return None": "callers only test its truth; None is false",
+        "_reaped: True -> False": (
+            "a finished hedge task then stays in the cleanup list (its outcome already"
+            " retrieved): at most 2 per hedge, within the hedge budget; nothing else changes"
+        ),
+        "_reaped: task.exception() -> pass": (
+            "every task reaped was cancel()ed first (a loser, a page past the end, cleanup) or"
+            " had its outcome read in race(); Future.cancel() clears the 'exception was never"
+            " retrieved' flag even on a finished task"
+        ),
+        "_cancel_all: _reaped(t) -> pass": (
+            "every task here was cancel()ed just before, which clears the 'exception was never"
+            " retrieved' flag even on a finished task"
+        ),
+        "_reaped: return True -> return None": (
+            "a finished hedge task then stays in the cleanup list (its outcome already"
+            " retrieved): at most 2 per hedge, within the hedge budget; nothing else changes"
+        ),
+    },
+    "auth": {
+        "TokenProvider.get: token = self._token -> token = None": (
+            "every get() then takes the lock; with no refresh running the lock is free and"
+            " asyncio.Lock.acquire() takes a free lock without yielding: the same token at once"
+            " (in the turn right after a refresh it queues behind the waiters just woken, who"
+            " take no new token: the same token a turn later)"
         ),
     },
     "retry": {
@@ -265,7 +325,7 @@ def mutate(source: str, mutant: Mutant) -> ast.Module:
     return ast.fix_missing_locations(tree)
 
 
-def _child(module: str, path: Path, tree: ast.Module | None, tests: Path) -> int:
+def _child(module: str, path: Path, tree: ast.Module | None, tests: list[Path]) -> int:
     """In the forked child: install the mutant, run the tests, return pytest's exit code."""
     import pytest
 
@@ -275,7 +335,7 @@ def _child(module: str, path: Path, tree: ast.Module | None, tests: Path) -> int
     if tree is not None:
         mod = sys.modules[module]
         exec(compile(tree, str(path), "exec"), mod.__dict__)
-    args = [str(tests), "-x", "-q", "-p", "no:cacheprovider", "--assert=plain"]
+    args = [*map(str, tests), "-x", "-q", "-p", "no:cacheprovider", "--assert=plain"]
     return int(pytest.main(args))
 
 
@@ -295,7 +355,7 @@ def _preload(module: str) -> None:
     importlib.import_module(module)
 
 
-def _start(module: str, path: Path, tree: ast.Module | None, tests: Path) -> int:
+def _start(module: str, path: Path, tree: ast.Module | None, tests: list[Path]) -> int:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
         code = 3
@@ -313,7 +373,8 @@ def run_module(
     short = name.removeprefix("_").removesuffix(".py").split("/")[-1].removeprefix("_")
     module = f"{PACKAGE}._{short}"
     path = ROOT / PACKAGE / f"_{short}.py"
-    tests = ROOT / "tests" / f"test_{short}.py"
+    tests = [ROOT / t for t in TESTS.get(short, [f"tests/test_{short}.py"])]
+    names = " + ".join(t.name for t in tests)
     source = path.read_text()
     mutants = [m for m in list_mutants(source) if only is None or only in m.key]
     equivalent = EQUIVALENT.get(short, {})
@@ -328,7 +389,7 @@ def run_module(
     _, status = os.waitpid(pid, 0)
     baseline = time.monotonic() - started
     if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"{tests.name} fails on the unmutated code: fix that first")
+        sys.exit(f"{names} fails on the unmutated code: fix that first")
     limit = timeout or max(10.0, 5 * baseline)
 
     results: dict[Mutant, str] = {}
@@ -358,7 +419,7 @@ def run_module(
     killed = len(mutants) - len(survivors) - len(equivalents)
     denominator = len(mutants) - len(equivalents)
     score = 100.0 * killed / denominator if denominator else 100.0
-    print(f"\n== {path.name} against {tests.name} ({time.monotonic() - started:.0f} s)")
+    print(f"\n== {path.name} against {names} ({time.monotonic() - started:.0f} s)")
     for m in equivalents:
         print(f"  equivalent  line {m.line}: {m.key}\n              ({equivalent[m.key]})")
     for m in survivors:

@@ -9,7 +9,9 @@ slept.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 from collections import Counter
 from contextlib import aclosing
 from typing import Any
@@ -158,25 +160,33 @@ def hedger(delay: float = 0.5) -> Hedger:
 
 
 async def test_hedge_only_past_the_delay_and_the_loser_is_cancelled(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """No duplicate before the head is overdue; one after; the first answer wins, once."""
+    """No duplicate before the head is overdue; one at the delay; the first answer wins, once."""
+    caplog.set_level(logging.DEBUG, logger="imichat_async")
     clock = VirtualClock(monkeypatch)
     limiter = Limiter(4)
     fetcher = Fetcher(300, limiter, hold={2})
     stats = PagingStats()
+    sent: list[int] = []
+    h = Hedger(floor=0.5, min_samples=1, on_sent=lambda: sent.append(stats.hedges))
+    h.record(0.001)
     got: list[int] = []
     items: list[int] = []
-    async with aclosing(run(fetcher, 8, stats, hedger=hedger(0.5))) as it:
+    async with aclosing(run(fetcher, 8, stats, hedger=h)) as it:
         page = await anext(it)
         got.append(page.number)
         items.extend(page.items)
         nxt = asyncio.ensure_future(anext(it))
         await spin()
-        await clock.advance(0.4)
+        await clock.advance(0.25)
         assert fetcher.attempts[2] == 1 and stats.hedges == 0  # not overdue yet
-        await clock.advance(0.2)
-        assert stats.hedges == 1  # overdue: one duplicate, which answers at once
+        await clock.advance(0.25)
+        assert stats.hedges == 1  # overdue at exactly the delay: one duplicate, answered at once
+        assert sent == [1]  # the hedger was told (the client counts hedges from it)
+        assert [r.getMessage() for r in caplog.records if r.name == "imichat_async"] == [
+            "page 2: overdue, hedged with a duplicate request"
+        ]
         page = await nxt
         assert (page.number, stats.hedges_won) == (2, 1)
         assert fetcher.attempts[2] == 2
@@ -225,7 +235,7 @@ async def test_hedges_stay_within_the_budget(monkeypatch: pytest.MonkeyPatch) ->
 
 
 async def test_no_hedge_just_after_overload(monkeypatch: pytest.MonkeyPatch) -> None:
-    """After a 429/503 the head waits for its own answer: no duplicate."""
+    """After a 429/503 no duplicate; the overdue head is looked at again every half delay."""
     clock = VirtualClock(monkeypatch)
     limiter = Limiter(4)
     fetcher = Fetcher(100, limiter, hold={2})
@@ -236,11 +246,13 @@ async def test_no_hedge_just_after_overload(monkeypatch: pytest.MonkeyPatch) -> 
         await anext(it)
         nxt = asyncio.ensure_future(anext(it))
         await spin()
-        await clock.advance(0.3)
-        h.overloaded()  # quiet until now + 0.5
-        await clock.advance(0.3)  # head overdue, but within the quiet time
+        await clock.advance(0.25)
+        h.overloaded()  # quiet until +0.75
+        await clock.advance(0.375)  # +0.625: head overdue, but quiet; next look at +0.875
         assert stats.hedges == 0
-        await clock.advance(0.3)  # quiet time over; looked at again
+        await clock.advance(0.1875)  # +0.8125: quiet time over, not looked at yet
+        assert stats.hedges == 0
+        await clock.advance(0.0625)  # +0.875: half a delay after the last look
         assert stats.hedges == 1
         assert (await nxt).number == 2
     await assert_no_stray_tasks()
@@ -254,6 +266,8 @@ def test_hedger_delay_is_twice_the_p95_with_a_floor() -> None:
     for _ in range(19):
         h.record(0.010)
     assert h.delay() is None
+    h.record(0.010)
+    assert h.delay() == pytest.approx(0.1)  # 20 answers: known (the floor, 2 x 10 ms below it)
     for ms in range(1, 101):  # answers of 1..100 ms
         h.record(ms / 1000)
     assert h.delay() == pytest.approx(2 * 0.095, abs=0.003)
@@ -261,9 +275,200 @@ def test_hedger_delay_is_twice_the_p95_with_a_floor() -> None:
     for _ in range(50):
         fast.record(0.001)
     assert fast.delay() == pytest.approx(0.1)  # the floor
-    assert h.allowed()
+    assert h.allowed() is True
     off[0] = True
-    assert not h.allowed()
+    assert h.allowed() is False
+
+
+def test_hedger_delay_looks_at_the_latest_256_answers() -> None:
+    """The rolling window keeps the latest 256 answer times; older ones no longer count."""
+    h = Hedger(quantile=1.0, floor=0.0, factor=2.0)  # the maximum of the window, doubled
+    for _ in range(10):
+        h.record(1.0)
+    for _ in range(255):
+        h.record(0.001)
+    h.record(0.003)
+    assert h.delay() == pytest.approx(0.006)
+
+
+def test_hedger_delay_is_sorted_again_every_16_answers() -> None:
+    """The delay is cached between sorts, and follows new answers after 16 of them."""
+    h = Hedger(quantile=1.0, floor=0.0, factor=1.0, min_samples=1)
+    h.record(0.1)
+    assert h.delay() == pytest.approx(0.1)
+    for _ in range(15):
+        h.record(0.5)
+    assert h.delay() == pytest.approx(0.1)  # cached: no sort on every head page
+    h.record(0.5)
+    assert h.delay() == pytest.approx(0.5)
+
+
+def test_hedger_quiet_for_one_delay_after_overload() -> None:
+    """overloaded(): no hedge for one delay (the floor while the delay is unknown), then again."""
+    now = [-50.0]  # a monotonic clock's origin is arbitrary: it may read negative
+    h = Hedger(floor=0.25, factor=2.0, min_samples=1, clock=lambda: now[0])
+    assert h.allowed() is True
+    h.overloaded()  # delay unknown: quiet for the floor
+    assert h.allowed() is False
+    now[0] += 0.25
+    assert h.allowed() is True
+    h.record(1.0)  # delay 2 x 1.0 s, above the floor
+    h.overloaded()
+    now[0] += 1.0
+    assert h.allowed() is False
+    now[0] += 1.0
+    assert h.allowed() is True
+
+
+class Script:
+    """Pages of consecutive ints, no limiter; `hold` pages wait for `release(n)` on their first
+    attempt, `fail[(n, attempt)]` is raised by that attempt, and a cancelled attempt of page n
+    stops only once `linger[n]` is set (a fetch slow to cancel).
+    """
+
+    def __init__(
+        self,
+        n_items: int,
+        *,
+        hold: set[int] | None = None,
+        fail: dict[tuple[int, int], Exception] | None = None,
+        linger: set[int] | None = None,
+    ) -> None:
+        self.n_items = n_items
+        self.hold = hold or set()
+        self.fail = fail or {}
+        self.linger = {n: asyncio.Event() for n in linger or ()}
+        self.gates: dict[int, asyncio.Event] = {}
+        self.attempts: Counter[int] = Counter()
+        self.running = 0
+
+    def release(self, n: int) -> None:
+        self.gates.setdefault(n, asyncio.Event()).set()
+
+    async def fetch(self, n: int) -> Page[int]:
+        self.attempts[n] += 1
+        attempt = self.attempts[n]
+        self.running += 1
+        try:
+            if n in self.hold and attempt == 1:
+                await self.gates.setdefault(n, asyncio.Event()).wait()
+            else:
+                await asyncio.sleep(0)
+            if (n, attempt) in self.fail:
+                raise self.fail[n, attempt]
+            start = (n - 1) * PAGE_SIZE
+            return Page(n, list(range(start, min(start + PAGE_SIZE, self.n_items))))
+        except asyncio.CancelledError:
+            while n in self.linger and not self.linger[n].is_set():
+                with contextlib.suppress(asyncio.CancelledError):  # cancelled again: still slow
+                    await self.linger[n].wait()
+            raise
+        finally:
+            self.running -= 1
+
+
+def script_run(script: Script, stats: PagingStats, **kw: Any) -> Any:
+    return iterate_pages(
+        script.fetch, page_size=PAGE_SIZE, prefetch=8, stats=stats, hedger=hedger(0.5), **kw
+    )
+
+
+async def test_overdue_first_page_is_hedged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first page, fetched alone, is hedged like any head page once overdue."""
+    clock = VirtualClock(monkeypatch)
+    script = Script(25, hold={1})
+    stats = PagingStats()
+    async with aclosing(script_run(script, stats)) as it:
+        first = asyncio.ensure_future(anext(it))
+        await spin()
+        await clock.advance(0.5)
+        assert (await first).number == 1
+        assert (stats.hedges, stats.hedges_won, script.attempts[1]) == (1, 1, 2)
+        items = [*first.result().items] + [i async for p in it for i in p.items]
+    assert items == list(range(25))
+
+
+async def test_head_hedged_while_pages_behind_are_still_outstanding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A full window can launch nothing else: the overdue head is hedged though later pages hang."""
+    clock = VirtualClock(monkeypatch)
+    script = Script(300, hold=set(range(2, 10)))
+    stats = PagingStats()
+    async with aclosing(script_run(script, stats)) as it:
+        await anext(it)
+        nxt = asyncio.ensure_future(anext(it))
+        await spin()
+        assert script.running == 8  # pages 2..9: the window is full, all of it outstanding
+        await clock.advance(0.5)
+        assert (await nxt).number == 2
+        assert (stats.hedges, script.attempts[2]) == (1, 2)
+
+
+async def test_failed_duplicate_leaves_the_original_to_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A duplicate that fails does not fail the page: the original's answer is used."""
+    clock = VirtualClock(monkeypatch)
+    boom = RuntimeError("the duplicate failed")
+    script = Script(30, hold={2}, fail={(2, 2): boom})
+    stats = PagingStats()
+    async with aclosing(script_run(script, stats)) as it:
+        await anext(it)
+        nxt = asyncio.ensure_future(anext(it))
+        await spin()
+        await clock.advance(0.5)
+        assert (stats.hedges, script.attempts[2]) == (1, 2)
+        assert not nxt.done()  # the duplicate failed; the original is still awaited
+        script.release(2)
+        page = await nxt
+        assert (page.number, page.items, stats.hedges_won) == (2, list(range(10, 20)), 0)
+        assert [p.number async for p in it] == [3]
+
+
+async def test_both_failing_raise_the_originals_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Original and duplicate both fail: the original's error is raised, once both are done."""
+    clock = VirtualClock(monkeypatch)
+    original, duplicate = RuntimeError("original"), RuntimeError("duplicate")
+    script = Script(30, hold={2}, fail={(2, 1): original, (2, 2): duplicate})
+    stats = PagingStats()
+    with pytest.raises(RuntimeError) as info:
+        async with aclosing(script_run(script, stats)) as it:
+            await anext(it)
+            nxt = asyncio.ensure_future(anext(it))
+            await spin()
+            await clock.advance(0.5)
+            assert stats.hedges == 1 and not nxt.done()
+            script.release(2)
+            await nxt
+    assert info.value is original
+    assert script.running == 0
+
+
+async def test_search_waits_for_every_hedge_loser(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cancelled losers slow to stop (two hedges) are all awaited before the search ends."""
+    clock = VirtualClock(monkeypatch)
+    script = Script(600, hold={2, 45}, linger={2, 45})
+    stats = PagingStats()
+    items: list[int] = []
+
+    async def consume() -> None:
+        async with aclosing(script_run(script, stats)) as it:
+            async for page in it:
+                items.extend(page.items)
+
+    task = asyncio.ensure_future(consume())
+    for _ in range(20):  # each held page is overdue; its duplicate answers at once
+        await clock.advance(0.5)
+    assert (stats.hedges, stats.hedges_won) == (2, 2)
+    assert items == list(range(600))
+    assert script.running == 2 and not task.done()  # both losers still stopping
+    script.linger[45].set()
+    await spin()
+    assert script.running == 1 and not task.done()  # page 2's loser, hedged first, still awaited
+    script.linger[2].set()
+    await task
+    assert script.running == 0
 
 
 async def test_early_exit_cancels_everything_and_wastes_at_most_prefetch() -> None:
@@ -361,6 +566,32 @@ async def test_second_cancel_during_cleanup_still_awaits_every_task() -> None:
         await task
     assert running == 0
     await assert_no_stray_tasks()
+
+
+async def test_cancel_during_cleanup_after_break_is_not_lost() -> None:
+    """Cancelled while a break waits for the fetches to stop: the consumer still ends cancelled."""
+    script = Script(1000, hold=set(range(2, 100)), linger={2, 3, 4})
+    went_on: list[bool] = []
+
+    async def consumer() -> None:
+        async with aclosing(iterate_pages(script.fetch, page_size=10, prefetch=4)) as it:
+            async for _ in it:
+                await spin(3)  # pages 2..4 start
+                break
+        went_on.append(True)
+
+    task = asyncio.ensure_future(consumer())
+    await spin()
+    assert script.running == 3  # pages 2..4, cancelled by the break, slow to stop
+    task.cancel()
+    await spin()
+    assert script.running == 3 and not task.done()
+    for stopped in script.linger.values():
+        stopped.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert went_on == []
+    assert script.running == 0
 
 
 # -- the client around the engine ------------------------------------------------------------

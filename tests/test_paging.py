@@ -6,6 +6,7 @@ Delays are made of `asyncio.sleep(0)` yields or `asyncio.Event` gates, never wal
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import random
 from collections.abc import AsyncGenerator
@@ -270,6 +271,21 @@ async def test_error_past_the_end_is_not_surfaced() -> None:
     got = await consume(server, 8)
     assert [p.number for p in got] == [1, 2, 3]
     await assert_no_stray_tasks()
+
+
+async def test_failures_past_the_end_are_never_logged_as_unretrieved() -> None:
+    """Failed pages past the end are reaped: asyncio reports no 'exception never retrieved'."""
+    reported: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: reported.append(ctx))
+    boom = e.InternalServerError("x", status_code=2007, http_status=500)
+    server = FakeServer(25, errors={4: boom, 5: boom}, seed=None)
+    stats = PagingStats()
+    got = await consume(server, 8, stats)
+    assert [p.number for p in got] == [1, 2, 3]
+    assert {4, 5} <= set(server.completed) - set(server.cancelled)  # failed, not cancelled
+    del got, server, boom  # the error's traceback leads to the failed tasks: let them go
+    gc.collect()
+    assert reported == []
 
 
 async def test_short_page_before_total_ends_it() -> None:
