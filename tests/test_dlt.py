@@ -9,6 +9,7 @@ from typing import Any
 import dlt
 import duckdb
 import pytest
+from dlt.pipeline.exceptions import PipelineStepFailed
 
 import imichat_async as imi
 from imichat_async import dlt as imi_dlt
@@ -42,17 +43,19 @@ class Loader:
         self.box, self.sb, self.tmp = box, sb, tmp_path
         self.db = tmp_path / "chats.duckdb"
 
-    def source(self, **kwargs: Any) -> Any:
+    def source_args(self) -> dict[str, Any]:
         sb = self.sb
-        return imi_dlt.chats_source(
-            base_url=sb.base_url,
-            token=sb.token,
-            team_id=sb.team_id,
-            since=SINCE,
-            concurrency=4,
-            client_options={"retry_policy": RetryPolicy.testing(max_retries=5)},
-            **kwargs,
-        )
+        return {
+            "base_url": sb.base_url,
+            "token": sb.token,
+            "team_id": sb.team_id,
+            "since": SINCE,
+            "concurrency": 4,
+            "client_options": {"retry_policy": RetryPolicy.testing(max_retries=5)},
+        }
+
+    def source(self) -> Any:
+        return imi_dlt.chats_source(**self.source_args())
 
     def pipeline(self, workdir: str = "pipelines") -> Any:
         return dlt.pipeline(
@@ -206,3 +209,16 @@ def test_bad_arguments_are_refused_when_the_source_is_made() -> None:
         imi_dlt.chats_source(since=SINCE, lag=-1, **args)
     with pytest.raises(imi.InvalidQueryError, match="stauts"):
         imi_dlt.chats_source(since=SINCE, stauts="closed", **args)
+
+
+def test_another_since_is_refused_until_the_resource_state_is_dropped(served: Loader) -> None:
+    """A pipeline's state made with another `since` is refused; `drop_resources` starts over."""
+    served.load()
+    later = {**served.source_args(), "since": "2024-06-01"}
+    with pytest.raises(PipelineStepFailed, match="range"):
+        served.pipeline().run(imi_dlt.chats_source(**later))
+    served.pipeline().run(imi_dlt.chats_source(**later), refresh="drop_resources")
+    records = _on_loop(served.box, served.sb.current_records)
+    floor = _plan.to_us("since", "2024-06-01")
+    keep = {k for k, r in records.items() if _plan.to_us("c", r["created_at"]) >= floor}
+    assert served.rows() == {k: _row(records[k]) for k in keep}
