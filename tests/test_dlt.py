@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -222,3 +223,17 @@ def test_another_since_is_refused_until_the_resource_state_is_dropped(served: Lo
     floor = _plan.to_us("since", "2024-06-01")
     keep = {k for k, r in records.items() if _plan.to_us("c", r["created_at"]) >= floor}
     assert served.rows() == {k: _row(records[k]) for k in keep}
+
+
+def test_dlt_stopping_early_leaves_nothing_running_and_the_cursor_unmoved(
+    served: Loader,
+) -> None:
+    """`add_limit(1)`: one batch loaded, the sync cancelled, its thread gone, no state saved."""
+    source = served.source()
+    source.chats.add_limit(1)
+    pipeline = served.pipeline()
+    pipeline.run(source)
+    assert 0 < len(served.rows()) <= imi_dlt.HANDOFF_SIZE
+    assert not [t for t in threading.enumerate() if t.name == "imichat-sync-loop"]
+    resources = pipeline.state.get("sources", {}).get("imichat", {}).get("resources", {})
+    assert "sync" not in resources.get("chats", {})
