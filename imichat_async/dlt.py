@@ -20,7 +20,8 @@ two (the lag window, or a chat changed while the run read it): one row per
 chat, its current version.
 
 The cursor is the sync's `SyncState`, kept in dlt's resource state
-(`CONVERTER.unstructure(state)` under `"sync"`), not `dlt.sources.incremental`
+(`CONVERTER.unstructure(state)` under `"sync"`, the run's `SyncReport.summary()`
+under `"last_run"`), not `dlt.sources.incremental`
 on `updated_at`: the lower bound must be the previous run's START instant,
 not the highest `updated_at` seen, or a version written while a long run
 read the rest would be skipped. dlt commits resource state with the load
