@@ -1,0 +1,207 @@
+"""A dlt source: the tenant's chats, kept current in any dlt destination by the sync's plan.
+
+    import dlt
+    from imichat_async.dlt import chats_source
+
+    pipeline = dlt.pipeline("imichat", destination="duckdb", dataset_name="imichat")
+    pipeline.run(chats_source(base_url=..., token=..., team_id=..., since="2024-01-01"))
+
+Needs the `dlt` extra (`pip install 'imichat-async[dlt]'`). This module is
+`imichat_async.dlt`; inside it `import dlt` is the dlt library (imports are
+absolute), so the two names never meet.
+
+What it loads: one resource, `chats`, primary key `chat_id`, write
+disposition `merge`, `updated_at` hinted `dedup_sort: desc`. Each load is one
+run of `sync_chats` (README "Incremental sync"): the first reads the chats
+created since `since`; each later one the chats created or updated in
+`[B - lag, T1)`, B the previous completed run's start. Merge replaces a
+chat's row, and `dedup_sort` keeps its newest version when one load carries
+two (the lag window, or a chat changed while the run read it): one row per
+chat, its current version.
+
+The cursor is the sync's `SyncState`, kept in dlt's resource state
+(`CONVERTER.unstructure(state)` under `"sync"`, the run's `SyncReport.summary()`
+under `"last_run"`), not `dlt.sources.incremental`
+on `updated_at`: the lower bound must be the previous run's START instant,
+not the highest `updated_at` seen, or a version written while a long run
+read the rest would be skipped. dlt commits resource state with the load
+package, so a load that fails after the sync finished is re-delivered (the
+pending package is loaded first, or, with the working directory lost, the
+state restored from the destination predates the run and the run is read
+again): at least once into dlt, and exactly one row per chat thanks to
+merge on `chat_id`.
+
+Why a loop thread: the sync runs on the library's async engine (the
+concurrent client, its limiter and retries), on the private event loop of
+the blocking client (`imichat_async.sync`), while dlt iterates a plain
+generator on its own thread, where `dlt.current.resource_state()` works.
+Between them a bounded handoff: the sync waits while `HANDOFF_SIZE` chats
+are not yet taken by dlt, so memory holds that many chats plus the pages in
+flight, whatever the range (a year of chats is never held at once).
+
+Chats are yielded as the server sent them (raw JSON objects): dlt types and
+flattens them itself (`asset` becomes `asset__id`, `asset__name`; `tag`, a
+list, the child table `chats__tag`; `other_details` one column per key).
+Hints fix what inference cannot: `created_at`/`updated_at` are timestamps,
+`asset__id` text (the server sends an int or a string; `123` loads as "123").
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import date, datetime
+from typing import Any
+
+import dlt
+from dlt.extract.source import DltSource
+
+from ._query import Filter, build_query
+from ._records import CONVERTER
+from .export import DEFAULT_LAG, SyncReport, SyncState, state_from_json, sync_chats
+from .export._plan import RawRecord, UserQuery, to_us
+from .export._syncplan import check_user_filters, lag_us
+from .sync import ImiChatClient as BlockingClient
+from .sync import SyncTokenSource
+
+__all__ = ["HANDOFF_SIZE", "chats_source"]
+
+HANDOFF_SIZE = 1000  # chats handed to dlt but not yet taken: the sync waits beyond this
+_BATCH = 500  # the most chats dlt takes in one hop between threads
+_END = object()  # the sync finished (or failed): nothing more will come
+
+
+def chats_source(
+    *,
+    base_url: str,
+    token: SyncTokenSource,
+    team_id: str,
+    since: datetime | date | str,
+    concurrency: int = 8,
+    lag: float = DEFAULT_LAG,
+    filters: Iterable[Filter | tuple[str, str, Any]] | None = None,
+    client_options: Mapping[str, Any] | None = None,
+    **params: Any,
+) -> DltSource:
+    """A dlt source (`imichat`) with one resource, `chats`, loaded incrementally by merge.
+
+    - `base_url`, `token` (a `str` or a callable returning one, plain or async),
+      `team_id`, `concurrency`: the client's; `client_options` any other client
+      keyword (`timeout`, `max_retries`, ...).
+    - `since`: the chats created since then are loaded and kept current.
+    - `lag`: seconds re-read below the previous run's start (default 300).
+    - `filters` and keyword filters (`status="closed"`) narrow every query;
+      `created_at`/`updated_at` filters are refused (the sync owns them).
+
+    Raises `InvalidQueryError` here, before any request, for a bad filter,
+    `since` or `lag`. While loading: the client's errors, and `CheckpointError`
+    when the resource state was made with another `since`, `lag` or filters
+    (load into a new pipeline, or run with `refresh="drop_resources"`).
+    """
+    filter_list = tuple(filters or ())
+    build_query(params, filter_list)
+    check_user_filters(UserQuery(filter_list, dict(params)))
+    to_us("since", since)
+    lag_us(lag)
+    client_kwargs = {
+        **(client_options or {}),
+        "base_url": base_url,
+        "token": token,
+        "team_id": team_id,
+        "concurrency": concurrency,
+    }
+    sync_kwargs = {"since": since, "lag": lag, "filters": filter_list, **params}
+
+    def chats() -> Iterator[list[RawRecord]]:
+        yield from _load(dlt.current.resource_state(), client_kwargs, sync_kwargs)
+
+    resource = dlt.resource(
+        chats,
+        name="chats",
+        primary_key="chat_id",
+        write_disposition="merge",
+        columns={
+            "chat_id": {"data_type": "text", "nullable": False},
+            "created_at": {"data_type": "timestamp"},
+            # an int or a str on the wire (`Asset.id`): one text column, not a variant pair
+            "asset__id": {"data_type": "text"},
+            # an instant, not text: as text "...:11Z" sorts after "...:11.001Z"
+            "updated_at": {"data_type": "timestamp", "dedup_sort": "desc"},
+        },
+    )
+
+    @dlt.source(name="imichat")
+    def imichat() -> Any:
+        return resource
+
+    source: DltSource = imichat()
+    return source
+
+
+def _load(
+    saved: dict[str, Any], client_kwargs: dict[str, Any], sync_kwargs: dict[str, Any]
+) -> Iterator[list[RawRecord]]:
+    """One sync run, its chats yielded in batches; `saved` (dlt's resource state) updated
+    only when the run completed."""
+    raw = saved.get("sync")
+    state = SyncState() if raw is None else state_from_json(raw)
+    with BlockingClient(**client_kwargs) as blocking:
+        # The blocking client's loop thread and async client: the sync's engine.
+        portal, client = blocking._portal, blocking._client
+        handoff = portal.call(lambda: DltHandoff(HANDOFF_SIZE))
+
+        async def produce() -> SyncReport:
+            try:
+                return await sync_chats(client, state=state, sink=handoff, **sync_kwargs)
+            finally:
+                handoff.finish()
+
+        task: asyncio.Task[SyncReport] = portal.call(lambda: asyncio.ensure_future(produce()))
+        try:
+            while batch := portal.run(handoff.take(_BATCH)):
+                yield batch
+            report = portal.run(_result(task))
+        finally:  # dlt stopped early, or the sync failed: nothing runs on
+            portal.run(_cancel(task))
+    saved["sync"] = CONVERTER.unstructure(state)
+    saved["last_run"] = report.summary()
+
+
+class DltHandoff:
+    """The sync's sink: a bounded queue of chats, taken in batches by dlt's thread.
+
+    (Its class name is part of the sync state's identity: `CallableSink.describe`.)
+    """
+
+    def __init__(self, size: int) -> None:
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._slots = asyncio.Semaphore(size)
+
+    async def __call__(self, chat: RawRecord) -> None:
+        await self._slots.acquire()
+        self._queue.put_nowait(chat)
+
+    def finish(self) -> None:
+        self._queue.put_nowait(_END)
+
+    async def take(self, limit: int) -> list[RawRecord]:
+        """Up to `limit` chats, waiting for the first; `[]` once the sync has finished."""
+        out: list[RawRecord] = []
+        item = await self._queue.get()
+        while item is not _END:
+            out.append(item)
+            self._slots.release()
+            if len(out) >= limit or self._queue.empty():
+                return out
+            item = self._queue.get_nowait()
+        self._queue.put_nowait(_END)  # stays finished for the next take
+        return out
+
+
+async def _result(task: asyncio.Task[SyncReport]) -> SyncReport:
+    return await task
+
+
+async def _cancel(task: asyncio.Task[SyncReport]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
