@@ -222,6 +222,11 @@ class ImiChatClient:
         """The client-wide limiter of requests in flight (its `peak`, `in_flight`, `limit`)."""
         return self._limiter
 
+    @property
+    def page_size(self) -> int:
+        """Records per page the server sends at most (the vendor's page: 10)."""
+        return protocol.PAGE_SIZE
+
     # -- searching -------------------------------------------------------------------------
 
     def search_chats(

@@ -58,3 +58,9 @@ async def test_stats_count_pages_past_the_end_without_a_total() -> None:
     assert [p.last for p in pages] == [False, False, False, True]
     assert stats.pages_yielded == 4 and stats.items_yielded == 35
     assert stats.pages_requested == 4 + stats.wasted and stats.wasted >= 1
+
+
+async def test_page_size_is_the_vendors_ten() -> None:
+    """client.page_size is the vendor page's 10 records a page (what export slices by)."""
+    async with serve(chats=1, seed=45) as sb, client_for(sb) as client:
+        assert client.page_size == 10

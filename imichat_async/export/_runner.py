@@ -36,7 +36,6 @@ from typing import Any
 import attrs
 
 from .. import ImiChatClient, PagingStats
-from .._protocol import PAGE_SIZE
 from ._aio import cancel_and_wait, uncancelled
 from ._plan import (
     SPLIT_SLACK,
@@ -134,7 +133,7 @@ class SliceReader:
         if total is not None:
             s.estimate = total
         self.on_page()
-        size = self.page_size or PAGE_SIZE
+        size = self.page_size or self.client.page_size
         if len(items) < size or (total is not None and total <= len(items)):
             records: dict[Hashable, RawRecord] = {}
             return self.merge(items, records) + list(records.values())
