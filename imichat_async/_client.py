@@ -31,6 +31,7 @@ from ._errors import (
 from ._limiter import Limiter
 from ._paging import Page, PagingStats, iterate_pages
 from ._query import Filter, Query, build_query
+from ._rate import SendRate
 from ._records import Chat, decode_page
 from ._retry import RetryPolicy, call_with_retries, make_retrying
 from ._transport import RawResponse, Transport
@@ -71,10 +72,14 @@ class ImiChatClient:
     the first attempt. `session` borrows an existing `aiohttp.ClientSession`
     (not closed by the client).
 
-    Extras: `adaptive=True` lowers the requests in flight on 429/503 and
-    raises them back (AIMD, never above `concurrency`); `rate_limit` caps
-    requests per second; `max_response_bytes` caps one body; `retry_policy`
-    sets the backoff.
+    Extras: `rate_limit` caps requests per second (a token bucket);
+    `adaptive=True` learns the tenant's rate limit instead: on a throttle (429,
+    or 503 with Retry-After) it lowers a send rate shared by every search of
+    the client, then probes back up (CUBIC), `rate_limit` if given being its
+    ceiling; `concurrency` stays the cap on requests in flight.
+    `adaptive="concurrency"` is the older mode: halve the requests in flight
+    on 429/503, add them back one by one (AIMD). `max_response_bytes` caps one
+    body; `retry_policy` sets the backoff.
     """
 
     def __init__(
@@ -87,7 +92,7 @@ class ImiChatClient:
         timeout: float | None = 30.0,
         max_retries: int = 5,
         session: aiohttp.ClientSession | None = None,
-        adaptive: bool = False,
+        adaptive: bool | str = False,
         rate_limit: float | None = None,
         max_response_bytes: int = 16 * 1024 * 1024,
         retry_policy: RetryPolicy | None = None,
@@ -112,7 +117,21 @@ class ImiChatClient:
         self._auth = TokenProvider(token, on_refresh=self._count_refresh)
         self._url = protocol.search_url(self.base_url)
         self._headers: tuple[str, Mapping[str, str]] | None = None
-        self._limiter = Limiter(concurrency, adaptive=adaptive, rate_limit=rate_limit)
+        if adaptive not in (False, True, "rate", "concurrency"):
+            raise ConfigurationError(
+                f'adaptive must be True, False, "rate" or "concurrency", got {adaptive!r:.40}'
+            )
+        learn_rate = adaptive is True or adaptive == "rate"
+        # A throttled page waits out its Retry-After (often 1 s) while the in-order window
+        # cannot pass it; a deeper window keeps the learned rate busy meanwhile.
+        self._default_prefetch = 4 * concurrency if learn_rate else concurrency
+        self._limiter = Limiter(
+            concurrency,
+            adaptive=adaptive == "concurrency",
+            send_rate=SendRate(rate_limit, adaptive=learn_rate)
+            if learn_rate or rate_limit is not None
+            else None,
+        )
         self._transport = Transport(
             connections=concurrency,
             timeout=timeout,
@@ -219,7 +238,7 @@ class ImiChatClient:
         stats: PagingStats | None = None,
     ) -> AsyncGenerator[Page[Any], None]:
         """Check the paging arguments now, before any request; the pages come lazily."""
-        window = self.concurrency if prefetch is None else prefetch
+        window = self._default_prefetch if prefetch is None else prefetch
         _check_int("prefetch", window, 1)
         _check_int("start_page", start_page, 1)
         if max_pages is not None:
@@ -327,13 +346,21 @@ class ImiChatClient:
         limiter = self._limiter
         epoch = await limiter.acquire()
         status = 0
+        throttled = False
         try:
             raw = await self._transport.send(request)
             status = raw.status
+            throttled = protocol.is_throttle(status, raw.headers)
             return raw
         finally:
-            # Overloaded (429/503), fine (< 500), or neither (5xx, no answer).
-            limiter.release(epoch, overloaded=status in OVERLOAD_STATUSES, ok=0 < status < 500)
+            # Overloaded (429/503), fine (< 500), or neither (5xx, no answer); throttled
+            # (429, 503 + Retry-After) lowers a learned send rate.
+            limiter.release(
+                epoch,
+                overloaded=status in OVERLOAD_STATUSES,
+                ok=0 < status < 500,
+                throttled=throttled,
+            )
 
     def _headers_for(self, token: str) -> Mapping[str, str]:
         cached = self._headers

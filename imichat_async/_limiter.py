@@ -3,17 +3,24 @@
 Fixed mode is a plain semaphore of `limit` slots. Adaptive mode (AIMD, as TCP
 does) halves the allowed in-flight count when the server says it is overloaded
 (429, 503) and adds one slot per window of successful requests, never above
-`limit`. An optional token bucket caps requests per second. No I/O here but
-sleeping, and every wait is cancellation-safe: a cancelled waiter never keeps
-a slot.
+`limit`.
+
+An optional send rate (`_rate.SendRate`: a fixed `rate_limit`, or one learned
+from throttles) is waited for first, in arrival order, *before* taking a slot:
+a request held back by the rate holds no slot and no connection. No I/O here
+but sleeping, and every wait is cancellation-safe: a cancelled waiter never
+keeps a slot.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import time
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
+from typing import Any
+
+from ._rate import SendRate
 
 
 class Limiter:
@@ -26,9 +33,15 @@ class Limiter:
         adaptive: bool = False,
         min_limit: int = 1,
         rate_limit: float | None = None,
+        send_rate: SendRate | None = None,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     ) -> None:
         if limit < 1:
             raise ValueError("limit must be at least 1")
+        if rate_limit is not None and send_rate is not None:
+            raise ValueError("give rate_limit or send_rate, not both")
+        if send_rate is not None and send_rate.adaptive and adaptive:
+            raise ValueError("adapt the rate or the concurrency, not both")
         self.max_limit = limit
         self.adaptive = adaptive
         self.min_limit = max(1, min(min_limit, limit))
@@ -38,8 +51,10 @@ class Limiter:
         self.decreases = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._epoch = 0  # bumped at each decrease; a request started before it can't decrease again
-        self._interval = 1.0 / rate_limit if rate_limit else 0.0
-        self._next_start = 0.0
+        # -- send rate (see _rate.py): waited for before a slot is taken
+        self.rate = SendRate(rate_limit) if rate_limit is not None else send_rate
+        self._rate_turn = asyncio.Lock()  # FIFO: one waiter at a time sleeps for a token
+        self._sleep = sleep
 
     @property
     def in_flight(self) -> int:
@@ -54,7 +69,28 @@ class Limiter:
         return f"<Limiter in_flight={self._in_flight} limit={self.limit}/{self.max_limit}>"
 
     async def acquire(self) -> int:
-        """Wait for a slot; returns the epoch to hand back to `release`."""
+        """Wait for the send rate, then for a slot; returns the epoch to hand back to `release`.
+
+        With a send rate, requests take turns (first come, first served): the one
+        whose turn it is waits for a token holding no slot, then for a slot; the
+        others wait behind it, holding neither. So no more requests get past the
+        rate than there are slots to send them, and a lower rate applies at once
+        to every request not yet sent. With an adaptive send rate the return
+        value is the rate's ticket (see `SendRate.feedback`).
+        """
+        rate = self.rate
+        if rate is None:
+            await self._acquire_slot()
+            return self._epoch
+        async with self._rate_turn:
+            while (wait := rate.delay()) > 0:
+                await self._sleep(wait)
+            await self._acquire_slot()
+        if rate.adaptive:
+            return rate.sent()  # a ticket: the rate learns from send times
+        return self._epoch
+
+    async def _acquire_slot(self) -> None:
         if self._in_flight < self.limit and not self._waiters:
             self._take()
         else:
@@ -70,21 +106,21 @@ class Limiter:
                     with suppress(ValueError):
                         self._waiters.remove(fut)
                 raise
-        if self._interval:
-            try:
-                await self._pace()
-            except asyncio.CancelledError:
-                self.release(self._epoch)
-                raise
-        return self._epoch
 
     def _take(self) -> None:
         self._in_flight += 1
         self.peak = max(self.peak, self._in_flight)
 
-    def release(self, epoch: int, *, overloaded: bool = False, ok: bool = False) -> None:
-        """Free a slot; in adaptive mode, feed back what the server said."""
+    def release(
+        self, epoch: int, *, overloaded: bool = False, ok: bool = False, throttled: bool = False
+    ) -> None:
+        """Free a slot; in adaptive mode, feed back what the server said.
+
+        `throttled` (429, or 503 with Retry-After) is what lowers an adaptive send rate.
+        """
         self._in_flight -= 1
+        if self.rate is not None:
+            self.rate.feedback(epoch, throttled=throttled, ok=ok and not throttled)
         if self.adaptive:
             if overloaded and epoch == self._epoch:
                 self._limit = max(float(self.min_limit), self._limit / 2)
@@ -100,10 +136,3 @@ class Limiter:
             if not fut.done():
                 self._take()
                 fut.set_result(None)
-
-    async def _pace(self) -> None:
-        now = time.monotonic()
-        start = max(now, self._next_start)
-        self._next_start = start + self._interval
-        if start > now:
-            await asyncio.sleep(start - now)

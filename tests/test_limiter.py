@@ -8,6 +8,7 @@ import random
 import pytest
 
 from imichat_async._limiter import Limiter
+from imichat_async._rate import SendRate
 from tests.helpers import assert_no_stray_tasks
 
 
@@ -178,3 +179,96 @@ def test_limit_must_be_positive(limit: int) -> None:
     """A limit below 1 is refused."""
     with pytest.raises(ValueError, match="limit"):
         Limiter(limit)
+
+
+# -- the send rate, waited for before a slot --------------------------------------------------
+
+
+class FakeTime:
+    """A clock and a sleep that advances it: the limiter's rate waits take no real time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
+async def test_fixed_rate_limit_paces_through_the_token_bucket() -> None:
+    """`rate_limit=10`: 21 requests span 1.98 s of the (fake) clock (a 1.2-token bucket)."""
+    t = FakeTime()
+    limiter = Limiter(4, send_rate=SendRate(10.0, clock=t), sleep=t.sleep)
+    starts: list[float] = []
+    for _ in range(21):
+        epoch = await limiter.acquire()
+        starts.append(t.now)
+        limiter.release(epoch)
+    assert starts[-1] - starts[0] == pytest.approx((21 - 1.2) / 10)
+    assert limiter.rate is not None and limiter.rate.rate == 10.0
+
+
+async def test_waiting_for_the_rate_holds_no_slot() -> None:
+    """A request waiting for a token holds no slot; the one holding a slot is unaffected."""
+    t = FakeTime()
+    gate = asyncio.Event()
+
+    async def blocked_sleep(seconds: float) -> None:
+        await gate.wait()
+        await t.sleep(seconds)
+
+    limiter = Limiter(1, send_rate=SendRate(1.0, clock=t), sleep=blocked_sleep)
+    first = await limiter.acquire()  # the bucket's first token
+    limiter.release(first)
+    waiter = asyncio.ensure_future(limiter.acquire())  # no token left: sleeps for one
+    await asyncio.sleep(0)
+    assert limiter.in_flight == 0
+    gate.set()
+    epoch = await waiter
+    assert limiter.in_flight == 1
+    limiter.release(epoch)
+
+
+async def test_cancel_while_waiting_for_the_rate_leaks_nothing() -> None:
+    """A request cancelled during its rate wait leaves no slot taken and the next one goes."""
+    t = FakeTime()
+    limiter = Limiter(2, send_rate=SendRate(1.0, clock=t), sleep=t.sleep)
+    limiter.release(await limiter.acquire())
+    waiter = asyncio.ensure_future(limiter.acquire())
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert limiter.in_flight == 0
+    epoch = await asyncio.wait_for(limiter.acquire(), 1)
+    assert limiter.in_flight == 1
+    limiter.release(epoch)
+    await assert_no_stray_tasks()
+
+
+async def test_throttled_release_lowers_a_learned_rate() -> None:
+    """`release(throttled=True)` reaches the adaptive send rate; `overloaded` alone does not."""
+    t = FakeTime()
+    limiter = Limiter(4, send_rate=SendRate(adaptive=True, clock=t), sleep=t.sleep)
+    for _ in range(10):
+        t.now += 0.01
+        limiter.release(await limiter.acquire(), ok=True)
+    limiter.release(await limiter.acquire(), overloaded=True)  # a bare 503: not a throttle
+    assert limiter.rate is not None and limiter.rate.rate is None
+    limiter.release(await limiter.acquire(), overloaded=True, throttled=True)
+    assert limiter.rate.decreases == 1
+    assert limiter.rate.rate is not None
+    assert limiter.limit == 4  # the concurrency bound stays where it was
+
+
+def test_adaptive_rate_and_adaptive_concurrency_are_exclusive() -> None:
+    """Learning the rate and AIMD on the concurrency at once is refused, as is a double rate."""
+    with pytest.raises(ValueError, match="not both"):
+        Limiter(4, adaptive=True, send_rate=SendRate(adaptive=True))
+    with pytest.raises(ValueError, match="not both"):
+        Limiter(4, rate_limit=5.0, send_rate=SendRate(5.0))
