@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: make the package importable
 
 from benchmarks import report
 from benchmarks.common import Config, ScenarioResult
-from benchmarks.scenarios import SCENARIOS, TITLES
+from benchmarks.scenarios import NAMES, SCENARIOS, TITLES
 
 HERE = Path(__file__).resolve().parent
 
@@ -38,7 +38,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="directory for RESULTS.md + PNGs")
     parser.add_argument("--runs", type=int, default=None, help="repetitions (default 3; quick 1)")
     parser.add_argument(
-        "--only", default=None, help=f"comma-separated scenario numbers, of {sorted(SCENARIOS)}"
+        "--only",
+        default=None,
+        help=f"comma-separated scenario numbers, of {sorted(SCENARIOS)}, or names {sorted(NAMES)}",
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return parser.parse_args(argv)
@@ -54,9 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     numbers = sorted(SCENARIOS)
     if args.only:
         try:
-            numbers = sorted({int(x) for x in args.only.split(",") if x.strip()})
+            numbers = sorted(
+                {NAMES.get(x.strip()) or int(x) for x in args.only.split(",") if x.strip()}
+            )
         except ValueError:
-            raise SystemExit(f"--only takes numbers like 1,4: {args.only!r}") from None
+            raise SystemExit(f"--only takes numbers like 1,4 or names: {args.only!r}") from None
         unknown = set(numbers) - set(SCENARIOS)
         if unknown:
             raise SystemExit(f"unknown scenario(s) {sorted(unknown)}; known {sorted(SCENARIOS)}")

@@ -3,7 +3,7 @@
 `python -m imichat_async.sandbox` serves a tenant but cannot report its counters
 or change its knobs once started; benchmarks need both (wasted pages and 429s
 seen by the *server*, one server reused across runs with a new latency). So the
-child here runs the same `imichat_async.sandbox.serve(...)` and reads one JSON
+child here serves the same `Sandbox` as `imichat_async.sandbox.serve(...)`, reads one JSON
 command per line on stdin, answering one JSON line on stdout:
 
     {"op": "stats"}                      -> the server's counters
@@ -11,6 +11,7 @@ command per line on stdin, answering one JSON line on stdout:
     {"op": "faults", "knobs": {...}}     -> set `Faults` fields (latency, p_429, ...)
     {"op": "total", "on": false}         -> send X-Total-Count or not
     {"op": "expected"}                   -> every chat of the tenant, as served
+    {"op": "ratelimit", "rate": r, "burst": b}  -> refill the gateway (`rate_limit=` only)
 
 End of stdin (or SIGTERM) stops it. The parent side is `SandboxProcess`.
 """
@@ -37,9 +38,22 @@ class SandboxProcess:
     """Start the child (`with SandboxProcess(chats=4000, latency=0.04) as sb:`) and steer it."""
 
     def __init__(
-        self, chats: int, *, seed: int = 1, total_header: bool = True, **faults: Any
+        self,
+        chats: int,
+        *,
+        seed: int = 1,
+        total_header: bool = True,
+        rate_limit: tuple[float, int] | None = None,
+        **faults: Any,
     ) -> None:
-        self.config = {"chats": chats, "seed": seed, "total_header": total_header, "faults": faults}
+        """`rate_limit=(requests/s, burst)` puts a gateway's token bucket in front of it."""
+        self.config = {
+            "chats": chats,
+            "seed": seed,
+            "total_header": total_header,
+            "faults": faults,
+            "rate_limit": rate_limit,
+        }
         self.chats = chats
         self.base_url = ""
         self.token = ""
@@ -113,6 +127,10 @@ class SandboxProcess:
     def set_total(self, on: bool) -> None:
         self.command("total", on=on)
 
+    def set_rate_limit(self, rate: float, burst: int) -> None:
+        """A new rate and burst for the gateway, its bucket refilled and counters zeroed."""
+        self.command("ratelimit", rate=rate, burst=burst)
+
     def expected(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self.command("expected")
         return result
@@ -152,7 +170,7 @@ def _stats(sb: Any) -> dict[str, Any]:
     }
 
 
-def _handle(sb: Any, cmd: dict[str, Any]) -> Any:
+def _handle(sb: Any, cmd: dict[str, Any], gateway: Any = None) -> Any:
     op = cmd.get("op")
     if op == "stats":
         return _stats(sb)
@@ -170,13 +188,18 @@ def _handle(sb: Any, cmd: dict[str, Any]) -> Any:
         return None
     if op == "expected":
         return sb.expected()
+    if op == "ratelimit" and gateway is not None:
+        gateway.reset(cmd["rate"], cmd["burst"])
+        return None
     raise ValueError(f"unknown op {op!r}")
 
 
 async def _child(config: dict[str, Any]) -> None:
     import logging
 
-    from imichat_async.sandbox import serve
+    from imichat_async.sandbox import Faults, Sandbox
+
+    from .rate_tenant import install
 
     # A client that leaves early (cancelled prefetch) resets connections: expected here.
     logging.getLogger("aiohttp").setLevel(logging.CRITICAL)
@@ -193,12 +216,14 @@ async def _child(config: dict[str, Any]) -> None:
             loop.call_soon_threadsafe(commands.put_nowait, line)
         loop.call_soon_threadsafe(commands.put_nowait, None)
 
-    async with serve(
-        chats=config["chats"],
-        seed=config["seed"],
+    sb = Sandbox(
+        config["chats"],
+        config["seed"],
         total_header=config["total_header"],
-        **config["faults"],
-    ) as sb:
+        faults=Faults(**config["faults"]),
+    )
+    gateway = install(sb, *config["rate_limit"]) if config.get("rate_limit") else None
+    async with sb:
         sys.stdout.write(
             f"base_url={sb.base_url}\nteam_id={sb.team_id}\ntoken={sb.token}\nready=1\n"
         )
@@ -215,7 +240,7 @@ async def _child(config: dict[str, Any]) -> None:
             if line is None:
                 break
             try:
-                reply: dict[str, Any] = {"result": _handle(sb, json.loads(line))}
+                reply: dict[str, Any] = {"result": _handle(sb, json.loads(line), gateway)}
             except Exception as exc:
                 reply = {"error": f"{type(exc).__name__}: {exc}"}
             sys.stdout.write(json.dumps(reply, separators=(",", ":")) + "\n")

@@ -847,7 +847,7 @@ def adaptive(cfg: Config) -> ScenarioResult:
         "Adaptive vs fixed concurrency",
         f"N = {n} ({pages} pages), L = {latency * 1000:.0f} ms; the sandbox answers 429 "
         f"with `Retry-After: {ra:g}` to any request arriving while more than {limit} are in "
-        f"flight. Client concurrency {conc}: `adaptive=True` (AIMD) vs fixed; fixed at "
+        f'flight. Client concurrency {conc}: `adaptive="concurrency"` (AIMD) vs fixed; fixed at '
         f"{limit} (the right size, known only in hindsight) for reference. "
         "`max_retries=1000` for all, so that every run completes. 429s counted by the "
         f"sandbox. Median (min-max) of {cfg.runs}.",
@@ -863,7 +863,9 @@ def adaptive(cfg: Config) -> ScenarioResult:
             run: dict[str, Any] = {}
             for name, k, adapt in variants:
                 sb.reset()
-                c = measure.client_run(sb, k=k, adaptive=adapt, max_retries=1000)
+                c = measure.client_run(
+                    sb, k=k, adaptive="concurrency" if adapt else False, max_retries=1000
+                )
                 measure.check(name, c.records, n)
                 st = sb.stats()
                 run[name] = {
@@ -926,6 +928,15 @@ def export(cfg: Config) -> ScenarioResult:
     return export_bench.run(cfg)
 
 
+# -- 10. rate-limited tenant -------------------------------------------------------------------
+
+
+def ratelimit(cfg: Config) -> ScenarioResult:
+    from . import ratelimit_bench
+
+    return ratelimit_bench.run(cfg)
+
+
 SCENARIOS: dict[int, Callable[[Config], ScenarioResult]] = {
     1: latency_scaling,
     2: cpu_throughput,
@@ -936,6 +947,7 @@ SCENARIOS: dict[int, Callable[[Config], ScenarioResult]] = {
     7: faults,
     8: adaptive,
     9: export,
+    10: ratelimit,
 }
 
 TITLES = {
@@ -948,6 +960,10 @@ TITLES = {
     7: "Faults",
     8: "Adaptive vs fixed concurrency",
     9: "Sliced export vs one search_chats()",
+    10: "Rate-limited tenant",
 }
 
-__all__ = ["SCENARIOS", "TITLES"]
+#: Names `--only` accepts besides the numbers.
+NAMES = {"ratelimit": 10}
+
+__all__ = ["NAMES", "SCENARIOS", "TITLES"]
