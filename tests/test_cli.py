@@ -148,6 +148,29 @@ def test_export_format_defaults_from_the_suffix(tmp_path: Path) -> None:
     assert out.read_text().startswith("chat_id,alias_id,created_at")
 
 
+@pytest.mark.parametrize(("command", "learns"), [("export", True), ("search", False)])
+def test_export_learns_the_rate_limit_search_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str, learns: bool
+) -> None:
+    """`export` runs its client with a learned send rate; `search` keeps the plain client."""
+    made: list[cli.ImiChatClient] = []
+
+    class Recording(cli.ImiChatClient):
+        def __init__(self, **kw: Any) -> None:
+            super().__init__(**kw)
+            made.append(self)
+
+    monkeypatch.setattr(cli, "ImiChatClient", Recording)
+    args = ["export", "--since", SINCE, "-o", str(tmp_path / "o.ndjson")]
+    if command == "search":
+        args = ["search", "--limit", "1"]
+    result = invoke(["--sandbox", "--sandbox-chats", "20", "-q", *args])
+    assert result.exit_code == 0, result.output
+    assert len(made) == 1
+    rate = made[0].limiter.rate
+    assert (rate is not None and rate.adaptive) is learns
+
+
 # -- exit codes ----------------------------------------------------------------------------------
 
 

@@ -87,3 +87,28 @@ async def test_two_concurrent_searches_share_one_budget(
     assert gateway.throttled <= 0.05 * total
     assert rate is not None and rate.rate is not None
     assert 0.5 * RATE <= rate.rate <= 1.5 * RATE
+
+
+@pytest.mark.parametrize("adaptive", ["yes", 1.5, "aimd"])
+def test_adaptive_option_is_checked(adaptive: Any) -> None:
+    """`adaptive` takes True, False, "rate" or "concurrency"; anything else is refused at once."""
+    with pytest.raises(imi.ImiChatError, match="adaptive must be"):
+        imi.ImiChatClient(base_url="https://x.test/v3.0", token="t", team_id="t", adaptive=adaptive)
+
+
+def test_modes_build_one_rate_per_client() -> None:
+    """rate_limit alone: a fixed bucket; adaptive=True: a learned rate (rate_limit its ceiling)."""
+
+    def rate_of(**kw: Any) -> Any:
+        return imi.ImiChatClient(
+            base_url="https://x.test/v3.0", token="t", team_id="t", **kw
+        ).limiter.rate
+
+    assert rate_of() is None
+    assert rate_of(adaptive="concurrency") is None
+    fixed = rate_of(rate_limit=7.0)
+    assert (fixed.adaptive, fixed.rate) == (False, 7.0)
+    learned = rate_of(adaptive=True)
+    assert (learned.adaptive, learned.rate) == (True, None)
+    capped = rate_of(adaptive="rate", rate_limit=7.0)
+    assert (capped.adaptive, capped.ceiling) == (True, 7.0)
