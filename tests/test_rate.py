@@ -1,8 +1,9 @@
 """The send rate (`_rate.py`): token bucket, fixed rate, and learning a tenant's limit.
 
 Every test runs on a fake clock. The closed-loop tests put a `SendRate` in
-front of a simulated gateway (a token bucket of its own, written here) and
-count what happened; no real time passes.
+front of a simulated gateway (the tests' own token bucket, `RateLimit` of
+`benchmarks/rate_tenant.py`, on the fake clock) and count what happened; no
+real time passes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 
 import pytest
 
+from benchmarks.rate_tenant import RateLimit
 from imichat_async._rate import RateMeter, SendRate, TokenBucket
 
 
@@ -217,28 +219,9 @@ def test_ceiling_is_never_passed() -> None:
 # -- closed loop: a simulated gateway --------------------------------------------------------
 
 
-class Gateway:
-    """A tenant's token bucket: `rate`/s, `burst` deep; admits or throttles each arrival."""
-
-    def __init__(self, rate: float, burst: int, now: float) -> None:
-        self.rate, self.burst = rate, burst
-        self.tokens, self.at = float(burst), now
-        self.accepted = self.throttled = 0
-
-    def admit(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            self.accepted += 1
-            return True
-        self.throttled += 1
-        return False
-
-
 def simulate(
     limit: float, burst: int, seconds: float, *, k: int = 16, latency: float = 0.04
-) -> tuple[SendRate, Gateway, int]:
+) -> tuple[SendRate, RateLimit, int]:
     """k workers, each: wait for the rate, send, get the answer after `latency`, again.
 
     A throttled request is retried after 1 s (the gateway's Retry-After), holding
@@ -247,7 +230,7 @@ def simulate(
     """
     clock = FakeClock(0.0)
     rate = SendRate(adaptive=True, clock=clock)
-    gateway = Gateway(limit, burst, 0.0)
+    gateway = RateLimit(limit, burst, clock=clock)
     events: list[tuple[float, int, str, int]] = []  # (time, seq, kind, ticket)
     seq = 0
     for _ in range(k):
@@ -266,7 +249,7 @@ def simulate(
                 heapq.heappush(events, (now + wait, seq, "ready", 0))
                 continue
             ticket = rate.sent()
-            ok = gateway.admit(now)
+            ok = gateway.admit() is None
             if ok and now > seconds / 2:
                 late_accepted += 1
             answer = (now + latency, seq, "ok", ticket) if ok else (now + 0.001, seq, "429", ticket)
