@@ -75,9 +75,9 @@ class Config:
             s6_prefetch=(8,),
             s8_chats=300,
             s9_chats=400,
-            s10_chats=1000,
-            s10_limits=(100, 400),
-            s10_clean_chats=1000,
+            s10_chats=400,
+            s10_limits=(200,),
+            s10_clean_chats=400,
         )
 
 

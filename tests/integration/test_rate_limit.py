@@ -43,7 +43,7 @@ async def test_learns_the_budget_with_few_429s(
 ) -> None:
     """One search: every chat once, in order; <= 5 % of requests 429; the rate found near 200/s."""
     sb, gateway = tenant
-    async with client_for(sb, concurrency=8, adaptive=True) as client:
+    async with client_for(sb, concurrency=4, adaptive=True) as client:
         got = await ids(client)
         rate = client.limiter.rate
     assert got == [c["chat_id"] for c in sb.data]
@@ -59,7 +59,7 @@ async def test_learned_rate_carries_over_to_the_next_search(
 ) -> None:
     """A second search of the same client starts at the learned rate: at most one 429."""
     sb, gateway = tenant
-    async with client_for(sb, concurrency=8, adaptive=True) as client:
+    async with client_for(sb, concurrency=4, adaptive=True) as client:
         await ids(client, max_pages=50)
         first = gateway.throttled
         gateway.reset()
@@ -76,7 +76,7 @@ async def test_two_concurrent_searches_share_one_budget(
     sb, gateway = tenant
     closed = [c["chat_id"] for c in sb.expected([("status", "eq", "closed")])]
     queued = [c["chat_id"] for c in sb.expected([("status", "not_eq", "closed")])]
-    async with client_for(sb, concurrency=8, adaptive=True) as client:
+    async with client_for(sb, concurrency=4, adaptive=True) as client:
         a, b = await asyncio.gather(
             ids(client, status="closed"), ids(client, status__not_eq="closed")
         )
