@@ -13,6 +13,8 @@ of records and the number of HTTP requests it sent.
    numbers from a shared counter, so k requests stay in flight continuously,
    until one sees an empty page. No ordering, no decoding: the least a
    concurrent fetch can cost.
+4. `retry_loop` (the reference of scenario 10): `workers`, plus a failure
+   retried at once (no backoff): what the server and its faults allow.
 """
 
 from __future__ import annotations
@@ -114,8 +116,14 @@ async def gather_windows(
     return Outcome(count, requests)
 
 
-async def workers(base_url: str, token: str, team_id: str, k: int) -> Outcome:
-    """The raw floor: k workers, k requests in flight continuously, json.loads only."""
+async def workers(
+    base_url: str, token: str, team_id: str, k: int, *, retry: bool = False
+) -> Outcome:
+    """The raw floor: k workers, k requests in flight continuously, json.loads only.
+
+    With `retry`, a failed request (an error status, a reset, a bad body) is sent again at
+    once, with no backoff: the raw retry loop.
+    """
     url = f"{base_url}/chats/search"
     headers = _headers(token, team_id)
     pages = itertools.count(1)
@@ -127,11 +135,24 @@ async def workers(base_url: str, token: str, team_id: str, k: int) -> Outcome:
         async def worker() -> None:
             nonlocal count, requests
             while not end.is_set():
-                records = await _get_page(session, url, headers, next(pages))
-                requests += 1
+                page = next(pages)
+                while True:
+                    requests += 1
+                    try:
+                        records = await _get_page(session, url, headers, page)
+                        break
+                    except (aiohttp.ClientError, ValueError, KeyError):
+                        if not retry:
+                            raise
                 count += len(records)
                 if len(records) < 10:
                     end.set()
 
         await asyncio.gather(*(worker() for _ in range(k)))
     return Outcome(count, requests)
+
+
+async def retry_loop(base_url: str, token: str, team_id: str, k: int) -> Outcome:
+    """What the server and the faults allow: k requests always in flight, a failure retried at
+    once (no backoff, no order, no decoding), until one worker sees a short page."""
+    return await workers(base_url, token, team_id, k, retry=True)

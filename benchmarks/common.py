@@ -48,11 +48,11 @@ class Config:
     # 9. sliced export
     s9_chats: int = 4000
     s9_k: int = 16
-    # 10. rate-limited tenant
-    s10_chats: int = 3000
-    s10_k: int = 16
-    s10_limits: tuple[int, ...] = (50, 100, 400)
-    s10_clean_chats: int = 4000
+    # 11. rate-limited tenant
+    s11_chats: int = 3000
+    s11_k: int = 16
+    s11_limits: tuple[int, ...] = (50, 100, 400)
+    s11_clean_chats: int = 4000
 
     @classmethod
     def full(cls, runs: int = 3) -> Config:
@@ -75,9 +75,9 @@ class Config:
             s6_prefetch=(8,),
             s8_chats=300,
             s9_chats=400,
-            s10_chats=400,
-            s10_limits=(200,),
-            s10_clean_chats=400,
+            s11_chats=400,
+            s11_limits=(200,),
+            s11_clean_chats=400,
         )
 
 

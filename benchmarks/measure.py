@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import imichat_async as imi
-from imichat_async._paging import PagingStats
-from imichat_async._query import build_query
 
 from . import baselines
 from .sandbox_proc import SandboxProcess
@@ -50,12 +48,13 @@ class ClientRun:
     records: int = 0
     requests: int = 0
     retries: int = 0
+    hedges: int = 0
     pages: int = 0
     peak_in_flight: int = 0
     send_rate: float | None = None  # the client's send rate at the end (None: unbounded)
     ttfr: float | None = None  # seconds from the search call to the first record
     chats: list[Any] = field(default_factory=list)
-    paging: PagingStats | None = None
+    paging: imi.PagingStats | None = None
 
 
 def client_run(
@@ -70,7 +69,7 @@ def client_run(
     raw: bool = False,
     max_pages: int | None = None,
 ) -> ClientRun:
-    """One `search_chats()` (or `search_raw_pages()` with raw=True) over the whole tenant."""
+    """One `search_chats()` (or `search_pages(raw=True)` with raw=True) over the whole tenant."""
     out = ClientRun()
 
     async def go() -> None:
@@ -85,9 +84,9 @@ def client_run(
         ) as client:
             started = time.perf_counter()
             if raw:
-                out.paging = PagingStats()
-                async for page in client.search_raw_pages(
-                    build_query(), prefetch=prefetch, max_pages=max_pages, stats=out.paging
+                out.paging = imi.PagingStats()
+                async for page in client.search_pages(
+                    raw=True, prefetch=prefetch, max_pages=max_pages, stats=out.paging
                 ):
                     if out.ttfr is None:
                         out.ttfr = time.perf_counter() - started
@@ -103,6 +102,7 @@ def client_run(
                         out.chats.append(chat)
             out.requests = client.stats.requests
             out.retries = client.stats.retries
+            out.hedges = client.stats.hedges
             out.pages = client.stats.pages
             out.peak_in_flight = client.limiter.peak
             rate = client.limiter.rate

@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: make the package importable
 
 from benchmarks import report
 from benchmarks.common import Config, ScenarioResult
-from benchmarks.scenarios import NAMES, SCENARIOS, TITLES
+from benchmarks.scenarios import ALIASES, SCENARIOS, TITLES
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,7 +40,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         default=None,
-        help=f"comma-separated scenario numbers, of {sorted(SCENARIOS)}, or names {sorted(NAMES)}",
+        help=f"comma-separated scenario numbers, of {sorted(SCENARIOS)}, or {sorted(ALIASES)}",
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return parser.parse_args(argv)
@@ -56,9 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     numbers = sorted(SCENARIOS)
     if args.only:
         try:
-            numbers = sorted(
-                {NAMES.get(x.strip()) or int(x) for x in args.only.split(",") if x.strip()}
-            )
+            names = [x.strip() for x in args.only.split(",") if x.strip()]
+            numbers = sorted({n for x in names for n in (ALIASES[x] if x in ALIASES else [int(x)])})
         except ValueError:
             raise SystemExit(f"--only takes numbers like 1,4 or names: {args.only!r}") from None
         unknown = set(numbers) - set(SCENARIOS)

@@ -3,7 +3,7 @@
 `python -m imichat_async.sandbox` serves a tenant but cannot report its counters
 or change its knobs once started; benchmarks need both (wasted pages and 429s
 seen by the *server*, one server reused across runs with a new latency). So the
-child here serves the same `Sandbox` as `imichat_async.sandbox.serve(...)`, reads one JSON
+child here runs the same `imichat_async.sandbox.serve(...)` and reads one JSON
 command per line on stdin, answering one JSON line on stdout:
 
     {"op": "stats"}                      -> the server's counters
@@ -11,7 +11,6 @@ command per line on stdin, answering one JSON line on stdout:
     {"op": "faults", "knobs": {...}}     -> set `Faults` fields (latency, p_429, ...)
     {"op": "total", "on": false}         -> send X-Total-Count or not
     {"op": "expected"}                   -> every chat of the tenant, as served
-    {"op": "ratelimit", "rate": r, "burst": b}  -> refill the gateway (`rate_limit=` only)
 
 End of stdin (or SIGTERM) stops it. The parent side is `SandboxProcess`.
 """
@@ -38,22 +37,9 @@ class SandboxProcess:
     """Start the child (`with SandboxProcess(chats=4000, latency=0.04) as sb:`) and steer it."""
 
     def __init__(
-        self,
-        chats: int,
-        *,
-        seed: int = 1,
-        total_header: bool = True,
-        rate_limit: tuple[float, int] | None = None,
-        **faults: Any,
+        self, chats: int, *, seed: int = 1, total_header: bool = True, **faults: Any
     ) -> None:
-        """`rate_limit=(requests/s, burst)` puts a gateway's token bucket in front of it."""
-        self.config = {
-            "chats": chats,
-            "seed": seed,
-            "total_header": total_header,
-            "faults": faults,
-            "rate_limit": rate_limit,
-        }
+        self.config = {"chats": chats, "seed": seed, "total_header": total_header, "faults": faults}
         self.chats = chats
         self.base_url = ""
         self.token = ""
@@ -127,10 +113,6 @@ class SandboxProcess:
     def set_total(self, on: bool) -> None:
         self.command("total", on=on)
 
-    def set_rate_limit(self, rate: float, burst: int) -> None:
-        """A new rate and burst for the gateway, its bucket refilled and counters zeroed."""
-        self.command("ratelimit", rate=rate, burst=burst)
-
     def expected(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self.command("expected")
         return result
@@ -167,10 +149,11 @@ def _stats(sb: Any) -> dict[str, Any]:
         "faults": dict(st.faults),
         "errors_by_code": {str(k): v for k, v in st.errors_by_code.items()},
         "throttled": st.throttled,
+        "rate_limited": st.rate_limited,
     }
 
 
-def _handle(sb: Any, cmd: dict[str, Any], gateway: Any = None) -> Any:
+def _handle(sb: Any, cmd: dict[str, Any]) -> Any:
     op = cmd.get("op")
     if op == "stats":
         return _stats(sb)
@@ -188,18 +171,13 @@ def _handle(sb: Any, cmd: dict[str, Any], gateway: Any = None) -> Any:
         return None
     if op == "expected":
         return sb.expected()
-    if op == "ratelimit" and gateway is not None:
-        gateway.reset(cmd["rate"], cmd["burst"])
-        return None
     raise ValueError(f"unknown op {op!r}")
 
 
 async def _child(config: dict[str, Any]) -> None:
     import logging
 
-    from imichat_async.sandbox import Faults, Sandbox
-
-    from .rate_tenant import install
+    from imichat_async.sandbox import serve
 
     # A client that leaves early (cancelled prefetch) resets connections: expected here.
     logging.getLogger("aiohttp").setLevel(logging.CRITICAL)
@@ -216,14 +194,12 @@ async def _child(config: dict[str, Any]) -> None:
             loop.call_soon_threadsafe(commands.put_nowait, line)
         loop.call_soon_threadsafe(commands.put_nowait, None)
 
-    sb = Sandbox(
-        config["chats"],
-        config["seed"],
+    async with serve(
+        chats=config["chats"],
+        seed=config["seed"],
         total_header=config["total_header"],
-        faults=Faults(**config["faults"]),
-    )
-    gateway = install(sb, *config["rate_limit"]) if config.get("rate_limit") else None
-    async with sb:
+        **config["faults"],
+    ) as sb:
         sys.stdout.write(
             f"base_url={sb.base_url}\nteam_id={sb.team_id}\ntoken={sb.token}\nready=1\n"
         )
@@ -240,7 +216,7 @@ async def _child(config: dict[str, Any]) -> None:
             if line is None:
                 break
             try:
-                reply: dict[str, Any] = {"result": _handle(sb, json.loads(line), gateway)}
+                reply: dict[str, Any] = {"result": _handle(sb, json.loads(line))}
             except Exception as exc:
                 reply = {"error": f"{type(exc).__name__}: {exc}"}
             sys.stdout.write(json.dumps(reply, separators=(",", ":")) + "\n")

@@ -35,12 +35,17 @@ from ._errors import (
     ResponseTooLargeError,
     SearchTimeoutError,
     TeamNotFoundError,
+    TLSError,
     TokenExpiredError,
     TransientError,
     UnexpectedResponseError,
 )
+from ._paging import PagingStats
+from ._protocol import PreparedRequest
 from ._query import Filter
 from ._records import Asset, Channel, Chat, ChatStatus
+from ._retry import RetryPolicy
+from ._transport import MockTransport, RawResponse, Transport
 
 __version__ = "0.1.0"
 
@@ -76,12 +81,19 @@ __all__ = [
     "MethodNotAllowedError",
     "MissingBodyError",
     "MissingHeaderError",
+    "MockTransport",
     "NetworkError",
+    "PagingStats",
+    "PreparedRequest",
     "RateLimitedError",
+    "RawResponse",
     "ResponseTooLargeError",
+    "RetryPolicy",
     "SearchTimeoutError",
+    "TLSError",
     "TeamNotFoundError",
     "TokenExpiredError",
     "TransientError",
+    "Transport",
     "UnexpectedResponseError",
 ]

@@ -11,43 +11,74 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
-from contextlib import aclosing
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any, Generic, Literal, TypeVar, overload
 from urllib.parse import urlsplit
 
 import aiohttp
 import attrs
 
+from . import _otel
 from . import _protocol as protocol
 from ._auth import STATIC_TOKEN_EXPIRED, TokenProvider, TokenSource
 from ._errors import (
+    ApiError,
     ConfigurationError,
+    ImiChatError,
     InvalidQueryError,
     SearchTimeoutError,
     TokenExpiredError,
 )
 from ._limiter import Limiter
-from ._paging import Page, PagingStats, iterate_pages
+from ._paging import Hedger, Page, PagingStats, iterate_pages
 from ._query import Filter, Query, build_query
 from ._rate import SendRate
 from ._records import Chat, decode_page
 from ._retry import RetryPolicy, call_with_retries, make_retrying
-from ._transport import RawResponse, Transport
+from ._transport import AiohttpTransport, RawResponse, Transport
 
 log = logging.getLogger("imichat_async")
 
 OVERLOAD_STATUSES = frozenset({429, 503})  # what adaptive concurrency backs off on
 MAX_REFUSED_FRESH = 2  # tokens in a row refused before serving any page, before giving up
+PREFETCH_PER_SLOT = 4  # default prefetch = 4 x concurrency: see README, "Choices"
 RawRecord = Mapping[str, Any]
+T = TypeVar("T")
+X = TypeVar("X")
 
 
-class ChatPage(NamedTuple):
-    """One page from `search_pages`: its chats and its 1-based page number."""
+@attrs.frozen
+class ChatPage(Generic[T]):
+    """One page of `search_pages`: its 1-based `number`, its `items` (`Chat` records, or with
+    `raw=True` the JSON objects as sent), the server's `total` match count when it sent one,
+    and `last`: True when no page follows. Without a total, a full page may still turn out
+    to be the last (the next one came back empty): then the search ends after a page whose
+    `last` is False.
+    """
 
-    chats: list[Chat]
-    page: int
+    number: int
+    items: Sequence[T]
+    total: int | None = None
+    last: bool = False
+
+    @property
+    def chats(self) -> Sequence[T]:
+        """The items (the name of the first release)."""
+        return self.items
+
+    @property
+    def page(self) -> int:
+        """The page number (the name of the first release)."""
+        return self.number
 
 
 @attrs.define
@@ -59,6 +90,7 @@ class ClientStats:
     token_refreshes: int = 0
     pages: int = 0  # pages answered successfully
     records: int = 0
+    hedges: int = 0  # duplicate requests sent for an overdue head page
 
 
 class ImiChatClient:
@@ -69,17 +101,24 @@ class ImiChatClient:
     every request that saw that expiry. `concurrency` bounds the requests in
     flight across all searches of this client. `timeout` is seconds per
     request attempt; `max_retries` the retries of a transient failure after
-    the first attempt. `session` borrows an existing `aiohttp.ClientSession`
-    (not closed by the client).
+    the first attempt (default: `retry_policy`'s, else 5). `session` borrows an
+    existing `aiohttp.ClientSession` (not closed by the client).
 
-    Extras: `rate_limit` caps requests per second (a token bucket);
-    `adaptive=True` learns the tenant's rate limit instead: on a throttle (429,
-    or 503 with Retry-After) it lowers a send rate shared by every search of
-    the client, then probes back up (CUBIC), `rate_limit` if given being its
-    ceiling; `concurrency` stays the cap on requests in flight.
-    `adaptive="concurrency"` is the older mode: halve the requests in flight
-    on 429/503, add them back one by one (AIMD). `max_response_bytes` caps one
-    body; `retry_policy` sets the backoff.
+    Extras: `transport` replaces the aiohttp transport with anything having
+    `async send(request) -> RawResponse` (e.g. `MockTransport` in tests; not
+    closed by the client; excludes `session`); `rate_limit` caps requests per
+    second (a token bucket); `adaptive=True` learns the tenant's rate limit
+    instead: on a throttle (429, or 503 with Retry-After) it lowers a send rate
+    shared by every search of the client, then probes back up (CUBIC),
+    `rate_limit` if given being its ceiling; `concurrency` stays the cap on
+    requests in flight. `adaptive="concurrency"` is the older mode: halve the
+    requests in flight on 429/503, add them back one by one (AIMD).
+    `max_response_bytes` caps one body, after decompression; `retry_policy`
+    sets the backoff and, unless `max_retries` is given, the retries;
+    `hedge=False` never sends a duplicate request for an overdue head page
+    (README: "Choices where the contract leaves room").
+    `tracer_provider` / `meter_provider` (OpenTelemetry, extra `otel`)
+    override the global providers for this client's spans and metrics.
     """
 
     def __init__(
@@ -90,29 +129,41 @@ class ImiChatClient:
         team_id: str,
         concurrency: int = 8,
         timeout: float | None = 30.0,
-        max_retries: int = 5,
+        max_retries: int | None = None,
         session: aiohttp.ClientSession | None = None,
+        transport: Transport | None = None,
         adaptive: bool | str = False,
         rate_limit: float | None = None,
         max_response_bytes: int = 16 * 1024 * 1024,
         retry_policy: RetryPolicy | None = None,
+        hedge: bool = True,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        tracer_provider: Any = None,
+        meter_provider: Any = None,
     ) -> None:
+        """Check every argument now; raises `ConfigurationError` naming the one that cannot work."""
         self.base_url = _check_base_url(base_url)
         if not isinstance(team_id, str) or not team_id:
             raise ConfigurationError("team_id must be a non-empty str")
         if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
             raise ConfigurationError(f"concurrency must be an int >= 1, got {concurrency!r}")
-        if not isinstance(max_retries, int) or max_retries < 0:
-            raise ConfigurationError(f"max_retries must be an int >= 0, got {max_retries!r}")
         if timeout is not None and not timeout > 0:
             raise ConfigurationError(f"timeout must be > 0 seconds or None, got {timeout!r}")
         if rate_limit is not None and not rate_limit > 0:
             raise ConfigurationError(f"rate_limit must be > 0 requests/s, got {rate_limit!r}")
+        if (
+            not isinstance(max_response_bytes, int)
+            or isinstance(max_response_bytes, bool)
+            or max_response_bytes <= 0
+        ):
+            raise ConfigurationError(
+                f"max_response_bytes must be an int > 0, got {max_response_bytes!r:.40}"
+            )
+        policy = _retry_policy(max_retries, retry_policy)
         self.team_id = team_id
         self.concurrency = concurrency
         self.timeout = timeout
-        self.max_retries = max_retries
+        self.max_retries = policy.max_retries
         self.stats = ClientStats()
         self._auth = TokenProvider(token, on_refresh=self._count_refresh)
         self._url = protocol.search_url(self.base_url)
@@ -122,9 +173,6 @@ class ImiChatClient:
                 f'adaptive must be True, False, "rate" or "concurrency", got {adaptive!r:.40}'
             )
         learn_rate = adaptive is True or adaptive == "rate"
-        # A throttled page waits out its Retry-After (often 1 s) while the in-order window
-        # cannot pass it; a deeper window keeps the learned rate busy meanwhile.
-        self._default_prefetch = 4 * concurrency if learn_rate else concurrency
         self._limiter = Limiter(
             concurrency,
             adaptive=adaptive == "concurrency",
@@ -132,16 +180,35 @@ class ImiChatClient:
             if learn_rate or rate_limit is not None
             else None,
         )
-        self._transport = Transport(
-            connections=concurrency,
-            timeout=timeout,
-            session=session,
-            max_response_bytes=max_response_bytes,
+        self._hedger: Hedger | None = (
+            Hedger(backing_off=self._backing_off, on_sent=self._count_hedge) if hedge else None
         )
-        policy = retry_policy or RetryPolicy(max_retries=max_retries)
-        if retry_policy is not None and retry_policy.max_retries != max_retries:
-            policy = attrs.evolve(retry_policy, max_retries=max_retries)
+        self._warm = False  # a page was answered: token, team and query form are known good
+        # Start a warm client's searches with a whole window, not page 1 alone: measured, and
+        # left off (README, "Choices"): it sends pages past the end of every small search.
+        self._speculative_start = False
+        self._closed = False
+        self._own_transport: AiohttpTransport | None = None
+        if transport is None:
+            self._own_transport = AiohttpTransport(
+                connections=concurrency,
+                timeout=timeout,
+                session=session,
+                max_response_bytes=max_response_bytes,
+            )
+            transport = self._own_transport
+        elif session is not None:
+            raise ConfigurationError(
+                "pass either transport= or session=, not both: a session is used only by "
+                "the default (aiohttp) transport"
+            )
+        elif not callable(getattr(transport, "send", None)):
+            raise ConfigurationError(
+                f"transport must have an async send(request) method, got {type(transport).__name__}"
+            )
+        self._transport: Transport = transport
         self._retrying = make_retrying(policy, sleep=sleep, on_retry=self._count_retry)
+        self._telemetry = _otel.Telemetry(tracer_provider, meter_provider)
 
     def __repr__(self) -> str:
         return (
@@ -161,8 +228,10 @@ class ImiChatClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the session if the client made it; a borrowed session stays open."""
-        await self._transport.close()
+        """Close the session if the client made it; a borrowed session or transport stays open."""
+        self._closed = True
+        if self._own_transport is not None:
+            await self._own_transport.close()
 
     @property
     def limiter(self) -> Limiter:
@@ -193,6 +262,54 @@ class ImiChatClient:
         query = build_query(params, filters, condition)
         return _chats(self._pages(query, self._decoded, prefetch, start_page, max_pages, deadline))
 
+    @overload
+    def search_pages(
+        self,
+        *,
+        filters: Iterable[Filter | tuple[str, str, Any]] | None = ...,
+        condition: str = ...,
+        prefetch: int | None = ...,
+        start_page: int = ...,
+        max_pages: int | None = ...,
+        limit: int | None = ...,
+        deadline: float | None = ...,
+        raw: Literal[False] = ...,
+        stats: PagingStats | None = ...,
+        **params: Any,
+    ) -> AsyncGenerator[ChatPage[Chat], None]: ...
+
+    @overload
+    def search_pages(
+        self,
+        *,
+        filters: Iterable[Filter | tuple[str, str, Any]] | None = ...,
+        condition: str = ...,
+        prefetch: int | None = ...,
+        start_page: int = ...,
+        max_pages: int | None = ...,
+        limit: int | None = ...,
+        deadline: float | None = ...,
+        raw: Literal[True],
+        stats: PagingStats | None = ...,
+        **params: Any,
+    ) -> AsyncGenerator[ChatPage[RawRecord], None]: ...
+
+    @overload
+    def search_pages(
+        self,
+        *,
+        filters: Iterable[Filter | tuple[str, str, Any]] | None = ...,
+        condition: str = ...,
+        prefetch: int | None = ...,
+        start_page: int = ...,
+        max_pages: int | None = ...,
+        limit: int | None = ...,
+        deadline: float | None = ...,
+        raw: bool = ...,
+        stats: PagingStats | None = ...,
+        **params: Any,
+    ) -> AsyncGenerator[ChatPage[Any], None]: ...
+
     def search_pages(
         self,
         *,
@@ -201,32 +318,33 @@ class ImiChatClient:
         prefetch: int | None = None,
         start_page: int = 1,
         max_pages: int | None = None,
+        limit: int | None = None,
         deadline: float | None = None,
-        **params: Any,
-    ) -> AsyncGenerator[ChatPage, None]:
-        """Like `search_chats`, one `ChatPage(chats, page)` at a time, for batch consumers."""
-        query = build_query(params, filters, condition)
-        return _chat_pages(
-            self._pages(query, self._decoded, prefetch, start_page, max_pages, deadline)
-        )
-
-    def search_raw_pages(
-        self,
-        query: Query,
-        *,
-        prefetch: int | None = None,
-        start_page: int = 1,
-        max_pages: int | None = None,
-        deadline: float | None = None,
+        raw: bool = False,
         stats: PagingStats | None = None,
-    ) -> AsyncGenerator[Page[RawRecord], None]:
-        """Pages of the raw JSON objects, undecoded, for exporters that keep them as sent.
+        **params: Any,
+    ) -> AsyncGenerator[ChatPage[Any], None]:
+        """The one page-level way to search: one `ChatPage` at a time, in page order.
 
-        `query` comes from `imichat_async._query.build_query`; `stats` is filled
-        as the run goes (total, last page, pages requested, wasted).
+        Filters and paging arguments as for `search_chats`, checked here, at the
+        call (`InvalidQueryError` before any request). `limit` stops after that
+        many items in all, requesting no page beyond them. With `raw=True` the
+        items are the JSON objects exactly as the server sent them (for exports
+        that keep them as sent); otherwise `Chat` records. `stats`, a
+        `PagingStats`, is filled as the search goes: pages requested and
+        yielded, pages requested past the end (`wasted`), the total.
         """
-        return self._pages(query, self._raw, prefetch, start_page, max_pages, deadline, stats)
+        query = build_query(params, filters, condition)
+        if limit is not None:
+            _check_int("limit", limit, 1)
+            needed = -(-limit // protocol.PAGE_SIZE)
+            max_pages = needed if max_pages is None else min(max_pages, needed)
+        st = stats if stats is not None else PagingStats()
+        convert = self._raw if raw else self._decoded
+        pages = self._pages(query, convert, prefetch, start_page, max_pages, deadline, st)
+        return _numbered_pages(pages, st, limit)
 
+    @_otel.search_scope
     def _pages(
         self,
         query: Query,
@@ -238,7 +356,7 @@ class ImiChatClient:
         stats: PagingStats | None = None,
     ) -> AsyncGenerator[Page[Any], None]:
         """Check the paging arguments now, before any request; the pages come lazily."""
-        window = self._default_prefetch if prefetch is None else prefetch
+        window = PREFETCH_PER_SLOT * self.concurrency if prefetch is None else prefetch
         _check_int("prefetch", window, 1)
         _check_int("start_page", start_page, 1)
         if max_pages is not None:
@@ -246,10 +364,11 @@ class ImiChatClient:
         if deadline is not None and not deadline > 0:
             raise InvalidQueryError(f"deadline must be > 0 seconds, got {deadline!r}")
         body = query.body()
+        search = object()  # this search's queue at the limiter: its lowest page goes first
         if deadline is None:
 
             async def fetch(n: int) -> Page[Any]:
-                return convert(await self._fetch(body, n), n)
+                return convert(await self._fetch(body, n, search), n)
 
         else:
             until: list[float] = []  # the clock starts with the first request
@@ -261,7 +380,7 @@ class ImiChatClient:
                 if left <= 0:
                     raise SearchTimeoutError(f"search deadline of {deadline}s passed at page {n}")
                 try:
-                    data = await asyncio.wait_for(self._fetch(body, n), left)
+                    data = await asyncio.wait_for(self._fetch(body, n, search), left)
                 except asyncio.TimeoutError:
                     raise SearchTimeoutError(
                         f"search deadline of {deadline}s passed at page {n}"
@@ -275,6 +394,8 @@ class ImiChatClient:
             start_page=start_page,
             max_pages=max_pages,
             stats=stats,
+            first_alone=not (self._warm and self._speculative_start),
+            hedger=self._hedger,
         )
 
     @staticmethod
@@ -287,14 +408,14 @@ class ImiChatClient:
 
     # -- one page, through retries and token refresh ---------------------------------------
 
-    async def _fetch(self, body: bytes, page: int) -> protocol.PageData:
+    async def _fetch(self, body: bytes, page: int, search: object = None) -> protocol.PageData:
         refreshes = 0  # bounded, so a page can't cycle through tokens forever
         refused = 0  # tokens in a row that expired before they ever served a page
         while True:
             token = await self._auth.get()
             try:
                 data = await call_with_retries(
-                    self._retrying, functools.partial(self._attempt, body, page, token)
+                    self._retrying, functools.partial(self._attempt, body, page, token, search)
                 )
             except TokenExpiredError as exc:
                 if not self._auth.refreshable:
@@ -314,21 +435,27 @@ class ImiChatClient:
                 await self._auth.refresh(token)
                 continue
             self._auth.mark_served(token)
+            self._warm = True
             self.stats.pages += 1
             self.stats.records += len(data.records)
             return data
 
-    async def _attempt(self, body: bytes, page: int, token: str) -> protocol.PageData:
+    @_otel.attempt_scope
+    async def _attempt(
+        self, body: bytes, page: int, token: str, search: object = None
+    ) -> protocol.PageData:
         request = protocol.build_request(self._url, self._headers_for(token), body, page)
         self.stats.requests += 1
         started = time.perf_counter()
         try:
-            raw = await self._send(request)
+            raw = await self._send(request, search)
             data = protocol.parse_response(raw.status, raw.headers, raw.body, page)
         except TokenExpiredError:
             log.debug("page %d: token expired (2004) after %.1f ms", page, _ms(started))
             raise
         except Exception as exc:
+            if isinstance(exc, ApiError) and exc.page is None:
+                exc.with_page(page)  # raised by a transport that did not know the page
             log.debug("page %d: failed: %s after %.1f ms", page, exc, _ms(started))
             raise
         if log.isEnabledFor(logging.DEBUG):
@@ -341,12 +468,21 @@ class ImiChatClient:
             )
         return data
 
-    async def _send(self, request: protocol.PreparedRequest) -> RawResponse:
-        """One attempt under the client-wide limiter, fed back what the server said."""
+    @_otel.send_scope
+    async def _send(self, request: protocol.PreparedRequest, search: object = None) -> RawResponse:
+        """One attempt under the client-wide limiter, fed back what the server said.
+
+        `search` and the page number order the waiters: a search's lowest page
+        first, searches in turn.
+        """
+        if self._closed:
+            raise ImiChatError("the client is closed")
         limiter = self._limiter
-        epoch = await limiter.acquire()
+        epoch = await limiter.acquire(search, request.page)
+        _otel.slot_acquired()
         status = 0
         throttled = False
+        started = time.perf_counter()
         try:
             raw = await self._transport.send(request)
             status = raw.status
@@ -355,12 +491,14 @@ class ImiChatClient:
         finally:
             # Overloaded (429/503), fine (< 500), or neither (5xx, no answer); throttled
             # (429, 503 + Retry-After) lowers a learned send rate.
-            limiter.release(
-                epoch,
-                overloaded=status in OVERLOAD_STATUSES,
-                ok=0 < status < 500,
-                throttled=throttled,
-            )
+            overloaded = status in OVERLOAD_STATUSES
+            limiter.release(epoch, overloaded=overloaded, ok=0 < status < 500, throttled=throttled)
+            hedger = self._hedger
+            if hedger is not None:
+                if status == 200:
+                    hedger.record(time.perf_counter() - started)
+                elif overloaded:
+                    hedger.overloaded()
 
     def _headers_for(self, token: str) -> Mapping[str, str]:
         cached = self._headers
@@ -371,24 +509,104 @@ class ImiChatClient:
 
     def _count_retry(self, exc: BaseException) -> None:
         self.stats.retries += 1
+        _otel.event(_otel.RETRY, exc)
 
     def _count_refresh(self) -> None:
         self.stats.token_refreshes += 1
+        _otel.event(_otel.TOKEN_REFRESH)
+
+    def _count_hedge(self) -> None:
+        self.stats.hedges += 1
+        _otel.event(_otel.HEDGE)
+
+    def _backing_off(self) -> bool:
+        """No hedging now: adaptive concurrency below its ceiling, or a send rate in force.
+
+        Under a rate (given, or learned from a throttle) a duplicate takes a token a
+        new page would have used, and the head page it would duplicate is most
+        likely waiting out a `Retry-After` that the server asked to be kept.
+        """
+        limiter = self._limiter
+        if limiter.rate is not None and limiter.rate.rate is not None:
+            return True
+        return limiter.adaptive and limiter.limit < limiter.max_limit
 
 
-async def _chats(pages: AsyncGenerator[Page[Chat], None]) -> AsyncGenerator[Chat, None]:
-    async with aclosing(pages) as it:
-        async for page in it:
-            for chat in page.items:
-                yield chat
+class _Flat(AsyncGenerator[X, None]):
+    """The values of each page, flattened: `search_chats` and `search_pages` return one.
+
+    A class, not a second async generator around the engine's: when
+    `asyncio.run` ends with a search still suspended, the loop closes every
+    live async generator at once, and an outer generator closing the inner one
+    at the same moment fails with "aclose(): asynchronous generator is
+    already running". With only the engine's generator alive, it is closed
+    once. A dropped `_Flat` drops the engine's generator, which the loop then
+    closes as any other.
+    """
+
+    __slots__ = ("__weakref__", "_explode", "_items", "_pages")  # weakref: tracked like a generator
+
+    def __init__(
+        self, pages: AsyncGenerator[Page[Any], None], explode: Callable[[Page[Any]], Iterable[X]]
+    ) -> None:
+        self._pages = pages
+        self._explode = explode
+        self._items: Iterator[X] = iter(())
+
+    def __aiter__(self) -> _Flat[X]:
+        return self
+
+    async def __anext__(self) -> X:
+        items = self._items
+        for item in items:
+            return item
+        while True:
+            self._items = items = iter(self._explode(await self._pages.__anext__()))
+            for item in items:
+                return item
+
+    async def asend(self, value: None) -> X:
+        return await self.__anext__()
+
+    async def athrow(self, typ: Any, val: Any = None, tb: Any = None) -> X:
+        """As a generator would: the exception ends the iteration (pages closed) and is raised."""
+        await self.aclose()
+        if val is None:
+            raise typ() if isinstance(typ, type) else typ
+        raise val
+
+    async def aclose(self) -> None:
+        self._items = iter(())
+        await self._pages.aclose()
 
 
-async def _chat_pages(
-    pages: AsyncGenerator[Page[Chat], None],
-) -> AsyncGenerator[ChatPage, None]:
-    async with aclosing(pages) as it:
-        async for page in it:
-            yield ChatPage(list(page.items), page.number)
+def _chats(pages: AsyncGenerator[Page[Chat], None]) -> AsyncGenerator[Chat, None]:
+    return _Flat(pages, _items_of)
+
+
+def _items_of(page: Page[Chat]) -> Sequence[Chat]:
+    return page.items
+
+
+def _numbered_pages(
+    pages: AsyncGenerator[Page[Any], None], stats: PagingStats, limit: int | None
+) -> AsyncGenerator[ChatPage[Any], None]:
+    """The engine's pages as `ChatPage`s: `last` from the engine's stats, `limit` applied.
+
+    `max_pages` already stops the engine at the page that reaches `limit`.
+    """
+    left = limit
+
+    def number(page: Page[Any]) -> tuple[ChatPage[Any]]:
+        nonlocal left
+        items = page.items
+        if left is not None:
+            items = items[:left]
+            left -= len(items)
+        last = stats.last_page == page.number or left == 0
+        return (ChatPage(page.number, items, page.total, last),)
+
+    return _Flat(pages, number)
 
 
 def _ms(started: float) -> float:
@@ -400,7 +618,28 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise InvalidQueryError(f"{name} must be an int >= {minimum}, got {value!r:.40}")
 
 
+def _retry_policy(max_retries: int | None, policy: RetryPolicy | None) -> RetryPolicy:
+    """The policy in force: `retry_policy` keeps its count unless `max_retries` is given.
+
+    Raises `ConfigurationError` when both are given and disagree (which one
+    was meant cannot be known) or `max_retries` is not an int >= 0.
+    """
+    if max_retries is not None and (
+        not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0
+    ):
+        raise ConfigurationError(f"max_retries must be an int >= 0, got {max_retries!r:.40}")
+    if policy is None:
+        return RetryPolicy() if max_retries is None else RetryPolicy(max_retries=max_retries)
+    if max_retries is not None and max_retries != policy.max_retries:
+        raise ConfigurationError(
+            f"max_retries={max_retries} disagrees with retry_policy's max_retries="
+            f"{policy.max_retries}: give one of them"
+        )
+    return policy
+
+
 def _check_base_url(base_url: str) -> str:
+    """The base URL without its trailing slash; `ConfigurationError` for one that can't work."""
     if not isinstance(base_url, str):
         raise ConfigurationError("base_url must be a str")
     parts = urlsplit(base_url)
@@ -408,6 +647,17 @@ def _check_base_url(base_url: str) -> str:
         raise ConfigurationError(f"base_url must be an https:// URL, got {base_url!r:.100}")
     if parts.username or parts.password:
         raise ConfigurationError("base_url must not carry credentials")
+    if parts.query or parts.fragment or base_url.rstrip().endswith(("?", "#")):
+        raise ConfigurationError(
+            f"base_url must not have a query or fragment (the client appends "
+            f"/chats/search?page=n), got {base_url!r:.100}"
+        )
+    try:
+        port = parts.port
+    except ValueError:  # out of 0-65535, or not a number
+        port = 0
+    if port == 0:
+        raise ConfigurationError(f"base_url has an invalid port (1-65535), got {base_url!r:.100}")
     if parts.scheme == "http" and not protocol.is_loopback_host(parts.hostname):
         raise ConfigurationError(
             "refusing a cleartext http:// base_url to a remote host: the bearer token "

@@ -13,7 +13,8 @@ The tree::
         │   ├── ChatListUnavailableError      3454 / HTTP 500
         │   ├── RateLimitedError              HTTP 429 (carries retry_after)
         │   ├── GatewayError                  HTTP 502, 503, 504 (HTML or empty body)
-        │   └── NetworkError                  connection reset, timeout (http_status 0)
+        │   └── NetworkError                  no response: refused, reset, DNS, timeout
+        ├── TLSError                          TLS/SSL handshake failed; never retried
         ├── TokenExpiredError                 2004 / HTTP 401 (refreshed once, then retried)
         ├── AuthenticationError
         │   ├── MissingHeaderError            2002
@@ -33,13 +34,30 @@ The tree::
 
 No message built here ever contains a token: errors are made from the status
 code, the HTTP status and the vendor's description only.
+
+Every class pickles with all its attributes (`ImiChatError.__reduce__`), so an
+error crosses a process pool intact.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ImiChatError(Exception):
     """Base of everything imichat_async raises."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Rebuild without calling __init__ (whose keywords differ per class), then restore
+        # the message and every attribute: retry_after, page, field, ... all survive.
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
+
+
+def _rebuild(cls: type[ImiChatError], args: tuple[object, ...], state: dict[str, object]) -> Any:
+    err = cls.__new__(cls)
+    err.args = args
+    err.__dict__.update(state)
+    return err
 
 
 class InvalidQueryError(ImiChatError, ValueError):
@@ -89,31 +107,21 @@ class ApiError(ImiChatError):
         super().__init__(self._message())
 
     def _message(self) -> str:
-        code = f"status_code {self.status_code}" if self.status_code is not None else "no code"
         where = f", page {self.page}" if self.page is not None else ""
-        return f"{self.description} ({code}, HTTP {self.http_status}{where})"
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (
-            _rebuild,
-            (type(self), self.description, self.status_code, self.http_status, self.page),
+        if self.http_status == 0:  # nothing came back: the description says what failed
+            return f"{self.description}{f' (page {self.page})' if self.page is not None else ''}"
+        code = (
+            f"status_code {self.status_code}"
+            if self.status_code is not None
+            else "no vendor status_code"
         )
+        return f"{self.description} (HTTP {self.http_status}, {code}{where})"
 
     def with_page(self, page: int) -> ApiError:
         """Return this error stamped with the page it happened on (for the message)."""
         self.page = page
         self.args = (self._message(),)
         return self
-
-
-def _rebuild(
-    cls: type[ApiError],
-    description: str,
-    status_code: int | None,
-    http_status: int,
-    page: int | None,
-) -> ApiError:
-    return cls(description, status_code=status_code, http_status=http_status, page=page)
 
 
 class TransientError(ApiError):
@@ -149,7 +157,18 @@ class GatewayError(TransientError):
 
 
 class NetworkError(TransientError):
-    """No usable response: connection refused or reset, or the request timed out."""
+    """No usable response: connection refused or reset, DNS failure, or a timeout.
+
+    The description says which, e.g. "no response from the server: connection
+    refused by 127.0.0.1:1".
+    """
+
+
+class TLSError(ApiError):
+    """The TLS/SSL handshake failed: certificate verification, or https:// to a plain-HTTP port.
+
+    Never retried: the same handshake fails the same way. `http_status` is 0.
+    """
 
 
 class TokenExpiredError(ApiError):

@@ -3,25 +3,42 @@
 It is given `fetch(n)`, a coroutine function returning page n as a `Page`
 (items and, when the server sent one, the total count), and knows nothing of
 HTTP. It keeps a continuous window of page tasks (never windows waited on as
-a batch): when page n is handed out the next page is started at once, so
-`prefetch` requests stay in flight while the consumer works.
+a batch): when page n is handed out the next page is started at once.
 
-- The first page is fetched alone: its answer tells the total (when sent), so
-  no page past the end is ever requested when the server sends a total, and a
-  permanent error costs one request, not `prefetch`.
+Two bounds, kept apart. Requests in flight are bounded by whoever `fetch`
+waits on (the client's limiter, which serves a search's lowest page first);
+this engine bounds the pages held ahead of the consumer, answered or not yet,
+to `prefetch` (memory). With `prefetch` above the concurrency, the pages
+behind a slow or retried head page keep every request slot busy until the
+window is full.
+
+- The first page is fetched alone when `first_alone` (a fresh client): its
+  answer tells the total (when sent), so no page past the end is ever
+  requested when the server sends a total, and a permanent error costs one
+  request, not `prefetch`. Otherwise the first window starts at once, and
+  pages launched past the total of the first page are cancelled when it
+  arrives.
 - Without a total, the end is the first short page; pages launched past it
-  are cancelled and counted in `stats.wasted` (at most `prefetch - 1`).
+  are cancelled at once and counted in `stats.wasted` (at most `prefetch - 1`).
 - Memory: at most `prefetch` pages are held at once, counting the one the
   consumer holds; however many pages there are.
+- Hedging (with a `Hedger`): a head page outstanding longer than the
+  hedger's delay, while the window can do nothing else, gets one duplicate
+  `fetch` of the same page; the first answer is used, the other cancelled, so
+  a record is never duplicated nor dropped. At most `HEDGE_BUDGET` of the
+  pages requested (at least one) per run.
 - Leaving early (break, exception, cancellation, `aclose()`) cancels every
-  task in flight and waits for them, in a `finally`; no `yield` happens
-  inside a task group or timeout block (PEP 789).
+  task in flight and waits for them, in a `finally`, even through a second
+  cancellation; no `yield` happens inside a task group or timeout block
+  (PEP 789).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -29,6 +46,8 @@ import attrs
 
 T = TypeVar("T")
 log = logging.getLogger("imichat_async")
+
+HEDGE_BUDGET = 0.05  # duplicate requests per page requested, per run (at least one allowed)
 
 
 @attrs.frozen
@@ -44,12 +63,80 @@ class Page(Generic[T]):
 class PagingStats:
     """What one paging run did: for tests, summaries and benchmarks."""
 
-    pages_requested: int = 0
+    pages_requested: int = 0  # page tasks launched (hedges not counted)
     pages_yielded: int = 0
     items_yielded: int = 0
     wasted: int = 0  # pages requested past the end (their answers unused)
     total: int | None = None
     last_page: int | None = None  # the last page number, once known
+    hedges: int = 0  # duplicate requests sent for an overdue head page
+    hedges_won: int = 0  # of those, the ones whose answer was used
+
+
+class Hedger:
+    """When an overdue head page deserves a duplicate request; one per client.
+
+    The delay is `factor` x the rolling `quantile` of the recent answer times
+    fed to `record`, never below `floor` seconds, and unknown (no hedging)
+    before `min_samples` answers. No hedge is allowed while `backing_off()`
+    says so, nor for one delay after an `overloaded()` answer (429/503): a
+    server that says it is busy gets no extra requests.
+    """
+
+    def __init__(
+        self,
+        *,
+        factor: float = 2.0,
+        quantile: float = 0.95,
+        floor: float = 0.1,
+        samples: int = 256,
+        min_samples: int = 20,
+        backing_off: Callable[[], bool] | None = None,
+        on_sent: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.factor = factor
+        self.quantile = quantile
+        self.floor = floor
+        self.min_samples = min_samples
+        self._times: collections.deque[float] = collections.deque(maxlen=samples)
+        self._seen = 0
+        self._computed_at = -1
+        self._delay: float | None = None
+        self._quiet_until = float("-inf")
+        self._backing_off = backing_off
+        self._on_sent = on_sent
+        self._clock = clock
+
+    def record(self, seconds: float) -> None:
+        """One answer came back after `seconds`."""
+        self._times.append(seconds)
+        self._seen += 1
+
+    def overloaded(self) -> None:
+        """The server said it is overloaded (429/503): no hedge for one delay from now."""
+        self._quiet_until = self._clock() + (self.delay() or self.floor)
+
+    def delay(self) -> float | None:
+        """Seconds a head page may be outstanding before a duplicate; None: not enough data."""
+        if len(self._times) < self.min_samples:
+            return None
+        if self._seen - self._computed_at >= 16 or self._delay is None:  # a sort now and then
+            ordered = sorted(self._times)
+            q = ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))]
+            self._delay = max(self.floor, self.factor * q)
+            self._computed_at = self._seen
+        return self._delay
+
+    def allowed(self) -> bool:
+        """Not backing off, and not just after a 429/503."""
+        if self._backing_off is not None and self._backing_off():
+            return False
+        return self._clock() >= self._quiet_until
+
+    def sent(self) -> None:
+        if self._on_sent is not None:
+            self._on_sent()
 
 
 async def iterate_pages(
@@ -60,6 +147,8 @@ async def iterate_pages(
     start_page: int = 1,
     max_pages: int | None = None,
     stats: PagingStats | None = None,
+    first_alone: bool = True,
+    hedger: Hedger | None = None,
 ) -> AsyncGenerator[Page[T], None]:
     """Yield pages `start_page, start_page+1, ...` in order until the data or `max_pages` ends."""
     if prefetch < 1:
@@ -72,45 +161,111 @@ async def iterate_pages(
     end = start_page + max_pages - 1 if max_pages is not None else None  # last page allowed
     if end is not None and end < start_page:
         return
-    tasks: dict[int, asyncio.Task[Page[T]]] = {}
-    next_launch = start_page + 1
+    tasks: dict[int, asyncio.Task[Page[T]]] = {}  # launched, not yet handed out
+    spares: list[asyncio.Task[Page[T]]] = []  # hedge pairs, awaited at the end
+    next_launch = start_page
 
-    def _top_up(tasks: dict[int, asyncio.Task[Page[T]]], size: int) -> None:
+    def top_up(size: int) -> None:
         nonlocal next_launch
         while len(tasks) < size and (end is None or next_launch <= end):
             tasks[next_launch] = asyncio.ensure_future(fetch(next_launch))
             st.pages_requested += 1
             next_launch += 1
 
+    async def take(number: int) -> Page[T]:
+        task = tasks[number]
+        if hedger is not None and not task.done():
+            page = await _hedged(number, task)
+        else:
+            page = await task
+        del tasks[number]
+        return page
+
+    async def _hedged(number: int, task: asyncio.Task[Page[T]]) -> Page[T]:
+        assert hedger is not None
+        loop = asyncio.get_running_loop()
+        since = loop.time()  # when it became the head: the consumer waits from now
+        while True:
+            delay = hedger.delay()
+            if delay is None or st.hedges >= max(1, int(HEDGE_BUDGET * st.pages_requested)):
+                return await task
+            left = since + delay - loop.time()
+            if left <= 0:
+                if hedger.allowed() and stalled(number):
+                    return await race(number, task)
+                left = delay / 2  # not now: look again a little later
+            await asyncio.wait((task,), timeout=left)
+            if task.done():
+                return task.result()
+
+    def stalled(number: int) -> bool:
+        """The window can do nothing else: it is full, or everything behind the head is ready."""
+        if len(tasks) >= prefetch or (end is not None and next_launch > end):
+            return True
+        return all(t.done() for n, t in tasks.items() if n != number)
+
+    async def race(number: int, task: asyncio.Task[Page[T]]) -> Page[T]:
+        assert hedger is not None
+        spares[:] = [t for t in spares if not _reaped(t)]
+        hedge = asyncio.ensure_future(fetch(number))
+        spares.extend((task, hedge))
+        st.hedges += 1
+        hedger.sent()
+        log.debug("page %d: overdue, hedged with a duplicate request", number)
+        pair: set[asyncio.Task[Page[T]]] = {task, hedge}
+        while True:
+            done, pair = await asyncio.wait(pair, return_when=asyncio.FIRST_COMPLETED)
+            for t in (task, hedge):  # the original first when both are done
+                if t in done and not t.cancelled() and t.exception() is None:
+                    for loser in pair:
+                        loser.cancel()
+                    if t is hedge:
+                        st.hedges_won += 1
+                    return t.result()
+            if not pair:  # both failed: the original's error
+                return task.result()
+
     try:
-        # The first page alone: it may bring the total, and a permanent error costs one request.
-        st.pages_requested += 1
-        current = await fetch(start_page)
+        if first_alone:
+            # The first page alone: it may bring the total, and a permanent error costs one request.
+            top_up(1)
+        else:
+            top_up(prefetch)
+        number = start_page
+        current = await take(number)
         if current.total is not None:
             st.total = current.total
             known_end = start_page - 1 + _pages_for(current.total, page_size, start_page)
             end = known_end if end is None else min(end, known_end)
-        number = start_page
+            spares.extend(_cancel_beyond(tasks, end, st))
         while True:
             if len(current.items) < page_size or (end is not None and number >= end):
                 st.last_page = number
-                _cancel_beyond(tasks, number, st)
+                spares.extend(_cancel_beyond(tasks, number, st))
                 if current.items:
                     yield _count(current, st)
                 return
             # Pages launched and not yet consumed, the one in hand included, stay <= prefetch.
-            _top_up(tasks, prefetch - 1)
+            top_up(prefetch - 1)
             yield _count(current, st)
             number += 1
             # The consumer is done with that page: its slot goes to the next page at once.
-            _top_up(tasks, prefetch)
-            task = tasks.get(number)
-            if task is None:  # only past the end set by max_pages or the total
+            top_up(prefetch)
+            if number not in tasks:  # only past the end set by max_pages or the total
                 return
-            current = await task
-            del tasks[number]
+            current = await take(number)
     finally:
-        await _cancel_all(tasks)
+        await _cancel_all([*tasks.values(), *spares])
+        tasks.clear()
+
+
+def _reaped(task: asyncio.Task[T]) -> bool:
+    """Done (its outcome retrieved, so nothing is logged as never retrieved)."""
+    if not task.done():
+        return False
+    if not task.cancelled():
+        task.exception()
+    return True
 
 
 def _pages_for(total: int, page_size: int, start_page: int) -> int:
@@ -125,21 +280,34 @@ def _count(page: Page[T], st: PagingStats) -> Page[T]:
     return page
 
 
-def _cancel_beyond(tasks: dict[int, asyncio.Task[Page[T]]], last: int, st: PagingStats) -> None:
-    """Cancel pages launched past the end; the `finally` of the run awaits them."""
-    for n, task in tasks.items():
-        if n > last and not task.done():
-            task.cancel()
-        if n > last:
-            st.wasted += 1
+def _cancel_beyond(
+    tasks: dict[int, asyncio.Task[Page[T]]], last: int, st: PagingStats
+) -> list[asyncio.Task[Page[T]]]:
+    """Cancel pages launched past the end at once; returns them for the run's `finally`."""
+    beyond = [tasks.pop(n) for n in [n for n in tasks if n > last]]
+    for task in beyond:
+        task.cancel()
+    st.wasted += len(beyond)
+    return beyond
 
 
-async def _cancel_all(tasks: dict[int, asyncio.Task[Page[T]]]) -> None:
-    """Cancel what is still in flight and wait for it, so no task outlives the search."""
-    pending = list(tasks.values())
-    tasks.clear()
+async def _cancel_all(pending: list[asyncio.Task[Page[T]]]) -> None:
+    """Cancel what is still in flight and wait for every task, so none outlives the search.
+
+    A second cancellation of the consumer while waiting does not cut the wait
+    short: it is raised once every task has finished.
+    """
     for t in pending:
         t.cancel()
-    if pending:
-        # Shielded: a second cancellation of the consumer must not leave these un-awaited.
-        await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))
+    interrupted: asyncio.CancelledError | None = None
+    waiting = [t for t in pending if not t.done()]
+    while waiting:
+        try:
+            await asyncio.wait(waiting)
+        except asyncio.CancelledError as exc:
+            interrupted = exc
+        waiting = [t for t in waiting if not t.done()]
+    for t in pending:
+        _reaped(t)
+    if interrupted is not None:
+        raise interrupted

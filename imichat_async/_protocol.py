@@ -248,16 +248,27 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     return value
 
 
-def _error_from_body(http_status: int, doc: Any) -> tuple[int | None, str]:
-    if isinstance(doc, dict):
-        code = doc.get("status_code")
-        desc = doc.get("description")
-        code = code if isinstance(code, int) and not isinstance(code, bool) else None
-        text = desc if isinstance(desc, str) and desc else None
-        if text is None and code is not None and code in STATUS_TABLE:
-            text = STATUS_TABLE[code].description
-        return code, text or f"HTTP {http_status}"
-    return None, f"HTTP {http_status}"
+def _error_from_body(http_status: int, doc: Any) -> tuple[int | None, str, bool]:
+    """(status_code, description, whether the body carried a status_code we cannot classify).
+
+    A status_code that is not a JSON integer (`"2007"`, `2007.0`, `true`, `[2007]`) is
+    malformed: it is dropped, and said in the description; an integer outside the
+    vendor's error rows is unknown. Either way the body does not follow the contract.
+    """
+    if not isinstance(doc, dict):
+        return None, f"HTTP {http_status}", False
+    raw = doc.get("status_code")
+    desc = doc.get("description")
+    code = raw if isinstance(raw, int) and not isinstance(raw, bool) else None
+    text = desc if isinstance(desc, str) and desc else None
+    row = STATUS_TABLE.get(code) if code is not None else None
+    if text is None and row is not None and row.error is not None:
+        text = row.description  # an error row's text; never the success row's
+    text = text or f"HTTP {http_status}"
+    if raw is not None and code is None:
+        text = f"malformed status_code {json.dumps(raw)[:40]}: {text}"
+    unclassified = raw is not None and (row is None or row.error is None)
+    return code, text, unclassified
 
 
 def parse_response(
@@ -265,10 +276,11 @@ def parse_response(
 ) -> PageData:
     """Classify one response: return its page, or raise the error of its class.
 
-    Raises a `TransientError` subclass (2007, 3454, HTTP 429/5xx, malformed
-    answer from a 5xx), `TokenExpiredError` (2004), or a permanent `ApiError`
-    subclass. A 200 whose body is not the contract's success document raises
-    `UnexpectedResponseError` rather than crashing.
+    Raises a `TransientError` subclass (2007, 3454, HTTP 429/5xx, a 500 without
+    the vendor's JSON body), `TokenExpiredError` (2004), or a permanent `ApiError`
+    subclass. A 200 whose body is not the contract's success document, or an
+    error body whose `status_code` is unknown or not an integer (outside HTTP
+    429/502/503/504), raises `UnexpectedResponseError` rather than crashing.
     """
     doc = _decode_json(body)
     if http_status == 200 and isinstance(doc, dict) and doc.get("status_code") == SUCCESS_CODE:
@@ -284,16 +296,24 @@ def parse_response(
             )
         return PageData(records, _parse_total(_header(headers, TOTAL_HEADER)))
 
-    code, description = _error_from_body(http_status, doc)
+    code, description, unclassified = _error_from_body(http_status, doc)
     row = STATUS_TABLE.get(code) if code is not None else None
     if row is not None and row.error is not None:
         cls: type[e.ApiError] = row.error
     elif http_status in TRANSIENT_HTTP:
         cls = TRANSIENT_HTTP[http_status]
+    elif unclassified and http_status != 200:
+        cls = e.UnexpectedResponseError  # a vendor body we cannot read: not retried blindly
     elif http_status == 500:
         cls = e.InternalServerError  # a bare 500 without the vendor's body
     elif http_status == 401:
         cls = e.TokenExpiredError
+    elif http_status == 404 and code is None:  # not the service's own 404 (2010 has a body)
+        cls = e.UnexpectedResponseError
+        description = (
+            "HTTP 404 without the vendor's JSON body: is base_url the tenant's v3.0 root, "
+            "e.g. https://acme.imi.chat/v3.0?"
+        )
     elif 300 <= http_status < 400:
         cls = e.UnexpectedResponseError
         description = f"redirect refused (HTTP {http_status}): the bearer token is never resent"

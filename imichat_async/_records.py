@@ -8,8 +8,7 @@ the vendor's page that makes it necessary.
 from __future__ import annotations
 
 import enum
-import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -17,6 +16,7 @@ from typing import Any, TypeVar
 import attrs
 import cattrs
 from cattrs.gen import make_dict_structure_fn, override
+from cattrs.v import format_exception
 
 from ._errors import DecodeError
 
@@ -106,6 +106,8 @@ def _open_enum(cls: type[E]) -> Any:
     members = {m.value: m for m in cls}
 
     def structure(value: Any, _: Any) -> E | str | None:
+        if value.__class__ is str:  # the common case first: decoding is per field, per record
+            return members.get(value, value)
         if value is None:
             return None
         if not isinstance(value, str):
@@ -116,6 +118,14 @@ def _open_enum(cls: type[E]) -> Any:
 
 
 def _datetime(value: Any, _: Any) -> datetime | None:
+    if value.__class__ is str:  # the common case inlined: `...Z` read by 3.11's fromisoformat
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            return parse_utc(value)
+        if parsed.tzinfo is timezone.utc:
+            return parsed
+        return parse_utc(value)
     if value is None:
         return None
     if not isinstance(value, str):
@@ -124,7 +134,9 @@ def _datetime(value: Any, _: Any) -> datetime | None:
 
 
 def _optional_str(value: Any, _: Any) -> str | None:
-    if value is None or isinstance(value, str):
+    if value.__class__ is str or value is None:  # the common cases first
+        return value
+    if isinstance(value, str):
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # a numeric id sent unquoted: keep its digits
@@ -140,6 +152,8 @@ def _asset_id(value: Any, _: Any) -> int | str | None:
 
 
 def _tags(value: Any, _: Any) -> list[str]:
+    if value.__class__ is list and all(t.__class__ is str for t in value):
+        return value  # the common case first
     if value is None:
         return []
     if isinstance(value, str):
@@ -152,6 +166,8 @@ def _tags(value: Any, _: Any) -> list[str]:
 
 
 def _details(value: Any, _: Any) -> Mapping[str, Any]:
+    if value.__class__ is dict:  # the common case first
+        return value
     if value is None:
         return _EMPTY
     if not isinstance(value, dict):
@@ -165,6 +181,8 @@ def _asset(converter: cattrs.Converter) -> Any:
     )
 
     def structure(value: Any, _: Any) -> Asset | None:
+        if value.__class__ is dict:  # the common case first
+            return structure_asset(value, Asset)
         if value is None:
             return None
         if not isinstance(value, dict):
@@ -174,34 +192,33 @@ def _asset(converter: cattrs.Converter) -> Any:
     return structure
 
 
-def make_converter() -> cattrs.Converter:
+def make_converter(*, detailed_validation: bool = True) -> cattrs.Converter:
     """The converter for `Chat` and `Asset`. Its rules, each from the wire contract:
 
     - datetimes: ISO 8601 strings, `Z` or an offset, become aware UTC; a naive
       one is taken as UTC;
+    - `chat_id`: a non-empty string (a number sent unquoted keeps its digits);
+    - `alias_id`, `customer_id`, `destination_id`, `assignee`, `flag`: a string,
+      or a number sent unquoted, kept as its digits;
     - `asset.id`: int or str kept as sent ("integer" on the vendor's page, an
       email or service key in practice; a numeric string keeps its zeros);
     - `status`, `channel`: a known value becomes the enum member, an unknown
       one stays a plain `str` (new enum values may appear);
-    - any optional field missing or `null` becomes `None`; `tag` becomes `[]`,
-      `other_details` an empty mapping, `asset` `None`;
+    - any optional field missing or `null` becomes `None`; `tag` becomes `[]`
+      (a lone string becomes a one-tag list), `other_details` an empty
+      mapping, `asset` `None`;
     - unknown extra fields are ignored;
     - `other_details` is kept as the free-form JSON object it is.
 
-    Only `chat_id` is required. The hook for `Chat` is the generated one
-    behind a fast path for the common shapes (`_with_fast_path`), which builds
-    the same records.
+    Only `chat_id` is required. Every rule is a hook of cattrs' generated
+    `Chat` function; nothing builds records by hand. `detailed_validation`
+    only changes what an error says: the client decodes with it off (faster)
+    and decodes a failing record again with it on, to name the field.
     """
-    conv = cattrs.Converter(detailed_validation=True, forbid_extra_keys=False)
+    conv = cattrs.Converter(detailed_validation=detailed_validation, forbid_extra_keys=False)
     conv.register_structure_hook(datetime, _datetime)
-    conv.register_structure_hook(Chat, _with_fast_path(detailed_chat_hook(conv)))
-    return conv
-
-
-def detailed_chat_hook(conv: cattrs.Converter) -> Callable[[Any, Any], Chat]:
-    """cattrs' generated hook for `Chat`, with every rule of `make_converter` (no fast path)."""
     str_hook = override(struct_hook=_optional_str)
-    return make_dict_structure_fn(
+    chat_hook = make_dict_structure_fn(
         Chat,
         conv,
         chat_id=override(struct_hook=_required_str),
@@ -218,101 +235,8 @@ def detailed_chat_hook(conv: cattrs.Converter) -> Callable[[Any, Any], Chat]:
         tag=override(struct_hook=_tags),
         other_details=override(struct_hook=_details),
     )
-
-
-class _Unusual(Exception):
-    """A field outside the common shapes: the generated hook decides."""
-
-
-if sys.version_info >= (3, 11):
-    _from_z = datetime.fromisoformat  # reads "Z" itself, returns timezone.utc
-else:  # pragma: no cover - exercised on 3.10 only
-
-    def _from_z(value: str) -> datetime:
-        return datetime.fromisoformat(value[:-1] + "+00:00")
-
-
-def _with_fast_path(detailed: Callable[[Any, Any], Chat]) -> Callable[[Any, Any], Chat]:
-    """The Chat hook: a plain function for the shapes real pages carry, else cattrs' own.
-
-    The generated hook (`detailed`) is the rule; the fast path only takes a
-    record whose every field already has its common type (str or null, a
-    `...Z` datetime, a list of str, an object) and builds exactly what the
-    generated hook would. Anything else (a number where a str belongs, an
-    offset datetime, a missing `chat_id`, ...) goes to the generated hook,
-    which converts it or raises the detailed error. Decoding a page costs
-    about two thirds as much this way (see benchmarks/RESULTS.md, scenario 3).
-    """
-    statuses = {m.value: m for m in ChatStatus}
-    channels = {m.value: m for m in Channel}
-    empty = _EMPTY
-    utc = timezone.utc
-
-    def text(v: Any) -> str | None:
-        if v is None or v.__class__ is str:
-            return v
-        raise _Unusual
-
-    def when(v: Any) -> datetime | None:
-        if v is None:
-            return None
-        if v.__class__ is str and v[-1:] == "Z":
-            parsed = _from_z(v)
-            if parsed.tzinfo is utc:
-                return parsed
-        raise _Unusual
-
-    def fast(o: Any) -> Chat:
-        g = o.get
-        chat_id = g("chat_id")
-        if chat_id.__class__ is not str or not chat_id:
-            raise _Unusual
-        a = g("asset")
-        if a is not None:
-            if a.__class__ is not dict:
-                raise _Unusual
-            aid = a.get("id")
-            if not (aid is None or aid.__class__ is int or aid.__class__ is str):
-                raise _Unusual
-            a = Asset(aid, text(a.get("name")))
-        tag = g("tag")
-        if tag is None:
-            tag = []
-        elif tag.__class__ is not list or not all(t.__class__ is str for t in tag):
-            raise _Unusual
-        details = g("other_details")
-        if details is None:
-            details = empty
-        elif details.__class__ is not dict:
-            raise _Unusual
-        st, ch = g("status"), g("channel")
-        if not (st is None or st.__class__ is str) or not (ch is None or ch.__class__ is str):
-            raise _Unusual
-        return Chat(
-            chat_id,
-            text(g("alias_id")),
-            when(g("created_at")),
-            when(g("updated_at")),
-            None if st is None else statuses.get(st, st),
-            None if ch is None else channels.get(ch, ch),
-            a,
-            text(g("customer_id")),
-            text(g("destination_id")),
-            text(g("assignee")),
-            text(g("flag")),
-            tag,
-            details,
-        )
-
-    def structure(raw: Any, cls: Any) -> Chat:
-        if raw.__class__ is dict:
-            try:
-                return fast(raw)
-            except Exception:  # _Unusual, or a value fromisoformat refuses
-                pass
-        return detailed(raw, cls)
-
-    return structure
+    conv.register_structure_hook(Chat, chat_hook)
+    return conv
 
 
 def _required_str(value: Any, _: Any) -> str:
@@ -323,8 +247,13 @@ def _required_str(value: Any, _: Any) -> str:
     raise TypeError(f"expected a non-empty string, got {value!r:.40}")
 
 
-_CONVERTER = make_converter()
-_structure_chat = _CONVERTER.get_structure_hook(Chat)
+#: The library's converter (detailed validation: errors name the field), used for records'
+#: error messages and for the export checkpoint's state.
+CONVERTER = make_converter(detailed_validation=True)
+#: The hook the client decodes with (no per-field bookkeeping), and the one that names
+#: the failing field when it fails: both generated by cattrs from the same rules.
+_structure_chat = make_converter(detailed_validation=False).get_structure_hook(Chat)
+_explain_chat = CONVERTER.get_structure_hook(Chat)
 
 
 def decode_chat(raw: Mapping[str, Any], *, page: int | None = None, index: int = 0) -> Chat:
@@ -334,41 +263,48 @@ def decode_chat(raw: Mapping[str, Any], *, page: int | None = None, index: int =
         raise DecodeError(f"cannot decode {where}: not a JSON object", page=page)
     try:
         return _structure_chat(raw, Chat)  # type: ignore[no-any-return]
-    except Exception as exc:  # cattrs wraps per-field errors; unwrap to a plain message
-        field, reason = _first_failure(exc)
-        chat_id = raw.get("chat_id")
-        ident = f" (chat_id {chat_id!r:.60})" if isinstance(chat_id, str) else ""
-        raise DecodeError(
-            f"cannot decode {where}{ident}: field {field!r}: {reason}", page=page, field=field
-        ) from None
+    except Exception:  # decode again with detailed validation, to say which field
+        pass
+    try:
+        return _explain_chat(raw, Chat)  # type: ignore[no-any-return]  # (never succeeds)
+    except Exception as exc:
+        failures = _failures(exc)
+    field, reason = failures[0]
+    more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+    chat_id = raw.get("chat_id")
+    ident = f" (chat_id {chat_id!r:.60})" if isinstance(chat_id, str) else ""
+    raise DecodeError(
+        f"cannot decode {where}{ident}: field {field!r}: {reason}{more}", page=page, field=field
+    ) from None
 
 
 def decode_page(raws: Sequence[Mapping[str, Any]], page: int | None = None) -> list[Chat]:
-    """A page of raw chat objects as `Chat` records, in order."""
+    """A page of raw chat objects as `Chat` records, in order.
+
+    Raises `DecodeError` naming the page, the record's index and its field.
+    """
     structure = _structure_chat
     try:
         return [structure(raw, Chat) for raw in raws]
     except Exception:
-        pass  # slow path below finds and names the failing record
+        pass  # decode record by record to find and name the failing one
     return [decode_chat(raw, page=page, index=i) for i, raw in enumerate(raws)]
 
 
-def _first_failure(exc: BaseException) -> tuple[str, str]:
+def _failures(exc: BaseException, path: str = "") -> list[tuple[str, str]]:
+    """(field path, reason) of each failure in a detailed cattrs error, in field order.
+
+    Walks `ClassValidationError.group_exceptions()` as `cattrs.transform_error`
+    does, keeping the path and the reason apart (the path is `DecodeError.field`).
+    """
     if isinstance(exc, cattrs.ClassValidationError):
-        for sub in exc.exceptions:
-            notes = getattr(sub, "__notes__", None) or []
-            field = "?"
-            for note in notes:
-                if hasattr(note, "name"):
-                    field = str(note.name)
-                elif isinstance(note, str) and "attribute" in note:
-                    field = note.split("attribute", 1)[1].strip().split(" ")[0].strip("'")
-            if isinstance(sub, KeyError):
-                return field, "missing"
-            if isinstance(sub, cattrs.ClassValidationError):
-                inner_field, reason = _first_failure(sub)
-                return f"{field}.{inner_field}", reason
-            return field, str(sub) or type(sub).__name__
-    if isinstance(exc, (TypeError, AttributeError)):
-        return "?", "not a JSON object"
-    return "?", f"{type(exc).__name__}: {exc}"
+        with_notes, without = exc.group_exceptions()
+        found: list[tuple[str, str]] = []
+        for sub, note in with_notes:
+            found += _failures(sub, f"{path}.{note.name}" if path else note.name)
+        for sub in without:
+            found += _failures(sub, path)
+        return found
+    if isinstance(exc, KeyError) or not str(exc):
+        return [(path or "?", format_exception(exc, None))]
+    return [(path or "?", str(exc))]

@@ -1,35 +1,103 @@
-"""The only aiohttp code: one `PreparedRequest` in, one `RawResponse` out.
+"""The transport seam: one `PreparedRequest` in, one `RawResponse` out.
 
-It owns (or borrows) the `aiohttp.ClientSession`, applies the per-request
-timeout and the body size cap, refuses redirects, and turns aiohttp's and
-asyncio's errors into `NetworkError`. It knows nothing of records, pages,
-retries or how many requests may be in flight (the client's limiter decides
-that before calling `send`).
+`Transport` is the protocol the client needs (`async send(request)`);
+`AiohttpTransport` is the only aiohttp code in the library; `MockTransport`
+answers from a function in memory, for users' own tests (as httpx's
+`MockTransport` does).
+
+`AiohttpTransport` owns (or borrows) the `aiohttp.ClientSession`, applies the
+per-request timeout and the body size cap (counted after decompression),
+refuses redirects, and turns aiohttp's and asyncio's errors into the
+library's: `NetworkError` (transient: refused, reset, DNS, timeout),
+`TLSError` (never retried), `ConfigurationError` (a URL aiohttp refuses). It
+knows nothing of records, pages, retries or how many requests may be in
+flight (the client's limiter decides that before calling `send`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import inspect
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol, runtime_checkable
 
 import aiohttp
 import attrs
 
-from ._errors import ImiChatError, NetworkError, ResponseTooLargeError
+from ._errors import (
+    ConfigurationError,
+    ImiChatError,
+    NetworkError,
+    ResponseTooLargeError,
+    TLSError,
+)
 from ._protocol import PreparedRequest
+
+_NO_HEADERS: Mapping[str, str] = {}
 
 
 @attrs.frozen
 class RawResponse:
-    """What came back: HTTP status, headers and the whole body."""
+    """What came back: HTTP status, headers and the whole (decompressed) body."""
 
     status: int
-    headers: Mapping[str, str] = attrs.field(repr=False)
-    body: bytes = attrs.field(repr=False)
+    headers: Mapping[str, str] = attrs.field(default=_NO_HEADERS, repr=False)
+    body: bytes = attrs.field(default=b"", repr=False)
 
 
-class Transport:
-    """Sends prepared requests over one session; `connections` caps its connection pool."""
+@runtime_checkable
+class Transport(Protocol):
+    """Anything that sends one request and returns its response: `ImiChatClient(transport=)`.
+
+    `send` raises `NetworkError` (retried) when no response arrived, or any
+    other `ImiChatError` (not retried); an HTTP error status is a response,
+    not an exception: the client classifies it.
+    """
+
+    async def send(self, request: PreparedRequest) -> RawResponse:
+        """One attempt of `request`."""
+        ...
+
+
+Handler = Callable[[PreparedRequest], "RawResponse | Awaitable[RawResponse]"]
+
+
+class MockTransport:
+    """A transport answering from `handler(request)`, in memory: for tests of code using the client.
+
+    `handler` is a plain or async function; it gets each `PreparedRequest`
+    (method, url with `?page=n`, headers, JSON body, page) and returns a
+    `RawResponse`, or raises (e.g. `NetworkError` to simulate a dropped
+    connection). Nothing touches the network.
+    """
+
+    def __init__(self, handler: Handler) -> None:
+        if not callable(handler):
+            raise ConfigurationError(
+                f"MockTransport needs a callable handler, got {type(handler).__name__}"
+            )
+        self._handler = handler
+
+    def __repr__(self) -> str:
+        return f"<MockTransport handler={getattr(self._handler, '__name__', '?')}>"
+
+    async def send(self, request: PreparedRequest) -> RawResponse:
+        """The handler's answer to `request` (awaited when the handler is async)."""
+        result = self._handler(request)
+        if inspect.isawaitable(result):
+            result = await result
+        if not isinstance(result, RawResponse):
+            raise TypeError(
+                f"the MockTransport handler must return a RawResponse, got {type(result).__name__}"
+            )
+        return result
+
+
+class AiohttpTransport:
+    """Sends prepared requests over one session; `connections` caps its connection pool.
+
+    Its arguments are the client's, checked by the client's constructor.
+    """
 
     def __init__(
         self,
@@ -57,7 +125,12 @@ class Transport:
         return self._session
 
     async def send(self, request: PreparedRequest) -> RawResponse:
-        """One attempt. Raises `NetworkError` when no response arrived in time."""
+        """One attempt.
+
+        Raises `NetworkError` when no response arrived (in time), `TLSError`
+        when the TLS handshake fails, `ConfigurationError` for a URL aiohttp
+        refuses, `ResponseTooLargeError` for a body above the cap.
+        """
         session = self._get_session()
         try:
             async with session.request(
@@ -74,31 +147,33 @@ class Transport:
                 headers = resp.headers
         except asyncio.TimeoutError:
             raise NetworkError(
-                f"no response within {self._timeout.total}s", page=request.page
+                f"no response from the server within {self._timeout.total}s", page=request.page
             ) from None
         except aiohttp.ClientError as exc:
-            raise NetworkError(
-                f"connection failed: {type(exc).__name__}: {_safe(exc)}", page=request.page
-            ) from None
+            raise _map_client_error(exc, request.page) from None
         return RawResponse(status, headers, body)
 
     async def _read(self, resp: aiohttp.ClientResponse, page: int) -> bytes:
+        """The body, decompressed, counted as it streams in: never more than the cap in memory.
+
+        `Content-Length` is the size on the wire (compressed, if encoded): it
+        refuses an identity body early, but only the decompressed count is
+        the cap.
+        """
         cap = self._max_bytes
         length = resp.content_length
-        if length is not None and length > cap:
+        if length is not None and length > cap and not resp.headers.get("Content-Encoding"):
             raise ResponseTooLargeError(
-                f"response body of {length} bytes is above the cap of {cap}",
+                f"response body of {length} bytes is above the cap of {cap} bytes",
                 http_status=resp.status,
                 page=page,
             )
-        if length is not None:
-            return await resp.read()
         chunks = bytearray()
-        async for chunk in resp.content.iter_any():
+        async for chunk in resp.content.iter_chunked(64 * 1024):
             chunks += chunk
             if len(chunks) > cap:
                 raise ResponseTooLargeError(
-                    f"response body above the cap of {cap} bytes",
+                    f"response body above the cap of {cap} bytes (after decompression)",
                     http_status=resp.status,
                     page=page,
                 )
@@ -110,6 +185,44 @@ class Transport:
         session, self._session = self._session, None
         if session is not None and self._owns_session:
             await session.close()
+
+
+def _map_client_error(exc: aiohttp.ClientError, page: int) -> ImiChatError:
+    """aiohttp's error as the library's, saying plainly what failed (never a header)."""
+    if isinstance(exc, (aiohttp.ClientSSLError, aiohttp.ServerFingerprintMismatch)):
+        where = _where(exc)
+        return TLSError(
+            f"TLS/SSL handshake with {where} failed: {_safe(exc)}; is it an https:// URL to a "
+            "port that speaks plain HTTP, or a certificate the system does not trust?",
+            page=page,
+        )
+    if isinstance(exc, aiohttp.InvalidURL):
+        return ConfigurationError(f"base_url gives an invalid URL: {_safe(exc)}")
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return NetworkError(
+            f"no response from the server: DNS lookup of {exc.host!r} failed: {_os_reason(exc)}",
+            page=page,
+        )
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        reason = _os_reason(exc)
+        if isinstance(exc.os_error, ConnectionRefusedError):
+            reason = "connection refused"
+        return NetworkError(f"no response from the server: {reason} by {_where(exc)}", page=page)
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return NetworkError("no response from the server: it closed the connection", page=page)
+    return NetworkError(
+        f"no response from the server: {type(exc).__name__}: {_safe(exc)}", page=page
+    )
+
+
+def _where(exc: aiohttp.ClientError) -> str:
+    host, port = getattr(exc, "host", None), getattr(exc, "port", None)
+    return f"{host}:{port}" if host else "the server"
+
+
+def _os_reason(exc: aiohttp.ClientConnectorError) -> str:
+    os_error = exc.os_error
+    return str(os_error.strerror or os_error)[:200]
 
 
 def _safe(exc: BaseException) -> str:

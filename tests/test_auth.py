@@ -138,3 +138,133 @@ async def test_repr_hides_token(kind: str) -> None:
     await provider.get()
     assert "SECRET" not in repr(provider)
     assert kind in repr(provider)
+
+
+async def test_get_waits_for_a_refresh_in_progress() -> None:
+    """While a refresh runs, get() waits for the new token instead of the expired one."""
+    gate = asyncio.Event()
+    tokens = iter([f"{SECRET}-1", f"{SECRET}-2"])
+
+    async def source() -> str:
+        token = next(tokens)
+        if token.endswith("-2"):
+            await gate.wait()
+        return token
+
+    provider = TokenProvider(source)
+    stale = await provider.get()
+    refresh = asyncio.ensure_future(provider.refresh(stale))
+    await asyncio.sleep(0)
+    getter = asyncio.ensure_future(provider.get())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not getter.done()  # it does not hand out the token known to be expired
+    gate.set()
+    assert await getter == f"{SECRET}-2"
+    assert await refresh == f"{SECRET}-2"
+
+
+async def test_plain_callable_token_is_called() -> None:
+    """A plain (non-async) callable returning a str is accepted: called, not awaited."""
+    calls: list[int] = []
+
+    def source() -> str:
+        calls.append(1)
+        return f"{SECRET}-{len(calls)}"
+
+    provider = TokenProvider(source)
+    assert await provider.get() == f"{SECRET}-1"
+    assert await provider.refresh(f"{SECRET}-1") == f"{SECRET}-2"
+    assert len(calls) == 2
+
+
+async def test_same_token_again_fails_after_one_refresh() -> None:
+    """A callable handing back the token that just expired fails at once, saying so, once."""
+    calls: list[int] = []
+
+    async def source() -> str:
+        calls.append(1)
+        await asyncio.sleep(0)
+        return SECRET
+
+    provider = TokenProvider(source)
+    stale = await provider.get()
+    results = await asyncio.gather(
+        *(provider.refresh(stale) for _ in range(8)), return_exceptions=True
+    )
+    assert len(calls) == 2  # the first token, then one refresh for all eight
+    for err in results:
+        assert isinstance(err, TokenExpiredError)
+        assert (err.status_code, err.http_status) == (2004, 401)
+        assert "same token" in str(err)
+        assert SECRET not in str(err)
+    with pytest.raises(TokenExpiredError, match="same token"):
+        await provider.get()  # no request goes out with the dead token
+    assert len(calls) == 2
+
+
+# -- what the client's refresh budget relies on ------------------------------------------
+
+
+def test_served_remembers_tokens_that_served_a_page() -> None:
+    """mark_served(t) makes served(t) true; a token never marked is not served."""
+    provider = TokenProvider(SECRET)
+    assert not provider.served(SECRET)
+    provider.mark_served(SECRET)
+    provider.mark_served(SECRET)  # marking twice keeps one entry, not two
+    assert provider.served(SECRET)
+    assert not provider.served(f"{SECRET}-other")
+
+
+def test_served_keeps_only_the_four_latest_tokens() -> None:
+    """The served set is bounded (a long export refreshes often): the 5th token evicts the 1st."""
+    provider = TokenProvider(SECRET)
+    tokens = [f"{SECRET}-{i}" for i in range(1, 6)]
+    for token in tokens[:4]:
+        provider.mark_served(token)
+    provider.mark_served(tokens[0])  # already known: no duplicate pushes another one out
+    assert all(provider.served(t) for t in tokens[:4])
+    provider.mark_served(tokens[4])
+    assert [provider.served(t) for t in tokens] == [False, True, True, True, True]
+
+
+async def test_on_refresh_is_called_once_per_real_refresh() -> None:
+    """on_refresh fires for each call of the token callable after a 2004, not for the first
+    token nor for a late refresh that reuses the new token."""
+    calls: list[int] = []
+    source = Source()
+    provider = TokenProvider(source, on_refresh=lambda: calls.append(source.calls))
+    stale = await provider.get()
+    assert calls == []
+    await asyncio.gather(*(provider.refresh(stale) for _ in range(5)))
+    assert calls == [2]
+    await provider.refresh(stale)  # late: already refreshed
+    assert calls == [2]
+    await provider.refresh(await provider.get())
+    assert calls == [2, 3]
+    assert provider.refreshes == 2
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        f" {SECRET}",
+        f"{SECRET}\n",
+        f"{SECRET}\t",
+        f"tok\x00{SECRET}",
+        f"tok\x1f{SECRET}",
+        f"tok\x7f{SECRET}",
+    ],
+    ids=["leading-space", "trailing-newline", "trailing-tab", "nul", "unit-sep", "del"],
+)
+def test_token_with_whitespace_or_control_chars_rejected(token: str) -> None:
+    """Surrounding whitespace or a control character (0x00-0x1f, 0x7f) is refused, unshown."""
+    with pytest.raises(ConfigurationError, match="whitespace or control characters") as info:
+        TokenProvider(token)
+    assert SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize("token", ["a b", "tok~+/=", "t\x80k"], ids=["space", "b64", "latin1"])
+async def test_token_edge_characters_accepted(token: str) -> None:
+    """The boundaries are exact: an inner space (0x20), '~' (0x7e) and 0x80 pass as they are."""
+    assert await TokenProvider(token).get() == token

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = range(1, 11)
+SCENARIOS = range(1, 12)
 
 
 @pytest.mark.slow

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from imichat_async import cli
+from imichat_async import ImiChatClient, cli
+from imichat_async.cli import _wiring
 from imichat_async.sandbox import Sandbox
 
 from .sandbox_thread import ThreadedSandbox, env_for
@@ -153,14 +154,14 @@ def test_export_learns_the_rate_limit_search_does_not(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str, learns: bool
 ) -> None:
     """`export` runs its client with a learned send rate; `search` keeps the plain client."""
-    made: list[cli.ImiChatClient] = []
+    made: list[ImiChatClient] = []
 
-    class Recording(cli.ImiChatClient):
+    class Recording(ImiChatClient):
         def __init__(self, **kw: Any) -> None:
             super().__init__(**kw)
             made.append(self)
 
-    monkeypatch.setattr(cli, "ImiChatClient", Recording)
+    monkeypatch.setattr(_wiring, "ImiChatClient", Recording)
     args = ["export", "--since", SINCE, "-o", str(tmp_path / "o.ndjson")]
     if command == "search":
         args = ["search", "--limit", "1"]
@@ -227,7 +228,7 @@ def test_permanent_api_error_exits_3_without_printing_the_token() -> None:
         )
     for result in (from_env, from_flag):
         assert result.exit_code == 3
-        assert "API error 2003 (HTTP 400): Invalid Access Token" in result.stderr
+        assert "API error: Invalid Access Token (HTTP 400, status_code 2003" in result.stderr
         assert secret not in result.output and "Traceback" not in result.output
 
 

@@ -27,6 +27,7 @@ from imichat_async.export import (
     CsvSink,
     ExportProgress,
     NdjsonSink,
+    _plan,
     export_chats,
 )
 from imichat_async.sandbox import END, Sandbox, serve
@@ -130,7 +131,7 @@ async def test_export_with_transient_faults_is_exact(tmp_path: Path) -> None:
             p_503=0.02,
             p_reset=0.02,
         ) as sb,
-        client_for(sb) as client,
+        client_for(sb, hedge=False) as client,  # exact request accounting: no duplicates
     ):
         report = await export_chats(client, since=SINCE, until=UNTIL, sink=out)
         data = list(sb.data)
@@ -272,7 +273,7 @@ async def test_frozen_until_ignores_chats_created_during_export(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without until, the bound is frozen at the start: chats created later never shift pages."""
-    monkeypatch.setattr(ex, "_utcnow", lambda: END)
+    monkeypatch.setattr(_plan, "utcnow", lambda: END)
     out = tmp_path / "chats.ndjson"
     async with serve(chats=3000, seed=11, insert_every=3) as sb, client_for(sb) as client:
         original = list(sb.data)
@@ -537,3 +538,166 @@ def test_export_killed_with_sigkill_resumes_to_the_exact_set(tmp_path: Path, fmt
     assert_exact(got, data)
     assert not ckpt.exists() and not Path(str(out) + ".part").exists()
     assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path))
+
+
+# -- defects found by review -----------------------------------------------------------------
+
+
+async def test_csv_resume_counts_rows_whatever_the_chat_ids(tmp_path: Path) -> None:
+    """A CSV export holding chats whose chat_id is not a string resumes (it was refused)."""
+    out = tmp_path / "chats.csv"
+    ckpt = tmp_path / "ckpt.json"
+
+    class Stop(Exception):
+        pass
+
+    def watch(p: ExportProgress) -> None:
+        if p.slices_done >= 2:
+            raise Stop
+
+    async with serve(chats=600, seed=31) as sb, client_for(sb, concurrency=2) as client:
+        for chat in sb.data[::5]:
+            chat["chat_id"] = True  # a malformed id: written, not de-duplicable
+        args: dict[str, Any] = {"since": SINCE, "until": UNTIL, "sink": out, "checkpoint": ckpt}
+        with pytest.raises(Stop):
+            await export_chats(client, progress=watch, **args)
+        assert json.loads(ckpt.read_text())["records"] > 0
+        report = await export_chats(client, resume=True, **args)
+    rows = read_csv(out)
+    assert report.resumed and report.records == len(rows) == 600
+    assert sum(r["chat_id"] == "true" for r in rows) == 120
+
+
+@pytest.mark.parametrize("sink_type", [NdjsonSink, CsvSink])
+async def test_resume_streams_the_partial_file(
+    tmp_path: Path, sink_type: type[ex.FileSink]
+) -> None:
+    """Resuming counts the records of a large .part file without reading it whole into memory."""
+    import tracemalloc
+
+    path = tmp_path / "big.out"
+    sink = sink_type(path)
+    assert await sink.open(None) == 0
+    chat = {"chat_id": "x", "other_details": {"note": "y" * 2000}}
+    for _ in range(40):
+        await sink.write([chat] * 250)  # 10,000 records, about 20 MB
+    offset = await sink.sync()
+    sink.close()
+    assert offset is not None and offset > 20_000_000
+    resumed = sink_type(path)
+    tracemalloc.start()
+    try:
+        count = await resumed.open(offset)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        resumed.close()
+    assert count == 10_000
+    assert peak < 4_000_000  # a bounded buffer, not the file
+
+
+async def test_fsync_runs_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every fsync of an export (output, checkpoint, directory) runs outside the loop's thread."""
+    import threading
+
+    real_fsync = os.fsync
+    on_loop: list[bool] = []
+
+    def spy(fd: int) -> None:
+        on_loop.append(threading.current_thread() is threading.main_thread())
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    out = tmp_path / "chats.ndjson"
+    async with serve(chats=300, seed=32) as sb, client_for(sb) as client:
+        await export_chats(
+            client, since=SINCE, until=UNTIL, sink=out, checkpoint=tmp_path / "ckpt.json"
+        )
+    assert len(on_loop) > 10 and not any(on_loop)
+
+
+async def test_second_cancellation_still_waits_for_every_worker() -> None:
+    """Cancelled twice while its workers clean up, the export returns only once they are done."""
+    entered = asyncio.Event()
+    release = asyncio.Event()
+    cleaned: list[bool] = []
+
+    async def slow_to_stop(chat: Any) -> None:
+        entered.set()
+        try:
+            await asyncio.Event().wait()  # hangs until cancelled
+        except asyncio.CancelledError:
+            await release.wait()  # cleanup that takes a while
+            cleaned.append(True)
+            raise
+
+    async with serve(chats=200, seed=33) as sb, client_for(sb, concurrency=2) as client:
+        task = asyncio.create_task(
+            export_chats(client, since=SINCE, until=UNTIL, sink=slow_to_stop)
+        )
+        await entered.wait()
+        task.cancel()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        task.cancel()  # the second cancellation, during cleanup
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not task.done()  # still waiting for the worker's cleanup
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert cleaned == [True]
+        await assert_no_stray_tasks()
+
+
+def test_export_package_all_lists_its_public_names() -> None:
+    """`imichat_async.export.__all__` is exactly its public names, each importable."""
+    assert sorted(ex.__all__) == sorted(
+        [
+            "CSV_COLUMNS",
+            "CallableSink",
+            "CheckpointError",
+            "CsvSink",
+            "ExportProgress",
+            "ExportReport",
+            "FileSink",
+            "NdjsonSink",
+            "Sink",
+            "export_chats",
+            "make_sink",
+        ]
+    )
+    assert all(hasattr(ex, name) for name in ex.__all__)
+
+
+async def _export_held_bytes(chats: int) -> int:
+    """Bytes allocated by the export's own code and still held when its last slice commits."""
+    import tracemalloc
+
+    held: list[int] = []
+    only_export = [tracemalloc.Filter(True, "*imichat_async/export*")]
+
+    def watch(p: ExportProgress) -> None:
+        if p.records == chats and not held:
+            snap = tracemalloc.take_snapshot().filter_traces(only_export)
+            held.append(sum(s.size for s in snap.statistics("filename")))
+
+    async def drop(chat: Any) -> None:
+        pass
+
+    async with serve(chats=chats, seed=34) as sb, client_for(sb, concurrency=4) as client:
+        tracemalloc.start()
+        try:
+            await export_chats(client, since=SINCE, until=UNTIL, sink=drop, progress=watch)
+        finally:
+            tracemalloc.stop()
+    return held[0]
+
+
+async def test_export_memory_does_not_grow_with_the_chats_exported() -> None:
+    """What the export holds at its end is the same for 300 and 2,000 chats (no set of ids)."""
+    small = await _export_held_bytes(300)
+    large = await _export_held_bytes(2000)
+    assert large - small < 16_000  # a set of 1,700 more ids alone would hold > 60 kB

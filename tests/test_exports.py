@@ -41,6 +41,59 @@ def test_all_is_importable_and_unique() -> None:
         assert hasattr(imi, name), name
 
 
+#: The whole public surface, as a literal: adding or removing a name is a decision.
+PUBLIC_NAMES = [
+    "ApiError",
+    "Asset",
+    "AuthenticationError",
+    "BadRequestError",
+    "Channel",
+    "Chat",
+    "ChatListUnavailableError",
+    "ChatPage",
+    "ChatStatus",
+    "ClientStats",
+    "ConfigurationError",
+    "DecodeError",
+    "Filter",
+    "GatewayError",
+    "ImiChatClient",
+    "ImiChatError",
+    "InternalServerError",
+    "InvalidConditionError",
+    "InvalidFilterOperatorError",
+    "InvalidFilterParamError",
+    "InvalidFilterValueError",
+    "InvalidQueryError",
+    "InvalidQueryFormatError",
+    "InvalidRequestError",
+    "InvalidTokenError",
+    "MethodNotAllowedError",
+    "MissingBodyError",
+    "MissingHeaderError",
+    "MockTransport",
+    "NetworkError",
+    "PagingStats",
+    "PreparedRequest",
+    "RateLimitedError",
+    "RawResponse",
+    "ResponseTooLargeError",
+    "RetryPolicy",
+    "SearchTimeoutError",
+    "TLSError",
+    "TeamNotFoundError",
+    "TokenExpiredError",
+    "TransientError",
+    "Transport",
+    "UnexpectedResponseError",
+]
+
+
+def test_all_is_exactly_the_public_surface() -> None:
+    """__all__ equals the literal list of public names (nothing more, nothing less)."""
+    assert sorted(imi.__all__) == PUBLIC_NAMES
+
+
 def test_star_import() -> None:
     """from imichat_async import * gives the promised names."""
     ns: dict[str, object] = {}
@@ -118,6 +171,44 @@ def test_api_error_attributes_and_pickle() -> None:
         3,
     )
     assert str(back) == str(err)
+
+
+def _every_error_class() -> list[type[BaseException]]:
+    return [
+        c
+        for _, c in inspect.getmembers(errors, inspect.isclass)
+        if c.__module__ == errors.__name__ and issubclass(c, BaseException)
+    ]
+
+
+def _filled(cls: type[BaseException]) -> BaseException:
+    """An instance of `cls` with every attribute it has set to a non-default value."""
+    if issubclass(cls, errors.TransientError):
+        return cls("d", status_code=2007, http_status=503, page=4, retry_after=7.5)
+    if issubclass(cls, errors.ApiError):
+        return cls("d", status_code=3445, http_status=400, page=4)
+    if issubclass(cls, errors.DecodeError):
+        return cls("cannot decode page 4", page=4, field="asset.id")
+    return cls("message")
+
+
+@pytest.mark.parametrize("cls", _every_error_class(), ids=lambda c: c.__name__)
+def test_every_error_class_pickles_with_all_its_attributes(cls: type[BaseException]) -> None:
+    """Each class of _errors round-trips through pickle: type, message and every attribute."""
+    err = _filled(cls)
+    err.add_note("a note")
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is cls
+    assert str(back) == str(err)
+    assert back.args == err.args
+    assert vars(back) == vars(err)
+    assert getattr(back, "retry_after", None) == (
+        7.5 if isinstance(err, errors.TransientError) else None
+    )
+    assert getattr(back, "page", None) == (4 if hasattr(err, "page") else None)
+    assert getattr(back, "field", None) == (
+        "asset.id" if isinstance(err, errors.DecodeError) else None
+    )
 
 
 def test_client_constructor_keywords() -> None:

@@ -181,6 +181,70 @@ def test_limit_must_be_positive(limit: int) -> None:
         Limiter(limit)
 
 
+async def test_adaptive_stale_overload_never_enlarges() -> None:
+    """A 429/503 from before the last halving (stale epoch) leaves the window as it is."""
+    limiter = Limiter(8, adaptive=True)
+    epochs = [await limiter.acquire() for _ in range(8)]
+    limiter.release(epochs[0], overloaded=True, ok=True)  # a 429 is < 500: ok=True as well
+    assert limiter.limit == 4
+    for epoch in epochs[1:]:
+        limiter.release(epoch, overloaded=True, ok=True)
+    assert limiter.limit == 4
+    assert limiter.decreases == 1
+
+
+async def _grant_order(limiter: Limiter, asks: list[tuple[object, float | None]]) -> list[int]:
+    """Queue `asks` (group, rank) behind one held slot, free it, return the order of grants."""
+    order: list[int] = []
+    held = await limiter.acquire()
+
+    async def waiter(i: int, group: object, rank: float | None) -> None:
+        e = await limiter.acquire(group, rank)
+        order.append(i)
+        await asyncio.sleep(0)
+        limiter.release(e)
+
+    tasks = [asyncio.ensure_future(waiter(i, g, r)) for i, (g, r) in enumerate(asks)]
+    await asyncio.sleep(0)
+    limiter.release(held)
+    await asyncio.gather(*tasks)
+    return order
+
+
+async def test_lowest_rank_of_a_group_goes_first() -> None:
+    """Within one search the lowest page waiting gets the next slot, whenever it asked."""
+    asks: list[tuple[object, float | None]] = [("s", 5), ("s", 7), ("s", 6), ("s", 2)]
+    assert await _grant_order(Limiter(1), asks) == [3, 0, 2, 1]
+
+
+async def test_groups_take_turns() -> None:
+    """Two searches waiting are served alternately, each lowest page first."""
+    asks: list[tuple[object, float | None]] = [("a", 1), ("a", 2), ("a", 3), ("b", 9), ("b", 8)]
+    assert await _grant_order(Limiter(1), asks) == [0, 4, 1, 3, 2]
+
+
+async def test_cancelled_ranked_waiter_leaves_its_queue() -> None:
+    """A ranked waiter cancelled in its queue is skipped; the others still get slots in order."""
+    limiter = Limiter(1)
+    held = await limiter.acquire()
+    order: list[int] = []
+
+    async def waiter(i: int) -> None:
+        e = await limiter.acquire("s", i)
+        order.append(i)
+        limiter.release(e)
+
+    tasks = {i: asyncio.ensure_future(waiter(i)) for i in (3, 1, 2)}
+    await asyncio.sleep(0)
+    tasks[1].cancel()
+    await asyncio.gather(tasks[1], return_exceptions=True)
+    limiter.release(held)
+    await asyncio.gather(tasks[2], tasks[3])
+    assert order == [2, 3]
+    assert limiter.in_flight == 0
+    assert await asyncio.wait_for(limiter.acquire("s", 0), 1) == 0
+
+
 # -- the send rate, waited for before a slot --------------------------------------------------
 
 
@@ -272,3 +336,87 @@ def test_adaptive_rate_and_adaptive_concurrency_are_exclusive() -> None:
         Limiter(4, adaptive=True, send_rate=SendRate(adaptive=True))
     with pytest.raises(ValueError, match="not both"):
         Limiter(4, rate_limit=5.0, send_rate=SendRate(5.0))
+
+
+async def test_rate_grants_in_head_first_order() -> None:
+    """Under a rate, each token goes to the lowest page waiting then, even one that came late."""
+    t = FakeTime()
+    gate = asyncio.Event()
+
+    async def gated_sleep(seconds: float) -> None:
+        await gate.wait()  # the keeper's wait ends when the test says so
+        gate.clear()
+        await t.sleep(seconds)
+
+    limiter = Limiter(8, send_rate=SendRate(10.0, clock=t), sleep=gated_sleep)
+    limiter.release(await limiter.acquire("s", 0))  # the bucket's first token
+    order: list[int] = []
+
+    async def waiter(page: int) -> None:
+        e = await limiter.acquire("s", page)
+        order.append(page)
+        limiter.release(e)
+
+    tasks = [asyncio.ensure_future(waiter(p)) for p in (5, 6, 7)]
+    await asyncio.sleep(0)
+    tasks.append(asyncio.ensure_future(waiter(2)))  # a retry of the head page, during the wait
+    await asyncio.sleep(0)
+    assert limiter.waiting == 4 and limiter.in_flight == 0
+    for _ in range(4):
+        gate.set()
+        for _ in range(5):
+            await asyncio.sleep(0)
+    await asyncio.gather(*tasks)
+    assert order == [2, 5, 6, 7]
+
+
+async def test_rate_serves_groups_in_turn() -> None:
+    """Under a rate, two searches waiting for tokens take turns, each lowest page first."""
+    t = FakeTime()
+    gate = asyncio.Event()
+
+    async def gated_sleep(seconds: float) -> None:
+        await gate.wait()  # everyone is in line before the first token comes
+        await t.sleep(seconds)
+
+    limiter = Limiter(8, send_rate=SendRate(10.0, clock=t), sleep=gated_sleep)
+    limiter.release(await limiter.acquire())  # the bucket's first token
+    order: list[tuple[str, int]] = []
+
+    async def waiter(group: str, page: int) -> None:
+        e = await limiter.acquire(group, page)
+        order.append((group, page))
+        limiter.release(e)
+
+    asks = [("a", 3), ("a", 1), ("a", 2), ("b", 9), ("b", 8)]
+    tasks = [asyncio.ensure_future(waiter(g, p)) for g, p in asks]
+    await asyncio.sleep(0)
+    assert limiter.waiting == 5
+    gate.set()
+    await asyncio.gather(*tasks)
+    assert order == [("a", 1), ("b", 8), ("a", 2), ("b", 9), ("a", 3)]
+    assert t.now == pytest.approx(0.48)  # 4.8 tokens owed at 10/s: one per 0.1 s, no faster
+
+
+async def test_cancelled_keeper_hands_the_wait_on() -> None:
+    """The waiter keeping time for the next token is cancelled: another takes over, none lost."""
+    t = FakeTime()
+    gate = asyncio.Event()
+
+    async def gated_sleep(seconds: float) -> None:
+        await gate.wait()
+        await t.sleep(seconds)
+
+    limiter = Limiter(8, send_rate=SendRate(10.0, clock=t), sleep=gated_sleep)
+    limiter.release(await limiter.acquire("s", 0))
+    first = asyncio.ensure_future(limiter.acquire("s", 1))  # first in line: keeps time
+    second = asyncio.ensure_future(limiter.acquire("s", 2))
+    await asyncio.sleep(0)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    gate.set()
+    epoch = await asyncio.wait_for(second, 1)
+    assert limiter.in_flight == 1 and limiter.waiting == 0
+    limiter.release(epoch)
+    await assert_no_stray_tasks()

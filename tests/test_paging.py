@@ -473,7 +473,8 @@ async def test_cancellation_during_first_page() -> None:
                 pass
 
     task = asyncio.ensure_future(consumer())
-    await asyncio.sleep(0)
+    for _ in range(3):  # the consumer starts, then page 1's task
+        await asyncio.sleep(0)
     assert server.requested == [1]
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

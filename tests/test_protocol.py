@@ -34,6 +34,45 @@ def _ok(records: list[dict[str, Any]]) -> bytes:
     return _body(4305, "The list of chats retrieved successfully", records)
 
 
+# -- the vendor's tables, literally ------------------------------------------------------
+
+
+def test_params_and_operators_are_the_vendor_table() -> None:
+    """PARAM_OPERATORS is the "Supported Params and Operators" table, nothing more or less."""
+    order = ("eq", "lt", "gt", "lte", "gte")
+    destination = ("facebook_psid", "twitter_id", "email_id", "mobile", "livechat_id")
+    assert dict(protocol.PARAM_OPERATORS) == {
+        "status": ("eq", "not_eq"),
+        "created_at": order,
+        "updated_at": order,
+        **{p: ("eq",) for p in ("channel", "tag", "assignee", *destination)},
+        **{p: ("eq",) for p in ("abc_user_id", "whatsapp_mobile_number", "intent", "group")},
+    }
+    assert {"created_at", "updated_at"} == protocol.DATETIME_PARAMS
+    assert protocol.CONDITIONS == ("and", "or")
+
+
+def test_closed_value_sets_are_the_vendor_values() -> None:
+    """status and channel take the vendor's values only; the others take any string."""
+    assert dict(protocol.ENUM_PARAM_VALUES) == {
+        "status": ("queued", "picked", "onhold", "closed"),
+        "channel": ("sms", "facebook", "twitter", "livechat", "email", "abc", "whatsapp", "api"),
+    }
+
+
+def test_destination_params_match_their_channel() -> None:
+    """Each destination-id param matches the destination_id of the vendor's one channel."""
+    assert dict(protocol.DESTINATION_PARAMS) == {
+        "facebook_psid": "facebook",
+        "twitter_id": "twitter",
+        "email_id": "email",
+        "mobile": "sms",
+        "livechat_id": "livechat",
+        "abc_user_id": "abc",
+        "whatsapp_mobile_number": "whatsapp",
+    }
+
+
 # -- classification of the vendor's status table -------------------------------------------
 
 
@@ -61,12 +100,45 @@ def test_every_error_row_raises_its_class(row: dict[str, Any]) -> None:
     assert str(row["status_code"]) in str(err)
 
 
+#: The vendor page's "Response Codes" descriptions, copied by hand (its placeholders
+#: `<param_name>`, `{0}` and `{1}` written `{param}` and `{value}`).
+VENDOR_TEXT = {
+    2002: "Invalid header param - could not find mandatory header parameters",
+    2003: "Invalid Access Token",
+    2004: "Access Token expired",
+    2007: "Internal Server Error",
+    2010: "Could not find details of team based on the teamid passed in the header",
+    2099: "Method not allowed",
+    3114: "Request body not provided. Check Content-Type header",
+    3115: "Request is invalid",
+    3445: "Provided filtration parameter: {param} is not valid",
+    3446: "Provided operator for filtration parameter: {param} is not valid",
+    3447: "Provided condition is not valid",
+    3451: "Search query request format is not valid",
+    4303: "Invalid input value:'{value}' provided for filtration parameter:'{param}'",
+    3454: "Chat list could not be retrieved",
+}
+
+
+def test_status_table_texts_are_the_vendor_page() -> None:
+    """Every row's description is the vendor page's, the success row's included."""
+    expected = {**VENDOR_TEXT, 4305: "The list of chats retrieved successfully"}
+    assert {c: r.description for c, r in protocol.STATUS_TABLE.items()} == expected
+
+
 @pytest.mark.parametrize("row", STATUS_ROWS, ids=lambda r: str(r["status_code"]))
-def test_error_row_without_description_uses_the_vendor_text(row: dict[str, Any]) -> None:
-    """A known status_code with no description falls back to the vendor table's text."""
+@pytest.mark.parametrize(
+    "description", [None, "", 123, ["x"]], ids=["null", "empty", "int", "list"]
+)
+def test_error_row_without_description_uses_the_vendor_text(
+    row: dict[str, Any], description: Any
+) -> None:
+    """A known status_code whose description is absent, empty or not a string gets the
+    vendor page's text, and keeps its class."""
     with pytest.raises(e.ApiError) as info:
-        protocol.parse_response(row["http_status"], {}, _body(row["status_code"], None))
-    assert info.value.description == protocol.STATUS_TABLE[row["status_code"]].description
+        protocol.parse_response(row["http_status"], {}, _body(row["status_code"], description))
+    assert type(info.value) is getattr(e, row["error"])
+    assert info.value.description == VENDOR_TEXT[row["status_code"]]
 
 
 @pytest.mark.parametrize(
@@ -79,6 +151,48 @@ def test_error_kinds_match_the_contract(kind: str, retryable: bool) -> None:
         with pytest.raises(e.ApiError) as info:
             protocol.parse_response(row["http_status"], {}, _body(row["status_code"], "x"))
         assert isinstance(info.value, e.TransientError) is retryable, row
+
+
+@pytest.mark.parametrize("http_status", [500, 401, 400, 404])
+@pytest.mark.parametrize(
+    ("status_code", "shown"),
+    [("2007", '"2007"'), (2007.0, "2007.0"), (True, "true"), ([2007], "[2007]"), ({}, "{}")],
+    ids=["string", "float", "bool", "list", "object"],
+)
+def test_malformed_status_code_is_unexpected_response(
+    http_status: int, status_code: Any, shown: str
+) -> None:
+    """A status_code that is not a JSON integer is UnexpectedResponseError (never retried),
+    whatever the HTTP status short of a gateway's; the message shows the odd value."""
+    with pytest.raises(e.ApiError) as info:
+        protocol.parse_response(http_status, {}, _body(status_code, "Internal Server Error"))
+    assert type(info.value) is e.UnexpectedResponseError
+    assert (info.value.status_code, info.value.http_status) == (None, http_status)
+    assert info.value.description == f"malformed status_code {shown}: Internal Server Error"
+
+
+@pytest.mark.parametrize("http_status", [500, 401])
+@pytest.mark.parametrize("status_code", [9999, 4305, 0, -2007])
+def test_unknown_status_code_on_500_or_401_is_not_retried(
+    http_status: int, status_code: int
+) -> None:
+    """An integer outside the vendor's error rows on a 500 or 401 is UnexpectedResponseError,
+    not a retried InternalServerError nor a token refresh."""
+    with pytest.raises(e.ApiError) as info:
+        protocol.parse_response(http_status, {}, _body(status_code, ""))
+    assert type(info.value) is e.UnexpectedResponseError
+    assert (info.value.status_code, info.value.http_status) == (status_code, http_status)
+    assert info.value.description == f"HTTP {http_status}"
+
+
+@pytest.mark.parametrize("status", [429, 502, 503, 504])
+@pytest.mark.parametrize("status_code", ["2007", 2007.0, 9999])
+def test_gateway_status_wins_over_an_odd_status_code(status: int, status_code: Any) -> None:
+    """HTTP 429/502/503/504 stay transient, Retry-After kept, when the body's code is odd."""
+    with pytest.raises(e.ApiError) as info:
+        protocol.parse_response(status, {"Retry-After": "2"}, _body(status_code, "x"))
+    assert type(info.value) is (e.RateLimitedError if status == 429 else e.GatewayError)
+    assert info.value.retry_after == 2.0
 
 
 def test_unknown_status_code_is_unexpected_response() -> None:
@@ -152,6 +266,29 @@ def test_malformed_success_is_unexpected_response(body: bytes) -> None:
     assert info.value.page == 2
 
 
+@pytest.mark.parametrize(
+    ("body", "code", "description"),
+    [
+        (b"{not json", None, "malformed success body"),
+        (b"", None, "malformed success body"),
+        (b"[]", None, "unexpected success body"),
+        (_body(None, "ok", []), None, "unexpected success body"),
+        (_body(9999, "ok", []), 9999, "unexpected success body"),
+        (_body("4305", "ok", []), None, "unexpected success body"),
+        (_body(4305, "ok", {"chat_id": "x"}), 4305, "response is not a list of chat objects"),
+        (_body(4305, "ok", [{"chat_id": "x"}, 7]), 4305, "response is not a list of chat objects"),
+    ],
+    ids=["truncated", "empty", "json-list", "no-code", "unknown", "str-code", "object", "mixed"],
+)
+def test_malformed_success_says_what_was_wrong(
+    body: bytes, code: int | None, description: str
+) -> None:
+    """The error on a bad 200 tells unparsable from unexpected JSON and keeps the code."""
+    with pytest.raises(e.UnexpectedResponseError) as info:
+        protocol.parse_response(200, {}, body)
+    assert (info.value.status_code, info.value.description) == (code, description)
+
+
 # -- gateways, rate limits, redirects, bare statuses ------------------------------------
 
 
@@ -180,8 +317,10 @@ def test_gateway_bodies_are_transient(status: int, body: bytes) -> None:
         ("-5", None),
         ("nan", None),
         ("inf", None),
-        ("86400", protocol.MAX_RETRY_AFTER),
-        ("1e12", protocol.MAX_RETRY_AFTER),
+        ("300", 300.0),
+        ("300.5", 300.0),  # clamped at five minutes: the transport never waits longer
+        ("86400", 300.0),
+        ("1e12", 300.0),
     ],
 )
 @pytest.mark.parametrize("body", [b"", _body(None, "Too Many Requests")], ids=["empty", "json"])
@@ -210,6 +349,24 @@ def test_malformed_body_on_500_is_transient(body: bytes) -> None:
     assert info.value.http_status == 500
 
 
+@pytest.mark.parametrize(
+    ("status", "cls"), [(500, e.InternalServerError), (401, e.TokenExpiredError)]
+)
+@pytest.mark.parametrize(
+    "doc",
+    [{"status_code": None, "description": "oops"}, {"description": "oops"}],
+    ids=["null-code", "no-code"],
+)
+def test_json_body_without_status_code_is_a_bare_status(
+    status: int, cls: type[e.ApiError], doc: dict[str, Any]
+) -> None:
+    """A 500 or 401 whose JSON has no status_code is classified by its HTTP status alone."""
+    with pytest.raises(e.ApiError) as info:
+        protocol.parse_response(status, {}, json.dumps(doc).encode())
+    assert type(info.value) is cls
+    assert (info.value.status_code, info.value.description) == (None, "oops")
+
+
 @pytest.mark.parametrize("body", [b"", b"Unauthorized"])
 def test_bare_401_is_token_expired(body: bytes) -> None:
     """A 401 without the vendor's body is treated as an expired token."""
@@ -218,7 +375,7 @@ def test_bare_401_is_token_expired(body: bytes) -> None:
     assert info.value.http_status == 401
 
 
-@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+@pytest.mark.parametrize("status", [300, 301, 302, 303, 307, 308, 399])
 def test_redirects_are_refused(status: int) -> None:
     """A 3xx is classified as UnexpectedResponseError (never a page, never transient)."""
     headers = {"Location": "https://evil.example/steal"}
@@ -230,13 +387,16 @@ def test_redirects_are_refused(status: int) -> None:
     assert "evil.example" not in str(info.value)
 
 
-@pytest.mark.parametrize("status", [400, 403, 404, 418])
+@pytest.mark.parametrize("status", [299, 400, 403, 404, 418])
 def test_other_bare_statuses_are_permanent(status: int) -> None:
     """A bare non-table 4xx is an UnexpectedResponseError, not retried."""
     with pytest.raises(e.UnexpectedResponseError) as info:
         protocol.parse_response(status, {}, b"nope")
     assert not isinstance(info.value, e.TransientError)
     assert info.value.http_status == status
+    # not called a redirect; a bare 404 adds the base_url hint
+    assert info.value.description.startswith(f"HTTP {status}")
+    assert ("base_url" in info.value.description) == (status == 404)
 
 
 # -- request building -------------------------------------------------------------------
@@ -290,6 +450,36 @@ def test_request_body_shape(filters: list[tuple[str, str, str]], condition: str)
     }
 
 
+def test_request_is_the_contract_example() -> None:
+    """The whole request, built from its parts, is the wire contract's example, literally."""
+    filters = [("status", "eq", "closed"), ("created_at", "gte", "2024-05-01T00:00:00Z")]
+    req = protocol.build_request(
+        protocol.search_url("https://acme.imi.chat/v3.0"),
+        protocol.build_headers(TOKEN, "team-1"),
+        protocol.build_body(filters),
+        2,
+    )
+    assert (req.method, req.url, req.page) == (
+        "POST",
+        "https://acme.imi.chat/v3.0/chats/search?page=2",
+        2,
+    )
+    assert dict(req.headers) == {
+        "Authorization": f"Bearer {TOKEN}",
+        "teamid": "team-1",
+        "Content-Type": "application/json",
+        "Accept": "application/json",
+    }
+    assert json.loads(req.body) == {
+        "condition": "and",
+        "filters": [
+            {"param": "status", "operator": "eq", "value": "closed"},
+            {"param": "created_at", "operator": "gte", "value": "2024-05-01T00:00:00Z"},
+        ],
+    }
+    assert req.body.startswith(b'{"condition":"and","filters":[{"param":"status"')  # compact
+
+
 def test_prepared_request_repr_hides_token() -> None:
     """repr/str of a PreparedRequest never shows the token (nor the headers)."""
     req = protocol.build_request(
@@ -301,6 +491,7 @@ def test_prepared_request_repr_hides_token() -> None:
     assert TOKEN not in repr(req)
     assert TOKEN not in str(req)
     assert "page=1" in repr(req)
+    assert "{}" not in repr(req)  # nor the body, which may name a customer
 
 
 @pytest.mark.parametrize(

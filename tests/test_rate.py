@@ -1,9 +1,9 @@
 """The send rate (`_rate.py`): token bucket, fixed rate, and learning a tenant's limit.
 
 Every test runs on a fake clock. The closed-loop tests put a `SendRate` in
-front of a simulated gateway (the tests' own token bucket, `RateLimit` of
-`benchmarks/rate_tenant.py`, on the fake clock) and count what happened; no
-real time passes.
+front of a simulated gateway (the sandbox's own rate limit, its token bucket
+driven by the fake clock, no server started) and count what happened; no real
+time passes.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import math
 
 import pytest
 
-from benchmarks.rate_tenant import RateLimit
 from imichat_async._rate import RateMeter, SendRate, TokenBucket
+from imichat_async.sandbox import Faults, Sandbox
 
 
 class FakeClock:
@@ -219,9 +219,27 @@ def test_ceiling_is_never_passed() -> None:
 # -- closed loop: a simulated gateway --------------------------------------------------------
 
 
+class Gateway:
+    """The sandbox's rate limit alone, on the fake clock: `admit()` counts what it answered."""
+
+    def __init__(self, rate: float, burst: int, clock: FakeClock) -> None:
+        faults = Faults(rate_limit=rate, rate_burst=burst)
+        self._sandbox = Sandbox(0, faults=faults, clock=clock)  # never started: no server
+        self.accepted = 0
+        self.throttled = 0
+
+    def admit(self) -> bool:
+        """True: a token was there; False: the sandbox would answer 429."""
+        if self._sandbox._over_rate() is None:  # the bucket that serves 429s over HTTP
+            self.accepted += 1
+            return True
+        self.throttled += 1
+        return False
+
+
 def simulate(
     limit: float, burst: int, seconds: float, *, k: int = 16, latency: float = 0.04
-) -> tuple[SendRate, RateLimit, int]:
+) -> tuple[SendRate, Gateway, int]:
     """k workers, each: wait for the rate, send, get the answer after `latency`, again.
 
     A throttled request is retried after 1 s (the gateway's Retry-After), holding
@@ -230,7 +248,7 @@ def simulate(
     """
     clock = FakeClock(0.0)
     rate = SendRate(adaptive=True, clock=clock)
-    gateway = RateLimit(limit, burst, clock=clock)
+    gateway = Gateway(limit, burst, clock)
     events: list[tuple[float, int, str, int]] = []  # (time, seq, kind, ticket)
     seq = 0
     for _ in range(k):
@@ -249,7 +267,7 @@ def simulate(
                 heapq.heappush(events, (now + wait, seq, "ready", 0))
                 continue
             ticket = rate.sent()
-            ok = gateway.admit() is None
+            ok = gateway.admit()
             if ok and now > seconds / 2:
                 late_accepted += 1
             answer = (now + latency, seq, "ok", ticket) if ok else (now + 0.001, seq, "429", ticket)

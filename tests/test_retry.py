@@ -148,3 +148,55 @@ async def test_controller_is_reusable() -> None:
         fn = Flaky(transient(), transient())
         assert await call_with_retries(retrying, fn) == "ok"
         assert fn.calls == 3
+
+
+async def test_permanent_error_after_a_transient_one_is_not_retried() -> None:
+    """Transient then permanent: the permanent error is raised at once, after one wait."""
+    waits: list[float] = []
+
+    async def sleep(s: float) -> None:
+        waits.append(s)
+
+    fn = Flaky(transient(2.0), e.InvalidFilterParamError("x", status_code=3445, http_status=400))
+    with pytest.raises(e.InvalidFilterParamError):
+        await call_with_retries(make_retrying(RetryPolicy(), sleep=sleep), fn)
+    assert fn.calls == 2
+    assert waits == [2.0]
+
+
+def test_documented_defaults() -> None:
+    """RetryPolicy(): 5 retries, backoff from 0.25 s up to 20 s, Retry-After capped at 60 s."""
+    policy = RetryPolicy()
+    assert (policy.max_retries, policy.backoff_initial, policy.backoff_max) == (5, 0.25, 20.0)
+    assert policy.retry_after_max == 60.0
+    assert backoff_seconds(policy, 1, transient(3600.0)) == 60.0
+
+
+def test_testing_policy_is_the_default_with_zero_waits() -> None:
+    """RetryPolicy.testing() keeps 5 retries (or the given number) and zeroes every wait."""
+    assert RetryPolicy.testing() == RetryPolicy(5, 0.0, 0.0, 0.0)
+    assert RetryPolicy.testing(max_retries=2) == RetryPolicy(2, 0.0, 0.0, 0.0)
+
+
+async def test_each_retry_is_logged_with_wait_attempt_and_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One WARNING per retry on the imichat_async logger: wait, next attempt of total, error."""
+
+    async def sleep(_: float) -> None:
+        return None
+
+    fn = Flaky(transient(1.5), e.GatewayError("bad gateway", http_status=502))
+    with caplog.at_level("WARNING", logger="imichat_async"):
+        assert await call_with_retries(make_retrying(RetryPolicy(max_retries=3), sleep), fn) == "ok"
+    lines = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+    assert lines[0] == (
+        "imichat_async",
+        "WARNING",
+        "retrying in 1.500s (attempt 2 of 4) after: slow down (HTTP 429, no vendor status_code)",
+    )
+    assert lines[1][2].startswith("retrying in ")
+    assert lines[1][2].endswith(
+        "(attempt 3 of 4) after: bad gateway (HTTP 502, no vendor status_code)"
+    )
+    assert len(lines) == 2

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import itertools
 import json
+import logging
+import random
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+from click.testing import CliRunner
 
 from imichat_async import sandbox
 from imichat_async._protocol import (
@@ -24,7 +30,9 @@ from imichat_async._protocol import (
     SUCCESS_CODE,
     TOTAL_HEADER,
 )
-from imichat_async.sandbox.data import parse_datetime_us
+from imichat_async.sandbox import cli as sandbox_cli
+from imichat_async.sandbox.data import ChatFactory, Row, Table, parse_datetime_us
+from imichat_async.sandbox.query import make_query, select
 
 UTC = timezone.utc
 Filter = tuple[str, str, str]
@@ -796,3 +804,353 @@ async def test_command_line_serves_and_stops_on_sigterm() -> None:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
+
+
+# -- odd requests answered in the vendor's JSON form -------------------------------------------
+
+
+async def test_page_of_5000_digits_is_3115_after_auth(session: aiohttp.ClientSession) -> None:
+    """A page of 5,000 digits answers 3115 (not a 500), and only after the token check."""
+    async with sandbox.serve(chats=5) as sb:
+        huge = "9" * 5000
+        assert_error(*(await post(session, sb, huge))[:2], 3115)
+        assert_error(*(await post(session, sb, huge, hdrs=headers(sb, "nope")))[:2], 2003)
+        assert sb.stats.errors_by_code == {3115: 1, 2003: 1}
+
+
+async def test_page_bounds_are_a_64_bit_integer(session: aiohttp.ClientSession) -> None:
+    """Pages up to 2**63 - 1 are pages (past the end: []); 2**63 is 3115; leading zeros are fine."""
+    async with sandbox.serve(chats=15) as sb:
+        status, doc, _ = await post(session, sb, str(2**63 - 1))
+        assert status == 200 and doc["response"] == []
+        assert_error(*(await post(session, sb, str(2**63)))[:2], 3115)
+        _, doc, _ = await post(session, sb, "0002")
+        assert doc["response"] == sb.data[10:15]
+
+
+async def test_body_over_the_limit_is_3115_json(session: aiohttp.ClientSession) -> None:
+    """A body over 1 MiB answers 3115 in the vendor's JSON form, not aiohttp's plain-text 413."""
+    async with sandbox.serve(chats=5) as sb:
+        big = json.dumps({"filters": [], "pad": "x" * (1024 * 1024)}).encode()
+        async with session.post(sb.search_url, data=io.BytesIO(big), headers=headers(sb)) as resp:
+            assert resp.content_type == "application/json"
+            assert_error(resp.status, await resp.json(), 3115)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/v3.0/chats"), ("GET", "/"), ("POST", "/v3.0/chats/search/x"), ("PUT", "/v2/a")],
+)
+async def test_unknown_path_is_404_json(
+    session: aiohttp.ClientSession, method: str, path: str
+) -> None:
+    """An unknown path answers HTTP 404 with {"status_code", "description", "response": null}."""
+    async with sandbox.serve(chats=5) as sb:
+        url = f"http://127.0.0.1:{sb.port}{path}"
+        async with session.request(method, url, headers=headers(sb)) as resp:
+            assert resp.status == 404
+            assert resp.content_type == "application/json"
+            doc = await resp.json()
+        assert doc == {
+            "status_code": 404,
+            "description": f"No such resource: {method} {path}",
+            "response": None,
+        }
+        assert sb.stats.requests_total == 0  # not the search path
+
+
+class _WatchedSandbox(sandbox.Sandbox):
+    """A sandbox telling when a search request starts and when its handler is done."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.entered = asyncio.Event()
+        self.done = asyncio.Event()
+
+    async def handle_search(self, request: web.Request) -> web.StreamResponse:
+        self.entered.set()
+        try:
+            return await super().handle_search(request)
+        finally:
+            self.done.set()
+
+
+async def test_a_client_hanging_up_is_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """A client closing its connection while its request waits leaves no log record at all."""
+    caplog.set_level(logging.DEBUG, logger="aiohttp")
+    async with _WatchedSandbox(chats=5, faults=sandbox.Faults(latency=0.05)) as sb:
+        payload = json.dumps(body()).encode()
+        request = (
+            f"POST /v3.0/chats/search?page=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {sb.token}\r\nteamid: {sb.team_id}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+        ).encode()
+        for _ in range(3):
+            sb.entered.clear()
+            sb.done.clear()
+            _, writer = await asyncio.open_connection("127.0.0.1", sb.port)
+            writer.write(request + payload)
+            await writer.drain()
+            await sb.entered.wait()  # the server has the request and sleeps its latency
+            writer.close()
+            await writer.wait_closed()
+            await sb.done.wait()  # it woke, found the client gone, and returned
+        assert sb.stats.requests_total == 3
+    noisy = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert noisy == [], [r.getMessage() for r in noisy]
+
+
+# -- rate limit --------------------------------------------------------------------------------
+
+
+class FakeClock:
+    """A clock that moves only when told: `clock.now += 0.5`."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_rate_limit_admits_the_burst_then_429s(session: aiohttp.ClientSession) -> None:
+    """A bucket of 5 at 2/s admits exactly 5, then 429 + Retry-After 1; a second refills 2."""
+    clock = FakeClock()
+    async with sandbox.serve(chats=20, rate_limit=2, rate_burst=5, clock=clock) as sb:
+        answers = [await post(session, sb, 1) for _ in range(8)]
+        assert [a[0] for a in answers] == [200] * 5 + [429] * 3
+        assert all(a[2]["Retry-After"] == "1" for a in answers[5:])
+        assert answers[5][1] == {"message": "Too Many Requests"}
+        clock.now += 1.0
+        assert [(await post(session, sb, 1))[0] for _ in range(3)] == [200, 200, 429]
+        stats = sb.stats
+        assert stats.rate_limited == stats.throttled == stats.errors_by_code[429] == 4
+        assert stats.requests_total == 11 and stats.requests_by_page[1] == 11
+        assert not stats.faults
+
+
+async def test_rate_limit_retry_after_is_whole_seconds_rounded_up(
+    session: aiohttp.ClientSession,
+) -> None:
+    """At 0.25/s an empty bucket says Retry-After 4; a second later 3; never below 1."""
+    clock = FakeClock()
+    async with sandbox.serve(chats=5, rate_limit=0.25, rate_burst=1, clock=clock) as sb:
+        assert (await post(session, sb, 1))[0] == 200
+        assert (await post(session, sb, 1))[2]["Retry-After"] == "4"
+        clock.now += 1.0
+        assert (await post(session, sb, 1))[2]["Retry-After"] == "3"
+        clock.now += 2.9
+        assert (await post(session, sb, 1))[2]["Retry-After"] == "1"  # 0.4 s left
+        clock.now += 0.1
+        assert (await post(session, sb, 1))[0] == 200
+
+
+async def test_rate_limit_comes_before_auth_and_defaults_burst(
+    session: aiohttp.ClientSession,
+) -> None:
+    """The bucket (default size: one second of the rate, rounded up) counts refused requests too."""
+    clock = FakeClock()
+    async with sandbox.serve(chats=5, rate_limit=2.5, clock=clock) as sb:
+        bad = headers(sb, "nope")
+        statuses = [(await post(session, sb, 1, hdrs=bad))[0] for _ in range(4)]
+        assert statuses == [400, 400, 400, 429]
+        sb.faults.rate_limit = 1  # new knobs: a full bucket of 1
+        assert [(await post(session, sb, 1))[0] for _ in range(2)] == [200, 429]
+        assert sb.stats.rate_limited == 2
+
+
+def test_rate_limit_knobs_are_validated() -> None:
+    """rate_limit must be > 0 and rate_burst >= 1."""
+    for knobs in ({"rate_limit": 0}, {"rate_limit": -1.0}, {"rate_burst": 0}):
+        with pytest.raises(ValueError):
+            sandbox.Faults(**knobs)
+
+
+# -- indexed time ranges -----------------------------------------------------------------------
+
+
+def _random_filters(rng: random.Random, data: list[dict[str, Any]]) -> list[Filter]:
+    """One to four filters, mostly time bounds (several on one param), some other params."""
+    filters: list[Filter] = []
+    for _ in range(rng.randint(1, 4)):
+        roll = rng.random()
+        if roll < 0.8:
+            param = rng.choice(["created_at", "updated_at"])
+            op = rng.choice(PARAM_OPERATORS[param])
+            filters.append((param, op, rng.choice(data)[param]))
+        elif roll < 0.9:
+            filters.append(("status", rng.choice(["eq", "not_eq"]), "closed"))
+        else:
+            filters.append(("channel", "eq", rng.choice(["sms", "email", "whatsapp"])))
+    return filters
+
+
+async def test_time_ranges_match_a_full_scan_in_order() -> None:
+    """Indexed answers equal a brute-force scan, same order, before and after the data changes."""
+    clock = FakeClock(datetime(2025, 3, 1, tzinfo=UTC).timestamp())
+    rng = random.Random(11)
+    async with sandbox.serve(chats=600, seed=4, wall_clock=clock) as sb:
+        for round_ in range(3):
+            for _ in range(150):
+                filters = _random_filters(rng, sb.data)
+                condition = "or" if rng.random() < 0.2 else "and"
+                want = brute_all(sb.data, filters, condition)
+                assert sb.expected(filters, condition) == want, (filters, condition)
+            clock.now += 3600 * (round_ + 1)
+            sb.churn(updates=60, inserts=5)
+
+
+def test_a_narrow_time_range_reads_only_its_range() -> None:
+    """A created_at or updated_at range never walks every row: only the range's candidates."""
+
+    class NoScan(list[Row]):
+        def __iter__(self) -> Iterator[Row]:
+            raise AssertionError("the whole table was scanned")
+
+    chats, rows = ChatFactory(2).generate(300)
+    table = Table(chats, rows)
+    table.rows = NoScan(rows)  # built; from here on, walking every row fails
+    mid = chats[150]
+    for filters in (
+        [("created_at", "gte", mid["created_at"]), ("status", "eq", "closed")],
+        [("updated_at", "lt", mid["updated_at"]), ("created_at", "gt", chats[250]["created_at"])],
+    ):
+        got = select(table, make_query(filters))
+        assert got == brute_all(chats, filters)
+    with pytest.raises(AssertionError, match="scanned"):
+        select(table, make_query([("status", "eq", "closed")]))  # no range: a scan
+
+
+# -- data that changes -------------------------------------------------------------------------
+
+
+def _utc(value: str) -> datetime:
+    assert value.endswith("Z")
+    return _dt(value)
+
+
+async def test_update_chat_makes_strictly_newer_versions(session: aiohttp.ClientSession) -> None:
+    """Each version has a new status and a later updated_at (Z, ms), even if the clock stalls."""
+    frozen = datetime(2026, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
+    clock = FakeClock(frozen.timestamp())
+    async with sandbox.serve(chats=40, wall_clock=clock) as sb:
+        at = 17
+        old = sb.data[at]
+        versions = [old]
+        for _ in range(3):
+            versions.append(sb.update_chat(old["chat_id"]))
+        clock.now -= 60  # the wall clock steps back: versions still move forward
+        versions.append(sb.update_chat(old["chat_id"], status="onhold"))
+        stamps = [_utc(v["updated_at"]) for v in versions]
+        assert stamps[1] == frozen.replace(microsecond=123000)
+        assert all(b - a >= timedelta(milliseconds=1) for a, b in itertools.pairwise(stamps))
+        assert stamps[-1] - stamps[1] == timedelta(milliseconds=3)
+        assert all(a["status"] != b["status"] for a, b in itertools.pairwise(versions[:-1]))
+        assert versions[-1]["status"] == "onhold"
+        assert sb.data[at] is versions[-1] and sb.data[at]["created_at"] == old["created_at"]
+        assert old is versions[0] and old["updated_at"] != versions[-1]["updated_at"]  # not mutated
+        assert sb.current_records()[old["chat_id"]] == versions[-1]
+        assert sb.stats.updated == 4
+        newest = versions[-1]["updated_at"]
+        _, doc, hdrs = await post(session, sb, 1, body([("updated_at", "gte", newest)]))
+        assert doc["response"] == [versions[-1]] and hdrs[TOTAL_HEADER] == "1"
+        with pytest.raises(KeyError):
+            sb.update_chat("no-such-chat")
+
+
+async def test_churn_updates_busy_chats_and_inserts_new_ones_at_the_head() -> None:
+    """Updates mostly hit a small hot set, again and again; new chats are created now, first."""
+    now = datetime(2026, 6, 1, tzinfo=UTC)
+    clock = FakeClock(now.timestamp())
+    async with sandbox.serve(chats=1000, seed=2, wall_clock=clock) as sb:
+        result = sb.churn(updates=200, inserts=5)
+        hits = Counter(c["chat_id"] for c in result.updated)
+        assert sum(hits.values()) == 200
+        assert len(hits) < 100 and hits.most_common(1)[0][1] >= 5
+        assert len(result.inserted) == 5 and len(sb.data) == 1005
+        for chat in result.inserted:
+            assert chat["created_at"] == chat["updated_at"] == "2026-06-01T00:00:00Z"
+        assert {c["chat_id"] for c in sb.data[:5]} == {c["chat_id"] for c in result.inserted}
+        keys = [(-_dt(c["created_at"]).timestamp(), c["chat_id"]) for c in sb.data]
+        assert keys == sorted(keys)
+        assert sb.stats.updated == 200 and sb.stats.inserted == 5
+        again = sb.churn(updates=50)
+        assert set(c["chat_id"] for c in again.updated) & {c["chat_id"] for c in result.inserted}
+
+
+async def test_inserted_chats_go_where_the_order_puts_them() -> None:
+    """A chat created at a time older than the newest chats lands in the middle, not the head."""
+    clock = FakeClock(datetime(2024, 7, 1, tzinfo=UTC).timestamp())
+    async with sandbox.serve(chats=200, seed=3, wall_clock=clock) as sb:
+        (new,) = sb.churn(inserts=1).inserted
+        at = sb.data.index(new)
+        assert 0 < at < 199
+        assert _dt(sb.data[at - 1]["created_at"]) >= _dt(new["created_at"])
+        assert _dt(sb.data[at + 1]["created_at"]) <= _dt(new["created_at"])
+
+
+async def test_change_log_newest_versions_equal_current_records() -> None:
+    """Every version churn makes, newest per chat, is the sandbox's current record; none repeat."""
+    clock = FakeClock(datetime(2026, 1, 1, tzinfo=UTC).timestamp())
+    async with sandbox.serve(chats=300, seed=6, wall_clock=clock) as sb:
+        log = list(sb.data)
+        for _ in range(5):
+            clock.now += 0.0004  # less than a millisecond: versions must still differ
+            made = sb.churn(updates=40, inserts=3)
+            log += made.updated + made.inserted
+        versions = [(c["chat_id"], c["updated_at"]) for c in log]
+        assert len(versions) == len(set(versions))
+        newest: dict[str, dict[str, Any]] = {}
+        for chat in log:
+            seen = newest.get(chat["chat_id"])
+            if seen is None or _dt(chat["updated_at"]) > _dt(seen["updated_at"]):
+                newest[chat["chat_id"]] = chat
+        assert newest == sb.current_records()
+        assert len(newest) == 315
+
+
+async def test_churn_every_knob_and_pages_follow_the_changes(
+    session: aiohttp.ClientSession,
+) -> None:
+    """churn_every=N churns every N valid searches; cached pages never serve old data."""
+    async with sandbox.serve(chats=50, churn_every=3, churn_updates=2, churn_inserts=1) as sb:
+        closed = body([("status", "eq", "closed")])
+        for _ in range(9):
+            await post(session, sb, 1, closed)
+        await post(session, sb, 1, closed, hdrs=headers(sb, "bad"))  # refused: not counted
+        assert (sb.stats.updated, sb.stats.inserted, len(sb.data)) == (6, 3, 53)
+        sb.faults.churn_every = None
+        _, before, _ = await post(session, sb, 1, closed)
+        target = before["response"][0]["chat_id"]
+        sb.update_chat(target, status="queued")
+        _, after, hdrs = await post(session, sb, 1, closed)
+        assert target not in [c["chat_id"] for c in after["response"]]
+        assert after["response"] == sb.expected([("status", "eq", "closed")])[:10]
+        assert hdrs[TOTAL_HEADER] == str(len(sb.expected([("status", "eq", "closed")])))
+
+
+async def test_churn_on_an_empty_tenant_only_inserts() -> None:
+    """With no chats there is nothing to update; inserts still happen; negative counts refused."""
+    async with sandbox.serve(chats=0) as sb:
+        made = sb.churn(updates=3, inserts=2)
+        assert made.updated == [] and len(made.inserted) == 2 and len(sb.data) == 2
+        with pytest.raises(ValueError):
+            sb.churn(updates=-1)
+
+
+def test_command_line_passes_rate_and_churn_knobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sandbox --rate-limit --rate-burst --churn-*` become the served Faults."""
+    seen: list[sandbox.Faults] = []
+
+    async def fake_serve(*args: Any) -> None:
+        seen.extend(a for a in args if isinstance(a, sandbox.Faults))
+
+    monkeypatch.setattr(sandbox_cli, "_serve", fake_serve)
+    argv = "--rate-limit 100 --rate-burst 25 --churn-every 7 --churn-updates 3 --churn-inserts 2"
+    result = CliRunner().invoke(sandbox_cli.sandbox_command, argv.split())
+    assert result.exit_code == 0, result.output
+    (faults,) = seen
+    assert (faults.rate_limit, faults.rate_burst) == (100, 25)
+    assert (faults.churn_every, faults.churn_updates, faults.churn_inserts) == (7, 3, 2)
+    bad = CliRunner().invoke(sandbox_cli.sandbox_command, ["--rate-limit", "0"])
+    assert bad.exit_code == 2

@@ -6,6 +6,8 @@
         sb.base_url, sb.token, sb.team_id   # what a client needs
         sb.expected([("status", "eq", "closed")])  # the server's own answer
         sb.stats.requests_by_page            # what happened
+        sb.churn(updates=50, inserts=5)      # the data changes, as a live tenant's does
+        sb.current_records()                 # chat_id -> the record served now
 
 The server speaks the wire contract (`shared/spec/wire-contract.md`) exactly,
 filters for real, and injects the `Faults` asked for. `python -m
@@ -17,12 +19,13 @@ from __future__ import annotations
 from .data import END, Row
 from .faults import FAULT_KINDS, Faults, Stats
 from .query import Query, QueryError
-from .server import SANDBOX_KEY, Sandbox, make_app, serve
+from .server import SANDBOX_KEY, Churn, Sandbox, make_app, serve
 
 __all__ = [
     "END",
     "FAULT_KINDS",
     "SANDBOX_KEY",
+    "Churn",
     "Faults",
     "Query",
     "QueryError",

@@ -83,6 +83,38 @@ _SECONDS = click.FloatRange(min=0.0)
     default=None,
     help="Insert a chat at the head every N searches.",
 )
+@click.option(
+    "--rate-limit",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=None,
+    help="Requests/s of a token bucket; over it, 429 with Retry-After in whole seconds.",
+)
+@click.option(
+    "--rate-burst",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Size of the rate-limit bucket [default: one second of --rate-limit].",
+)
+@click.option(
+    "--churn-every",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Every N searches, update and insert chats (--churn-updates, --churn-inserts).",
+)
+@click.option(
+    "--churn-updates",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Chats updated per churn (status, updated_at = now; busy chats again and again).",
+)
+@click.option(
+    "--churn-inserts",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Chats created (now) per churn.",
+)
 @click.option("--token-ttl", type=_SECONDS, default=None, help="Token lifetime, seconds.")
 @click.option(
     "--token-max-uses",

@@ -11,15 +11,22 @@ unknown fields.
 Each chat comes with a `Row`: the values the filters compare, with the
 datetimes already parsed to integer microseconds, so that filtering never
 parses a string and datetime comparisons are exact.
+
+`Table` holds the chats in served order with the two time indexes an indexed
+server keeps (by `created_at`, by `updated_at`), so that a time-range query
+reads its range instead of every row.
 """
 
 from __future__ import annotations
 
 import base64
+import bisect
+import contextlib
 import gc
 import itertools
 import random
 import re
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple
 
@@ -155,6 +162,23 @@ def row_of(chat: dict[str, Any], created_us: int, updated_us: int) -> Row:
     )
 
 
+def order_key(chat: dict[str, Any], row: Row) -> tuple[int, str]:
+    """The served order: newest `created_at` first, ties by `chat_id`."""
+    return (-row.created_us, chat["chat_id"])
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No garbage collection inside: it would rescan the growing heap again and again (4x)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 class ChatFactory:
     """Draws chats from one seeded generator; the same seed gives the same chats, in order."""
 
@@ -281,16 +305,123 @@ class ChatFactory:
         self.pool_size = max(8, n // 40)
         end_s = END_US // _US
         made = []
-        was_enabled = gc.isenabled()
-        gc.disable()  # the collector would rescan the growing heap again and again: 4x slower
-        try:
+        with _gc_paused():
             for _ in range(n):
                 created_us = (end_s - 1 - int(r() * (SPAN_S - 1))) * _US
                 if r() < QUIRK_RATE:
                     created_us += (1 + int(r() * 999)) * 1000  # fractional seconds
                 made.append(self.make(created_us))
-            made.sort(key=lambda cr: (-cr[1].created_us, cr[0]["chat_id"]))
+            made.sort(key=lambda cr: order_key(*cr))
             return [c for c, _ in made], [row for _, row in made]
-        finally:
-            if was_enabled:
-                gc.enable()
+
+
+class Table:
+    """The chats in served order, and the indexes a time-range query reads.
+
+    `chats` and `rows` are parallel lists in served order (`order_key`), so a
+    `created_at` range is one contiguous slice found by bisection on
+    `-created_us`. The `updated_at` index is a sorted array of `updated_us`
+    with the `chat_id` of each entry beside it. Inserting or changing a chat
+    keeps all three in place (bisect plus list insert: a memmove, about 0.1 ms
+    at 200,000 chats), so no query ever scans the table to find a time range.
+    """
+
+    def __init__(self, chats: list[dict[str, Any]], rows: list[Row]) -> None:
+        self.chats = chats
+        self.rows = rows
+        with _gc_paused():  # no new container per chat either: lists of ints and strs
+            ids = [chat["chat_id"] for chat in chats]
+            self._neg_created = [-row.created_us for row in rows]
+            self._chat_by_id = dict(zip(ids, chats, strict=True))
+            self._row_by_id = dict(zip(ids, rows, strict=True))
+            updated = [row.updated_us for row in rows]
+            order = sorted(range(len(rows)), key=updated.__getitem__)
+            self._updated_us = [updated[i] for i in order]
+            self._updated_ids = [ids[i] for i in order]
+
+    def __len__(self) -> int:
+        return len(self.chats)
+
+    def get(self, chat_id: str) -> tuple[dict[str, Any], Row]:
+        """The current record of `chat_id` and its row; raises `KeyError` for an unknown id."""
+        return self._chat_by_id[chat_id], self._row_by_id[chat_id]
+
+    def ids(self) -> list[str]:
+        """Every `chat_id`, in served order."""
+        return [chat["chat_id"] for chat in self.chats]
+
+    def _position(self, chat: dict[str, Any], row: Row) -> int:
+        """Where `chat` sits (or would sit) in served order."""
+        lo = bisect.bisect_left(self._neg_created, -row.created_us)
+        hi = bisect.bisect_right(self._neg_created, -row.created_us, lo)
+        chat_id = chat["chat_id"]
+        return bisect.bisect_left(self.chats, chat_id, lo, hi, key=lambda c: c["chat_id"])
+
+    def insert(self, chat: dict[str, Any], row: Row) -> int:
+        """Add a new chat where the served order puts it; return its position."""
+        if chat["chat_id"] in self._chat_by_id:
+            raise ValueError(f"chat {chat['chat_id']!r} exists already")
+        at = self._position(chat, row)
+        self.chats.insert(at, chat)
+        self.rows.insert(at, row)
+        self._neg_created.insert(at, -row.created_us)
+        self._chat_by_id[chat["chat_id"]] = chat
+        self._row_by_id[chat["chat_id"]] = row
+        self._index_updated(row.updated_us, chat["chat_id"])
+        return at
+
+    def replace(self, chat: dict[str, Any], row: Row) -> None:
+        """Swap in a new version of an existing chat (same `chat_id`, same `created_at`).
+
+        Its place in the served order stays; only the `updated_at` index moves.
+        """
+        chat_id = chat["chat_id"]
+        old_chat, old_row = self.get(chat_id)
+        if old_row.created_us != row.created_us:
+            raise ValueError(f"chat {chat_id!r}: created_at cannot change")
+        at = self._position(old_chat, old_row)
+        self.chats[at] = chat
+        self.rows[at] = row
+        self._chat_by_id[chat_id] = chat
+        self._row_by_id[chat_id] = row
+        lo = bisect.bisect_left(self._updated_us, old_row.updated_us)
+        hi = bisect.bisect_right(self._updated_us, old_row.updated_us, lo)
+        k = self._updated_ids.index(chat_id, lo, hi)
+        del self._updated_us[k], self._updated_ids[k]
+        self._index_updated(row.updated_us, chat_id)
+
+    def _index_updated(self, updated_us: int, chat_id: str) -> None:
+        k = bisect.bisect_right(self._updated_us, updated_us)
+        self._updated_us.insert(k, updated_us)
+        self._updated_ids.insert(k, chat_id)
+
+    def _created_bounds(self, lo: int, hi: int) -> tuple[int, int]:
+        start = bisect.bisect_left(self._neg_created, -hi)
+        return start, bisect.bisect_right(self._neg_created, -lo, start)
+
+    def _updated_bounds(self, lo: int, hi: int) -> tuple[int, int]:
+        start = bisect.bisect_left(self._updated_us, lo)
+        return start, bisect.bisect_right(self._updated_us, hi, start)
+
+    def count_created(self, lo: int, hi: int) -> int:
+        """How many chats have `lo <= created_us <= hi`."""
+        start, stop = self._created_bounds(lo, hi)
+        return stop - start
+
+    def count_updated(self, lo: int, hi: int) -> int:
+        """How many chats have `lo <= updated_us <= hi`."""
+        start, stop = self._updated_bounds(lo, hi)
+        return stop - start
+
+    def created_between(self, lo: int, hi: int) -> tuple[list[dict[str, Any]], list[Row]]:
+        """The chats with `lo <= created_us <= hi` and their rows, in served order."""
+        start, stop = self._created_bounds(lo, hi)
+        return self.chats[start:stop], self.rows[start:stop]
+
+    def updated_between(self, lo: int, hi: int) -> list[tuple[dict[str, Any], Row]]:
+        """The chats with `lo <= updated_us <= hi` with their rows, in served order."""
+        start, stop = self._updated_bounds(lo, hi)
+        chats, rows = self._chat_by_id, self._row_by_id
+        found = [(chats[chat_id], rows[chat_id]) for chat_id in self._updated_ids[start:stop]]
+        found.sort(key=lambda pair: order_key(*pair))
+        return found

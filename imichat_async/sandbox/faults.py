@@ -11,6 +11,7 @@ on it (retries per page, peak concurrency, faults injected, tokens issued).
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -48,6 +49,18 @@ def _optional_positive_int(
         raise ValueError(f"{attribute.name} must be >= 1 or None, got {value!r}")
 
 
+def _optional_positive(
+    instance: object, attribute: attrs.Attribute[float | None], value: float | None
+) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"{attribute.name} must be > 0 or None, got {value!r}")
+
+
+def _non_negative_int(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if value < 0:
+        raise ValueError(f"{attribute.name} must be >= 0, got {value!r}")
+
+
 def _fault_pages(value: Mapping[Any, Any] | None) -> dict[int, str]:
     pages = {int(page): str(kind) for page, kind in (value or {}).items()}
     for page, kind in pages.items():
@@ -76,6 +89,16 @@ class Faults:
       while more than that many search requests are in flight.
     - `insert_every`: insert one new chat at the head every N valid search
       requests (data changing under a search).
+    - `rate_limit` (requests/s) and `rate_burst` (default: one second's worth,
+      at least 1): a token bucket over every request on the search path, as a
+      gateway keeps per tenant. Over it: 429 with `Retry-After` in whole
+      seconds (the time until a token is back, rounded up, at least 1) and
+      the JSON body of the other 429s; counted in `Stats.rate_limited` and
+      `Stats.throttled`. Checked before latency, authentication and
+      validation (the gateway answers it), after `requests_by_page`.
+    - `churn_every`, `churn_updates`, `churn_inserts`: every N valid search
+      requests, `Sandbox.churn(updates=churn_updates, inserts=churn_inserts)`
+      (chats changing and arriving as on a live tenant).
     """
 
     latency: float = attrs.field(default=0.0, validator=_non_negative)
@@ -94,6 +117,18 @@ class Faults:
     fault_pages: dict[int, str] = attrs.field(factory=dict, converter=_fault_pages)
     max_in_flight: int | None = attrs.field(default=None, validator=_optional_positive_int)
     insert_every: int | None = attrs.field(default=None, validator=_optional_positive_int)
+    rate_limit: float | None = attrs.field(default=None, validator=_optional_positive)
+    rate_burst: int | None = attrs.field(default=None, validator=_optional_positive_int)
+    churn_every: int | None = attrs.field(default=None, validator=_optional_positive_int)
+    churn_updates: int = attrs.field(default=1, validator=_non_negative_int)
+    churn_inserts: int = attrs.field(default=0, validator=_non_negative_int)
+
+    @property
+    def burst(self) -> int:
+        """The bucket's size: `rate_burst`, or one second of `rate_limit` (at least 1)."""
+        if self.rate_burst is not None:
+            return self.rate_burst
+        return max(1, math.ceil(self.rate_limit or 0))
 
     @classmethod
     def field_names(cls) -> frozenset[str]:
@@ -125,7 +160,8 @@ class Stats:
     `throttled`); `tokens_issued` counts tokens from `new_token()` and the
     token endpoint (not the one issued at start); `expired_hits` counts 2004
     answers; `errors_by_code` counts error answers by vendor `status_code`,
-    or by HTTP status for 429/502/503/504.
+    or by HTTP status for 429/502/503/504 and 404 (an unknown path, which is
+    not the search path: not in `requests_total`).
     """
 
     requests_total: int = 0
@@ -137,7 +173,9 @@ class Stats:
     expired_hits: int = 0
     errors_by_code: Counter[int] = attrs.field(factory=Counter)
     throttled: int = 0
+    rate_limited: int = 0
     inserted: int = 0
+    updated: int = 0
 
     def reset(self) -> None:
         """Zero every counter; `in_flight` stays the truth and the peak restarts from it."""
@@ -149,4 +187,6 @@ class Stats:
         self.expired_hits = 0
         self.errors_by_code = Counter()
         self.throttled = 0
+        self.rate_limited = 0
         self.inserted = 0
+        self.updated = 0

@@ -3,8 +3,12 @@
 `parse_body` turns a decoded JSON body into a normalized, hashable `Query`, or
 raises `QueryError` carrying the vendor's status code and description (3115,
 3451, 3445, 3446, 3447, 4303). `predicate` compiles a `Query` into a function
-of a `data.Row`. Everything about params and operators comes from
-`imichat_async._protocol`, so the sandbox and the client read the same table.
+of a `data.Row`; `select` answers a `Query` from a `data.Table` as an indexed
+server does: the `created_at`/`updated_at` filters of an `and` query become
+one range each, the narrower range is read from its index, and only those
+candidates meet the other filters (an `or` query scans every row).
+Everything about params and operators comes from `imichat_async._protocol`,
+so the sandbox and the client read the same table.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from imichat_async._protocol import (
     STATUS_TABLE,
 )
 
-from .data import Row, parse_datetime_us
+from .data import Row, Table, parse_datetime_us
 
 #: One normalized filter: (param, operator, value); a datetime value is in microseconds.
 Term = tuple[str, str, "str | int"]
@@ -147,3 +151,80 @@ def predicate(query: Query) -> Predicate | None:
     if query.condition == "and":
         return lambda row: all(p(row) for p in preds)
     return lambda row: any(p(row) for p in preds)
+
+
+#: The widest range of microseconds: no bound.
+_ALL = (-(2**63), 2**63)
+
+
+def _ranges(terms: Iterable[Term]) -> tuple[dict[str, tuple[int, int]], list[Term]]:
+    """Fold the datetime terms of an `and` query into inclusive ranges; return the rest."""
+    ranges: dict[str, tuple[int, int]] = {}
+    rest: list[Term] = []
+    for term in terms:
+        param, op, value = term
+        if param not in DATETIME_PARAMS or not isinstance(value, int):
+            rest.append(term)
+            continue
+        lo, hi = ranges.get(param, _ALL)
+        if op in ("eq", "gte"):
+            lo = max(lo, value)
+        if op in ("eq", "lte"):
+            hi = min(hi, value)
+        if op == "gt":
+            lo = max(lo, value + 1)
+        if op == "lt":
+            hi = min(hi, value - 1)
+        ranges[param] = (lo, hi)
+    return ranges, rest
+
+
+def _all_of(preds: list[Predicate]) -> Predicate | None:
+    if not preds:
+        return None
+    if len(preds) == 1:
+        return preds[0]
+    return lambda row: all(p(row) for p in preds)
+
+
+def select(table: Table, query: Query) -> list[dict[str, Any]]:
+    """The chats of `table` matching `query`, in served order (a new list).
+
+    For an `and` query (or a single filter) with `created_at`/`updated_at`
+    terms, the candidates come from the narrower of the two indexes and only
+    they meet the remaining terms; otherwise every row is tested. Both paths
+    give the same chats in the same (served) order.
+    """
+    if not query.terms:
+        return list(table.chats)
+    ranges, rest = (
+        _ranges(query.terms) if query.condition == "and" or len(query.terms) == 1 else ({}, [])
+    )
+    if not ranges:
+        match = predicate(query)
+        assert match is not None  # there are terms
+        return [chat for chat, row in zip(table.chats, table.rows, strict=True) if match(row)]
+    if any(lo > hi for lo, hi in ranges.values()):
+        return []
+    created, updated = ranges.get("created_at"), ranges.get("updated_at")
+    use_created = created is not None and (
+        updated is None or table.count_created(*created) <= table.count_updated(*updated)
+    )
+    preds = [_predicate(t) for t in rest]
+    if use_created:
+        assert created is not None
+        if updated is not None:
+            u_lo, u_hi = updated
+            preds.append(lambda row: u_lo <= row.updated_us <= u_hi)
+        chats, rows = table.created_between(*created)
+        pairs: Iterable[tuple[dict[str, Any], Row]] = zip(chats, rows, strict=True)
+    else:
+        assert updated is not None
+        if created is not None:
+            c_lo, c_hi = created
+            preds.append(lambda row: c_lo <= row.created_us <= c_hi)
+        pairs = table.updated_between(*updated)
+    match = _all_of(preds)
+    if match is None:
+        return [chat for chat, _ in pairs]
+    return [chat for chat, row in pairs if match(row)]

@@ -12,23 +12,46 @@ Routes, under `{base_url}` = `http://127.0.0.1:{port}/v3.0`:
   filtering for real, 10 chats a page, `X-Total-Count` unless disabled;
   then the `Faults` (latency, 5xx, 429, resets, hangs, throttling, inserts).
 - `POST /oauth/token`: a fresh token, `{"access_token", "token_type", "expires_in"}`.
+- Any other path: HTTP 404 with the vendor's JSON form and a `status_code`
+  of 404 (no row of the vendor's table fits an unknown path):
+  `{"status_code": 404, "description": "No such resource: POST /x", "response": null}`.
 
-Order of checks on the search path: method (2099), headers (2002), token
-(2003), team (2010), expiry (2004), page (3115), body (3114, 3451, 3115,
-3445, 3446, 3447, 4303); only a request that passes them all can draw a fault.
+Order of checks on the search path: the rate limit (429, a gateway's answer,
+before anything else), method (2099), headers (2002), token (2003), team
+(2010), expiry (2004), page (3115), body (3114, 3451, 3115, 3445, 3446,
+3447, 4303); only a request that passes them all can draw a fault.
+
+Answers this sandbox chose where the vendor's table is silent:
+
+- a `page` that is not an integer from 1 to 2**63 - 1 (a 64-bit server
+  integer; 5,000 digits included) is 3115 "Request is invalid", HTTP 400,
+  after the authentication checks like any other bad page;
+- a body over the size limit (aiohttp's `client_max_size`, 1 MiB) is 3115,
+  HTTP 400, instead of aiohttp's plain-text 413.
+
+Data changes as on a live tenant: `churn` (or the `churn_*` knobs) updates
+chats (new status, `updated_at` = now) and inserts chats created now. The
+served order is newest `created_at` first, ties by `chat_id`, so a new chat
+appears where that order puts it (at the head while the clock is past every
+other chat) and an updated chat keeps its place; only queries filtering on
+what changed (`updated_at`, `status`) see it come or go. A client hanging
+up is normal: it is never logged.
+
 The server never binds anything but 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
+import math
 import random
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import attrs
@@ -45,9 +68,9 @@ from imichat_async._protocol import (
     TOTAL_HEADER,
 )
 
-from .data import END_US, ChatFactory, Row
+from .data import AGENTS, END_US, ChatFactory, Row, Table, format_us, row_of
 from .faults import Faults, Stats
-from .query import Query, QueryError, make_query, parse_body, predicate
+from .query import Query, QueryError, make_query, parse_body, select
 
 HOST = "127.0.0.1"
 API_ROOT = "/v3.0"
@@ -55,6 +78,13 @@ TOKEN_PATH = "/oauth/token"
 DEFAULT_EXPIRES_IN = 3600  # what the token endpoint announces when tokens never expire
 _BODY_CACHE_SIZE = 20_000  # serialized pages kept (about 5 KB each)
 _CACHE_SIZE = 128
+MAX_PAGE = 2**63 - 1  # the largest page a 64-bit server integer holds
+#: The statuses `churn` moves chats between (the vendor's four).
+STATUSES = ("queued", "picked", "onhold", "closed")
+HOT_SHARE = 0.8  # share of churn updates that hit the hot set
+HOT_SIZE = 20  # the most chats in the hot set
+_MS = 1000
+_TOO_MANY = {"message": "Too Many Requests"}
 
 _HTML_502 = (
     "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1>"
@@ -73,10 +103,24 @@ class _TokenState:
     revoked: bool = False
 
 
+@attrs.frozen
+class Churn:
+    """What one `Sandbox.churn` did: the new versions of updated chats, and the new chats.
+
+    A chat updated twice in one call appears twice in `updated`, oldest version first.
+    """
+
+    updated: list[dict[str, Any]]
+    inserted: list[dict[str, Any]]
+
+
 class Sandbox:
     """One simulated tenant: its chats, tokens, faults and stats, and the server serving them.
 
     Use `serve(...)` (or `async with Sandbox(...)`). See the module docstring for the routes.
+    `clock` (monotonic seconds) drives the rate limit and token lifetimes,
+    `wall_clock` (epoch seconds) the `created_at`/`updated_at` of changed
+    chats; tests may pass fakes.
     """
 
     def __init__(
@@ -89,6 +133,8 @@ class Sandbox:
         token_ttl: float | None = None,
         token_max_uses: int | None = None,
         port: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if chats < 0:
             raise ValueError(f"chats must be >= 0, got {chats}")
@@ -101,11 +147,19 @@ class Sandbox:
         self.token_max_uses = token_max_uses
         self.stats = Stats()
         self._port = port
+        self._clock = clock
+        self._wall_clock = wall_clock
         self._factory = ChatFactory(seed)
-        self.data: list[dict[str, Any]]
-        self._rows: list[Row]
-        self.data, self._rows = self._factory.generate(chats)
+        self._table = Table(*self._factory.generate(chats))
+        #: Every chat, in served order (the table's own list: read it, do not change it).
+        self.data: list[dict[str, Any]] = self._table.chats
+        self._rows: list[Row] = self._table.rows
         self._fault_rng = random.Random(f"faults-{seed}")
+        self._churn_rng = random.Random(f"churn-{seed}")
+        self._hot: collections.deque[str] | None = None  # busy chats, made at the first churn
+        self._bucket: tuple[float, int] | None = None  # (rate, burst) the bucket was filled for
+        self._bucket_level = 0.0
+        self._bucket_at = 0.0
         self.team_id = f"{random.Random(f'team-{seed}').getrandbits(96):024x}"
         self._tokens: dict[str, _TokenState] = {}
         self.token = self._issue()
@@ -167,7 +221,7 @@ class Sandbox:
 
     def _issue(self) -> str:
         token = f"sbx.{secrets.token_urlsafe(24)}"
-        self._tokens[token] = _TokenState(time.monotonic())
+        self._tokens[token] = _TokenState(self._clock())
         return token
 
     async def new_token(self) -> str:
@@ -186,35 +240,128 @@ class Sandbox:
             return True
         if self.token_max_uses is not None and state.uses >= self.token_max_uses:
             return True
-        return self.token_ttl is not None and time.monotonic() - state.issued_at >= self.token_ttl
+        return self.token_ttl is not None and self._clock() - state.issued_at >= self.token_ttl
 
     # -- data --------------------------------------------------------------------------------
+
+    def _changed(self) -> None:
+        """Forget every cached answer: the data changed."""
+        self._cache.clear()
+        self._bodies.clear()
 
     def insert_chats(self, n: int) -> list[dict[str, Any]]:
         """Insert `n` new chats at the head (created after every other chat); return them.
 
         The pages of every search shift by `n` places, as with a live tenant.
+        Their `created_at` is one second apart after the newest chat (not the
+        wall clock: use `churn` for chats created now).
         """
         newest = max(self._rows[0].created_us if self._rows else 0, END_US)
         made = [self._factory.make(newest + (i + 1) * 1_000_000) for i in range(n)]
         made.reverse()  # newest first
-        self.data[0:0] = [chat for chat, _ in made]
-        self._rows[0:0] = [row for _, row in made]
-        self._cache.clear()
-        self._bodies.clear()
+        for chat, row in made:
+            self._table.insert(chat, row)
+        self._changed()
         self.stats.inserted += n
         return [chat for chat, _ in made]
+
+    def _now_us(self) -> int:
+        """The wall clock in whole milliseconds (what `format_us` serves), as microseconds."""
+        return int(self._wall_clock() * 1000) * _MS
+
+    def update_chat(self, chat_id: str, status: str | None = None) -> dict[str, Any]:
+        """Make a new version of `chat_id`: `status` (default: another of `STATUSES`), updated now.
+
+        `updated_at` is the wall clock in UTC (whole milliseconds, `Z`), or 1 ms
+        after the chat's previous `updated_at` if that is not earlier, so each
+        version of a chat is strictly newer than the last. A chat moving to
+        `queued` loses its assignee; one leaving `queued` gets one. The record
+        is replaced, never changed in place: records handed out earlier stay as
+        they were. Returns the new record; raises `KeyError` for an unknown id.
+        """
+        try:
+            chat, row = self._table.get(chat_id)
+        except KeyError:
+            raise KeyError(f"no chat {chat_id!r} in this sandbox") from None
+        if status is None:
+            others = [s for s in STATUSES if s != chat.get("status")]
+            status = others[int(self._churn_rng.random() * len(others))]
+        updated_us = max(self._now_us(), row.updated_us + _MS)
+        new = dict(chat)
+        new["status"] = status
+        new["updated_at"] = format_us(updated_us)
+        if "assignee" in new:
+            if status == "queued":
+                new["assignee"] = None
+            elif new["assignee"] is None:
+                new["assignee"] = AGENTS[int(self._churn_rng.random() * len(AGENTS))]
+        self._table.replace(new, row_of(new, row.created_us, updated_us))
+        self._changed()
+        self.stats.updated += 1
+        return new
+
+    def _insert_now(self) -> dict[str, Any]:
+        """A new chat created now (`updated_at` = `created_at`), where the order puts it."""
+        created_us = self._now_us()
+        chat, row = self._factory.make(created_us)
+        chat["updated_at"] = chat["created_at"]
+        self._table.insert(chat, row._replace(updated_us=created_us))
+        self.stats.inserted += 1
+        return chat
+
+    def _hot_set(self) -> collections.deque[str]:
+        """The busy chats: a tenth of the chats at the first churn, at most `HOT_SIZE`."""
+        if self._hot is None:
+            ids = self._table.ids()
+            size = max(1, min(HOT_SIZE, len(ids) // 10))
+            picked = self._churn_rng.sample(ids, min(size, len(ids)))
+            self._hot = collections.deque(picked, maxlen=size)
+        return self._hot
+
+    def _pick_busy(self) -> str:
+        """A chat to update (the tenant has some): from the hot set with probability `HOT_SHARE`."""
+        rng = self._churn_rng
+        hot = self._hot_set()
+        if hot and rng.random() < HOT_SHARE:
+            return hot[int(rng.random() * len(hot))]
+        chat_id: str = self.data[int(rng.random() * len(self.data))]["chat_id"]
+        return chat_id
+
+    def churn(self, updates: int = 0, inserts: int = 0) -> Churn:
+        """Change the data as a live tenant does: `updates` new versions, then `inserts` new chats.
+
+        Updated chats are mostly (`HOT_SHARE`) drawn from a small hot set (at
+        most `HOT_SIZE` chats), so the same busy chats change again and again,
+        possibly twice in one call; new chats join the hot set. Each update is
+        `update_chat(chat_id)`; each new chat has `created_at` = `updated_at`
+        = the wall clock and takes its place in the served order (newest
+        `created_at` first). Draws come from a generator seeded by the seed.
+        On an empty tenant there is nothing to update: only inserts happen.
+        Raises `ValueError` for a negative count.
+        """
+        if updates < 0 or inserts < 0:
+            raise ValueError(f"updates and inserts must be >= 0, got {updates}, {inserts}")
+        updated = [self.update_chat(self._pick_busy()) for _ in range(updates if self.data else 0)]
+        hot = self._hot_set()  # made before the new chats join it
+        inserted = [self._insert_now() for _ in range(inserts)]
+        if inserted:
+            hot.extend(chat["chat_id"] for chat in inserted)
+            self._changed()
+        return Churn(updated=updated, inserted=inserted)
+
+    def current_records(self) -> dict[str, dict[str, Any]]:
+        """The current record of every chat, by `chat_id`, as the server serves it now.
+
+        A new dict; the records are the served ones (never changed in place by the sandbox).
+        """
+        return {chat["chat_id"]: chat for chat in self.data}
 
     def _results(self, query: Query) -> list[dict[str, Any]]:
         hit = self._cache.get(query)
         if hit is not None:
             self._cache.move_to_end(query)
             return hit
-        match = predicate(query)
-        if match is None:
-            result = list(self.data)
-        else:
-            result = [chat for chat, row in zip(self.data, self._rows, strict=True) if match(row)]
+        result = select(self._table, query)
         self._cache[query] = result
         if len(self._cache) > _CACHE_SIZE:
             self._cache.popitem(last=False)
@@ -259,11 +406,45 @@ class Sandbox:
         finally:
             stats.in_flight -= 1
 
+    def _over_rate(self) -> int | None:
+        """Take a token from the rate-limit bucket; if there is none, the Retry-After to send.
+
+        A token bucket of `faults.burst` tokens refilled at `faults.rate_limit`
+        per second of `clock`, full when the knobs are (re)set; a refused
+        request takes no token. Retry-After is the time until one token is
+        back, in whole seconds rounded up, at least 1.
+        """
+        rate = self.faults.rate_limit
+        assert rate is not None
+        burst = self.faults.burst
+        now = self._clock()
+        if self._bucket != (rate, burst):
+            self._bucket = (rate, burst)
+            self._bucket_level = float(burst)
+        else:
+            self._bucket_level = min(burst, self._bucket_level + (now - self._bucket_at) * rate)
+        self._bucket_at = now
+        if self._bucket_level >= 1.0:
+            self._bucket_level -= 1.0
+            return None
+        return max(1, math.ceil((1.0 - self._bucket_level) / rate - 1e-9))
+
+    def _too_many(self, retry_after: str | None) -> web.Response:
+        self.stats.errors_by_code[429] += 1
+        headers = {RETRY_AFTER_HEADER: retry_after} if retry_after is not None else None
+        return web.json_response(_TOO_MANY, status=429, headers=headers)
+
     async def _search(self, request: web.Request, arrival_in_flight: int) -> web.StreamResponse:
         page = _page(request.query.get("page", "1"))
         if page is not None:
             self.stats.requests_by_page[page] += 1
         faults = self.faults
+        if faults.rate_limit is not None:
+            wait = self._over_rate()
+            if wait is not None:
+                self.stats.rate_limited += 1
+                self.stats.throttled += 1
+                return self._too_many(str(wait))
         delay = faults.latency + faults.latency_per_page * (page or 1)
         if faults.jitter > 0:
             delay += faults.jitter * self._fault_rng.random()
@@ -279,7 +460,14 @@ class Sandbox:
             "+json"
         ):
             return self._error(3114)
-        raw = await request.read()
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._error(3115)
+        except ConnectionError:
+            # The client hung up (aiohttp fails the body read once the connection is
+            # lost, even a body already received): normal, and nobody to answer.
+            return web.Response(status=499)
         if not raw.strip():
             return self._error(3114)
         try:
@@ -295,6 +483,8 @@ class Sandbox:
         self._valid_searches += 1
         if faults.insert_every is not None and self._valid_searches % faults.insert_every == 0:
             self.insert_chats(1)
+        if faults.churn_every is not None and self._valid_searches % faults.churn_every == 0:
+            self.churn(faults.churn_updates, faults.churn_inserts)
         fault = self._draw_fault(page, arrival_in_flight)
         if fault is not None:
             self.stats.faults[fault] += 1
@@ -349,11 +539,8 @@ class Sandbox:
         if kind in ("2007", "3454"):
             return self._error(int(kind))
         if kind == "429":
-            self.stats.errors_by_code[429] += 1
-            headers = {}
-            if self.faults.retry_after is not None:
-                headers[RETRY_AFTER_HEADER] = f"{self.faults.retry_after:g}"
-            return web.json_response({"message": "Too Many Requests"}, status=429, headers=headers)
+            retry_after = self.faults.retry_after
+            return self._too_many(None if retry_after is None else f"{retry_after:g}")
         if kind in ("502", "504"):
             self.stats.errors_by_code[int(kind)] += 1
             html = _HTML_502 if kind == "502" else _HTML_504
@@ -378,17 +565,26 @@ class Sandbox:
             {"access_token": token, "token_type": "Bearer", "expires_in": expires_in}
         )
 
+    async def handle_unknown(self, request: web.Request) -> web.Response:
+        """Any other path: 404 in the vendor's JSON form (not aiohttp's plain text)."""
+        description = f"No such resource: {request.method} {request.path}"
+        return self._error_response(404, 404, description)
+
 
 SANDBOX_KEY = web.AppKey("sandbox", Sandbox)
 
 
 def _page(value: str) -> int | None:
-    """A 1-based page number from the query string, or None when it is not one."""
-    value = value.strip()
-    if not value.isdigit() or not value.isascii():
+    """A 1-based page number from the query string, or None when it is not one.
+
+    Not one: anything but ASCII digits, 0, or more than `MAX_PAGE` (checked on
+    the digits, before `int()`, which refuses strings of over 4,300 digits).
+    """
+    value = value.strip().lstrip("0")
+    if not value.isdigit() or not value.isascii() or len(value) > len(str(MAX_PAGE)):
         return None
     page = int(value)
-    return page if page >= 1 else None
+    return page if page <= MAX_PAGE else None
 
 
 def make_app(sandbox: Sandbox | None = None, **kwargs: Any) -> web.Application:
@@ -401,6 +597,8 @@ def make_app(sandbox: Sandbox | None = None, **kwargs: Any) -> web.Application:
     app[SANDBOX_KEY] = sb
     app.router.add_route("*", API_ROOT + SEARCH_PATH, sb.handle_search)
     app.router.add_route("*", API_ROOT + TOKEN_PATH, sb.handle_token)
+    # Last, so only a path no route above matches reaches it (the router indexes plain paths).
+    app.router.add_route("*", "/{tail:.*}", sb.handle_unknown)
     return app
 
 
@@ -413,6 +611,8 @@ async def serve(
     token_ttl: float | None = None,
     token_max_uses: int | None = None,
     port: int = 0,
+    clock: Callable[[], float] = time.monotonic,
+    wall_clock: Callable[[], float] = time.time,
     **fault_knobs: Any,
 ) -> AsyncIterator[Sandbox]:
     """Serve a `Sandbox` on 127.0.0.1 for the duration of the block.
@@ -438,6 +638,8 @@ async def serve(
         token_ttl=token_ttl,
         token_max_uses=token_max_uses,
         port=port,
+        clock=clock,
+        wall_clock=wall_clock,
     )
     async with sb:
         yield sb

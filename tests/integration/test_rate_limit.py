@@ -1,4 +1,4 @@
-"""Against a tenant with a request budget the client is not told (a gateway's token bucket).
+"""Against a tenant with a request budget the client is not told (the sandbox's rate limit).
 
 Real HTTP on 127.0.0.1 and real `Retry-After: 1` waits (a few seconds in all).
 Everything asserted is a count: records, requests, 429s, the learned rate.
@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 
 import imichat_async as imi
-from benchmarks import rate_tenant
-from imichat_async.sandbox import Sandbox
+from imichat_async.sandbox import Sandbox, serve
 
 RATE = 200.0  # the tenant's budget, requests/s
 BURST = 10
@@ -22,10 +21,10 @@ PAGES = 100
 
 
 @pytest.fixture
-async def tenant() -> AsyncIterator[tuple[Sandbox, rate_tenant.RateLimit]]:
-    """The sandbox behind a 200/s, burst-10 gateway (the one place to switch to a sandbox knob)."""
-    async with rate_tenant.serve(PAGES * 10, rate=RATE, burst=BURST, seed=3, latency=0.01) as t:
-        yield t
+async def tenant() -> AsyncIterator[Sandbox]:
+    """A sandbox of 100 pages with a 200/s, burst-10 rate limit (429, Retry-After: 1)."""
+    async with serve(PAGES * 10, seed=3, latency=0.01, rate_limit=RATE, rate_burst=BURST) as sb:
+        yield sb
 
 
 def client_for(sb: Sandbox, **kw: Any) -> imi.ImiChatClient:
@@ -38,42 +37,40 @@ async def ids(client: imi.ImiChatClient, **kw: Any) -> list[str]:
     return [chat.chat_id async for chat in client.search_chats(**kw)]
 
 
-async def test_learns_the_budget_with_few_429s(
-    tenant: tuple[Sandbox, rate_tenant.RateLimit],
-) -> None:
+def accepted(sb: Sandbox) -> int:
+    return sb.stats.requests_total - sb.stats.rate_limited
+
+
+async def test_learns_the_budget_with_few_429s(tenant: Sandbox) -> None:
     """One search: every chat once, in order; <= 5 % of requests 429; the rate found near 200/s."""
-    sb, gateway = tenant
+    sb = tenant
     async with client_for(sb, concurrency=4, adaptive=True) as client:
         got = await ids(client)
         rate = client.limiter.rate
+        hedges = client.stats.hedges
     assert got == [c["chat_id"] for c in sb.data]
-    assert gateway.accepted == PAGES  # each page served once: no duplicate, none lost
-    total = gateway.accepted + gateway.throttled
-    assert 1 <= gateway.throttled <= 0.05 * total
+    assert PAGES <= accepted(sb) <= PAGES + hedges  # each page once, but for early hedges
+    assert sb.stats.throttled == sb.stats.rate_limited  # every 429 was the rate limit's
+    assert 1 <= sb.stats.rate_limited <= 0.05 * sb.stats.requests_total
     assert rate is not None and rate.rate is not None
     assert 0.5 * RATE <= rate.rate <= 1.5 * RATE
 
 
-async def test_learned_rate_carries_over_to_the_next_search(
-    tenant: tuple[Sandbox, rate_tenant.RateLimit],
-) -> None:
+async def test_learned_rate_carries_over_to_the_next_search(tenant: Sandbox) -> None:
     """A second search of the same client starts at the learned rate: at most one 429."""
-    sb, gateway = tenant
+    sb = tenant
     async with client_for(sb, concurrency=4, adaptive=True) as client:
         await ids(client, max_pages=50)
-        first = gateway.throttled
-        gateway.reset()
+        first = sb.stats.rate_limited
         got = await ids(client, max_pages=50)
     assert first >= 1
-    assert gateway.throttled <= 1
+    assert sb.stats.rate_limited - first <= 1
     assert got == [c["chat_id"] for c in sb.data[:500]]
 
 
-async def test_two_concurrent_searches_share_one_budget(
-    tenant: tuple[Sandbox, rate_tenant.RateLimit],
-) -> None:
+async def test_two_concurrent_searches_share_one_budget(tenant: Sandbox) -> None:
     """Two searches of one client at once draw on one learned rate: each exact, <= 5 % 429s."""
-    sb, gateway = tenant
+    sb = tenant
     closed = [c["chat_id"] for c in sb.expected([("status", "eq", "closed")])]
     queued = [c["chat_id"] for c in sb.expected([("status", "not_eq", "closed")])]
     async with client_for(sb, concurrency=4, adaptive=True) as client:
@@ -81,10 +78,11 @@ async def test_two_concurrent_searches_share_one_budget(
             ids(client, status="closed"), ids(client, status__not_eq="closed")
         )
         rate = client.limiter.rate
+        hedges = client.stats.hedges
     assert (a, b) == (closed, queued)
-    total = gateway.accepted + gateway.throttled
-    assert gateway.accepted == -(-len(closed) // 10) + -(-len(queued) // 10)
-    assert gateway.throttled <= 0.05 * total
+    pages = -(-len(closed) // 10) + -(-len(queued) // 10)
+    assert pages <= accepted(sb) <= pages + hedges
+    assert sb.stats.rate_limited <= 0.05 * sb.stats.requests_total
     assert rate is not None and rate.rate is not None
     assert 0.5 * RATE <= rate.rate <= 1.5 * RATE
 

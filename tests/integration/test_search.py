@@ -22,7 +22,6 @@ NO_WAIT = RetryPolicy.testing(max_retries=8)
 def client_for(sb: sandbox.Sandbox, **kw: Any) -> imi.ImiChatClient:
     kw.setdefault("token", sb.token)
     kw.setdefault("retry_policy", NO_WAIT)
-    kw.setdefault("max_retries", NO_WAIT.max_retries)
     return imi.ImiChatClient(base_url=sb.base_url, team_id=sb.team_id, **kw)
 
 
@@ -56,7 +55,7 @@ async def test_pages_past_the_end(total_header: bool) -> None:
         sandbox.serve(chats=95, seed=1, total_header=total_header) as server,
         client_for(server, concurrency=8) as client,
     ):
-        got = await ids_of(client.search_chats())
+        got = await ids_of(client.search_chats(prefetch=8))
     assert got == [c["chat_id"] for c in server.data]
     past_end = sum(n for page, n in server.stats.requests_by_page.items() if page > 10)
     if total_header:
@@ -79,7 +78,9 @@ async def test_every_transient_fault_mix_loses_nothing() -> None:
     )
     async with (
         sandbox.serve(chats=1500, seed=3, faults=faults) as server,
-        client_for(server, concurrency=8, max_retries=12, retry_policy=NO_WAIT) as client,
+        client_for(
+            server, concurrency=8, retry_policy=RetryPolicy.testing(max_retries=12)
+        ) as client,
     ):
         got = await ids_of(client.search_chats())
         retries = client.stats.retries

@@ -178,8 +178,7 @@ async def test_soak_every_fault_concurrent_searches_expiring_token(
             team_id=sb.team_id,
             concurrency=CONCURRENCY,
             timeout=CLIENT_TIMEOUT,
-            retry_policy=RetryPolicy.testing(),
-            max_retries=12,
+            retry_policy=RetryPolicy.testing(max_retries=12),
         ) as client:
             for i in range(iterations):
                 before = Counter(sb.stats.faults)
@@ -287,8 +286,7 @@ async def test_a_page_does_not_cycle_through_tokens_forever() -> None:
             token=fresh_token,
             team_id=sb.team_id,
             concurrency=1,
-            max_retries=3,
-            retry_policy=RetryPolicy.testing(),
+            retry_policy=RetryPolicy.testing(max_retries=3),
         ) as client:
             with pytest.raises(imi.TokenExpiredError):
                 [chat.chat_id async for chat in client.search_chats()]

@@ -1,0 +1,160 @@
+"""Scenario 10, head-of-line blocking: `search_chats()` against the raw retry loop, same run.
+
+Three conditions at N = 4,000 chats (400 pages), L = 40 ms, k = 16, default
+settings: clean, latency jittered U(L, 2L), and 5 % transient faults (2007,
+503, 429 with `Retry-After: 0`, connection resets; 1.25 % each). The
+reference is `baselines.retry_loop`: k requests always in flight, a failure
+retried at once, no order, no backoff. Each repetition runs both back to
+back against the same server; the figure is their ratio. A second table
+measures small searches (40 pages, and 1 page) on a warm client: page 1
+alone, or pages 2..window started with it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import imichat_async as imi
+
+from . import baselines, measure
+from .common import Config, ScenarioResult, Table, Target, per_run, summarize
+from .sandbox_proc import SandboxProcess
+
+CONDITIONS: list[tuple[str, dict[str, Any], float]] = [
+    ("clean", {}, 1.03),
+    ("latency jittered U(L, 2L)", {"jitter": 1.0}, 1.05),
+    (
+        "5 % transient faults (2007, 503, 429 Retry-After: 0, reset)",
+        {"p_2007": 0.0125, "p_503": 0.0125, "p_429": 0.0125, "p_reset": 0.0125},
+        1.10,
+    ),
+]
+OFF = {"jitter": 0.0, "p_2007": 0.0, "p_503": 0.0, "p_429": 0.0, "p_reset": 0.0}
+
+
+def _loop(sb: SandboxProcess, k: int) -> tuple[baselines.Outcome, measure.Timed]:
+    return measure.baseline_run(lambda: baselines.retry_loop(sb.base_url, sb.token, sb.team_id, k))
+
+
+def _small(sb: SandboxProcess, k: int, speculative: bool) -> dict[str, float]:
+    """One whole search of the tenant on a client warmed by an earlier one-page search."""
+    out: dict[str, float] = {}
+
+    async def go() -> None:
+        async with imi.ImiChatClient(
+            base_url=sb.base_url, token=sb.token, team_id=sb.team_id, concurrency=k
+        ) as client:
+            client._speculative_start = speculative
+            async for _ in client.search_chats(max_pages=1):
+                pass
+            sb.reset()
+            started = time.perf_counter()
+            n = 0
+            async for _ in client.search_chats():
+                n += 1
+            out["wall"] = time.perf_counter() - started
+            out["records"] = n
+
+    measure.timed(go)
+    out["requests"] = sb.stats()["requests_total"]
+    return out
+
+
+def run(cfg: Config) -> ScenarioResult:
+    n, latency, k = cfg.s1_chats, cfg.latency, cfg.s7_k
+    res = ScenarioResult(
+        10,
+        "Head-of-line blocking",
+        f"N = {n} chats ({n // 10} pages), L = {latency * 1000:.0f} ms, k = {k}, default "
+        "settings (prefetch = 4 x concurrency, hedging on). `search_chats()` wall time / "
+        "the raw retry loop's (k requests always in flight, a failure retried at once, no "
+        "order, no backoff, no decoding), back to back in each repetition. "
+        f"Median (min-max) of {cfg.runs}.",
+    )
+    runs: list[dict[str, Any]] = []
+    with SandboxProcess(n, latency=latency) as sb:
+        for _ in range(cfg.runs):
+            run: dict[str, Any] = {}
+            for name, knobs, _target in CONDITIONS:
+                sb.set_faults(
+                    **{
+                        **OFF,
+                        **{key: v * latency if key == "jitter" else v for key, v in knobs.items()},
+                    },
+                    retry_after=0.0,
+                )
+                sb.reset()
+                c = measure.client_run(sb, k=k)
+                measure.check(f"client {name}", c.records, n)
+                out, t = _loop(sb, k)
+                measure.check(f"retry loop {name}", out.records, n)
+                run[name] = {
+                    "client": c.wall,
+                    "loop": t.wall,
+                    "cpu_rec": c.cpu / max(1, c.records),
+                    "loop_cpu_rec": t.cpu / max(1, out.records),
+                    "retries": c.retries,
+                    "requests": c.requests,
+                    "hedges": c.hedges,
+                }
+            runs.append(run)
+    small: list[dict[str, Any]] = [{} for _ in range(cfg.runs)]
+    for pages in (40, 1):  # a tenant of exactly that many pages: the end comes from the total
+        with SandboxProcess(pages * 10, latency=latency) as sb:
+            for s in small:
+                for spec in (False, True):
+                    s[(pages, spec)] = _small(sb, k, spec)
+    table = Table(
+        f"search_chats() / raw retry loop, same run (k = {k}; loaded machine)",
+        [
+            "condition",
+            "client wall (s)",
+            "loop wall (s)",
+            "client / loop",
+            "target",
+            "client CPU/record / loop's",
+            "hedges",
+            "retries",
+        ],
+    )
+    for name, _knobs, target in CONDITIONS:
+        ratio = per_run(runs, lambda r, name=name: r[name]["client"] / r[name]["loop"])
+        cpu = per_run(runs, lambda r, name=name: r[name]["cpu_rec"] / r[name]["loop_cpu_rec"])
+        assert ratio is not None and cpu is not None
+        table.add(
+            name,
+            summarize([r[name]["client"] for r in runs]).fmt(3),
+            summarize([r[name]["loop"] for r in runs]).fmt(3),
+            ratio.fmt(3),
+            f"<= {target:.2f}",
+            cpu.fmt(2),
+            summarize([r[name]["hedges"] for r in runs]).fmt(0),
+            summarize([r[name]["retries"] for r in runs]).fmt(0),
+        )
+        res.targets.append(
+            Target(f"{name}: client / loop <= {target}", ratio.fmt(3), ratio.median <= target)
+        )
+        if name == "clean":
+            res.targets.append(
+                Target(
+                    "CPU per record <= 1.5 x the raw loop's (clean)", cpu.fmt(2), cpu.median <= 1.5
+                )
+            )
+    res.tables.append(table)
+    st = Table(
+        f"Small searches on a warm client (k = {k}, L = {latency * 1000:.0f} ms)",
+        ["pages", "start", "wall (s)", "wall / ideal", "requests (server)"],
+    )
+    for pages in (40, 1):
+        ideal = -(-pages // k) * latency
+        for spec in (False, True):
+            st.add(
+                pages,
+                "pages 1..window at once" if spec else "page 1 alone (default)",
+                summarize([s[(pages, spec)]["wall"] for s in small]).fmt(3),
+                summarize([s[(pages, spec)]["wall"] / ideal for s in small]).fmt(2),
+                summarize([s[(pages, spec)]["requests"] for s in small]).fmt(0),
+            )
+    res.tables.append(st)
+    return res

@@ -1,0 +1,130 @@
+"""`imichat-async export`: a range of chats to a file, each once, resumable."""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import click
+
+from .. import TransientError
+from ..export import ExportProgress, export_chats, make_sink
+from ._exit import Resumable, api_message, run
+from ._progress import ProgressLine
+from ._wiring import Settings, echo_err, filter_option, open_client, parse_filters
+
+
+@click.command()
+@click.option(
+    "--since",
+    required=True,
+    metavar="DATE",
+    help="created_at >= DATE (ISO date or datetime; naive = UTC).",
+)
+@click.option(
+    "--until",
+    default=None,
+    metavar="DATE",
+    help="created_at < DATE; default: now, frozen at the start.",
+)
+@filter_option
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["ndjson", "csv"]),
+    default=None,
+    help="Output format; default from the file's suffix (.csv), else ndjson.",
+)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, writable=True),
+    help="Output file.",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    metavar="K",
+    help="Requests in flight.",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Checkpoint file; default: OUTPUT.checkpoint.json.",
+)
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint, if there is one.")
+@click.option(
+    "--slice-pages",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Split slices deeper than this many pages.",
+)
+@click.pass_obj
+def export(
+    settings: Settings,
+    since: str,
+    until: str | None,
+    filters: tuple[str, ...],
+    fmt: str | None,
+    output: str,
+    concurrency: int,
+    checkpoint: str | None,
+    resume: bool,
+    slice_pages: int,
+) -> None:
+    """Export every chat created in [--since, --until) to a file, each exactly once.
+
+    Resumable: the checkpoint is kept after every slice; after a crash or
+    Ctrl-C, run the same command with --resume.
+    """
+    parsed = parse_filters(filters)
+    ckpt = checkpoint if checkpoint is not None else output + ".checkpoint.json"
+    bar = ProgressLine.for_stderr(settings.quiet)
+
+    def show(p: ExportProgress) -> None:
+        bar.update(
+            records=p.records, total=p.total, pages=p.pages, retries=p.retries, elapsed=p.elapsed
+        )
+
+    async def go() -> None:
+        # An export runs for long at the tenant's budget: learn its rate limit (it costs
+        # nothing without one: benchmarks/RESULTS.md, "Rate-limited tenant").
+        async with open_client(settings, concurrency, adaptive=True) as client:
+            try:
+                report = await export_chats(
+                    client,
+                    since=since,
+                    until=until,
+                    filters=parsed,
+                    sink=make_sink(output, fmt),
+                    checkpoint=ckpt,
+                    resume=resume,
+                    slice_pages=slice_pages,
+                    progress=show if bar.enabled else None,
+                )
+            finally:
+                bar.close()
+        if not settings.quiet:
+            for note in report.notes:
+                click.echo(f"note: {note}", err=True)
+        if not report.verified:
+            echo_err(settings, "note: the server sent no totals; slice counts were not verified")
+        echo_err(settings, f"{report.summary()} output={output}")
+
+    def interrupted() -> NoReturn:
+        raise Resumable(
+            f"interrupted; checkpoint saved to {ckpt}. "
+            "Run the same command with --resume to continue."
+        )
+
+    def transient(exc: TransientError) -> NoReturn:
+        raise Resumable(
+            f"{api_message(exc)} (retries exhausted); checkpoint saved to {ckpt}. "
+            "Run the same command with --resume to continue."
+        )
+
+    run(go(), on_interrupt=interrupted, on_transient=transient)

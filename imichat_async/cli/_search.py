@@ -1,0 +1,91 @@
+"""`imichat-async search`: the matching chats as a table, or JSON lines, on stdout."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import click
+
+from .. import InvalidQueryError
+from ._exit import run
+from ._progress import ProgressLine, summary
+from ._render import json_lines, table_header, table_row
+from ._wiring import Settings, echo_err, filter_option, open_client, parse_filters
+
+
+@click.command()
+@filter_option
+@click.option("--condition", type=click.Choice(["and", "or"]), default="and", show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Stop after N chats.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines (the raw objects) on stdout.")
+@click.option(
+    "--concurrency", type=click.IntRange(min=1), default=8, show_default=True, metavar="K"
+)
+@click.pass_obj
+def search(
+    settings: Settings,
+    filters: tuple[str, ...],
+    condition: str,
+    limit: int | None,
+    as_json: bool,
+    concurrency: int,
+) -> None:
+    """Print the matching chats as a table (or JSON lines with --json)."""
+    parsed = parse_filters(filters)
+    bar = ProgressLine.for_stderr(settings.quiet)
+
+    async def go() -> None:
+        started = time.monotonic()
+        records = pages_read = 0
+        async with open_client(settings, concurrency) as client:
+            try:
+                pages = client.search_pages(
+                    filters=parsed,
+                    condition=condition,
+                    limit=limit,
+                    prefetch=concurrency,
+                    raw=as_json,
+                )
+            except InvalidQueryError as exc:
+                raise click.UsageError(f"invalid query: {exc}") from None
+            try:
+                if not as_json:
+                    click.echo(table_header())
+                async with contextlib.aclosing(pages) as it:
+                    async for page in it:
+                        if as_json:
+                            click.echo(json_lines(page.items))
+                        else:
+                            for chat in page.items:
+                                click.echo(table_row(chat))
+                        records += len(page.items)
+                        pages_read += 1
+                        bar.update(
+                            records=records,
+                            total=_expected(page.total, limit),
+                            pages=pages_read,
+                            retries=client.stats.retries,
+                            elapsed=time.monotonic() - started,
+                        )
+            finally:
+                bar.close()
+            echo_err(
+                settings,
+                summary(
+                    records,
+                    pages_read,
+                    client.stats.requests,
+                    client.stats.retries,
+                    time.monotonic() - started,
+                ),
+            )
+
+    run(go())
+
+
+def _expected(total: int | None, limit: int | None) -> int | None:
+    """The records the search will show: the server's total, capped by `--limit`."""
+    if total is None or limit is None:
+        return total
+    return min(total, limit)

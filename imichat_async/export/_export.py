@@ -1,0 +1,224 @@
+"""`export_chats`: check the arguments, plan the range, resume or start, run, publish."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .. import Filter, ImiChatClient, InvalidQueryError
+from . import _plan
+from ._checkpoint import Checkpoint, CheckpointError, ExportState
+from ._plan import Intervals, RawRecord, TimeRange, UserQuery, fmt, plan_range, to_dt, to_us
+from ._progress import ExportProgress, ExportReport, Progress, Tally
+from ._runner import Runner
+from ._sinks import FileSink, Sink, make_sink
+
+DEFAULT_SLICE_PAGES = 20
+
+
+@attrs.define
+class _Run:
+    """One run's plan and counters, and how they become a checkpoint."""
+
+    key: dict[str, Any]
+    plan: TimeRange
+    checkpoint: Checkpoint
+    tally: Tally = attrs.field(factory=Tally)
+    done: Intervals = attrs.field(factory=Intervals)
+    offset: int | None = None
+    resumed: bool = False
+
+    @classmethod
+    def restore(cls, key: dict[str, Any], user: UserQuery, st: ExportState, ck: Checkpoint) -> _Run:
+        """The run a checkpoint describes."""
+        tally = Tally(
+            records=st.records,
+            duplicates=st.duplicates,
+            slices_done=st.slices,
+            verified=st.verified,
+            notes=[*st.notes, f"resumed: {st.records} chats in {st.slices} slices already written"],
+        )
+        plan = TimeRange(user, st.lo, st.hi, st.end_inclusive)
+        return cls(key, plan, ck, tally, Intervals(st.done), st.offset, resumed=True)
+
+    def state(self, complete: bool = False) -> ExportState:
+        p, t = self.plan, self.tally
+        return ExportState(
+            key=self.key,
+            lo=p.lo,
+            hi=p.hi,
+            end_inclusive=p.end_inclusive,
+            until=fmt(p.hi - 1 if p.end_inclusive else p.hi),
+            done=[(lo, hi) for lo, hi in self.done.items],
+            offset=self.offset,
+            records=t.records,
+            duplicates=t.duplicates,
+            slices=t.slices_done,
+            verified=t.verified,
+            notes=t.notes,
+            complete=complete,
+        )
+
+    async def save(self, offset: int | None) -> None:
+        self.offset = offset
+        await self.checkpoint.save(self.state())
+
+    def report(self, progress: Progress, sink: Sink, frozen: bool) -> ExportReport:
+        p, t = self.plan, self.tally
+        return ExportReport(
+            records=t.records,
+            duplicates=t.duplicates,
+            slices=t.slices_done,
+            splits=t.splits,
+            slices_reread=t.rereads,
+            pages=t.pages,
+            requests=progress.requests(),
+            retries=progress.retries(),
+            elapsed=progress.elapsed(),
+            since=to_dt(p.lo),
+            until=to_dt(p.hi - 1 if p.end_inclusive else p.hi),
+            until_frozen=frozen,
+            verified=t.verified,
+            resumed=self.resumed,
+            output=sink.path if isinstance(sink, FileSink) else None,
+            notes=tuple(t.notes),
+            pages_wasted=t.wasted,
+        )
+
+
+async def export_chats(
+    client: ImiChatClient,
+    *,
+    since: datetime | date | str,
+    until: datetime | date | str | None = None,
+    sink: Sink | str | os.PathLike[str] | Callable[[RawRecord], Awaitable[Any]],
+    filters: Iterable[Filter | tuple[str, str, Any]] | None = None,
+    condition: str = "and",
+    checkpoint: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    slice_pages: int = DEFAULT_SLICE_PAGES,
+    workers: int | None = None,
+    progress: Callable[[ExportProgress], None] | None = None,
+    **params: Any,
+) -> ExportReport:
+    """Export every chat created in `[since, until)` matching the filters, each once, to `sink`.
+
+    - `since`, `until`: datetimes (naive means UTC), dates or ISO 8601 strings.
+      Without `until`, the range ends at the start instant, inclusive, frozen.
+    - `filters`, `condition` and keyword filters (`status="closed"`,
+      `updated_at__gte=...`) as for `search_chats`; a `created_at` filter is
+      kept and intersected with the range. `condition="or"` cannot be combined
+      with the time slices unless there is at most one filter.
+    - `sink`: a `Sink` (`NdjsonSink(path)`, `CsvSink(path)`, `CallableSink(fn)`),
+      a path (`.csv` means CSV, else NDJSON) or an async callable taking one chat.
+    - `checkpoint`: a file recording the progress after every slice. If it
+      exists, `resume=True` continues from it (same arguments required);
+      without `resume` a `CheckpointError` is raised rather than overwrite it.
+      It is deleted when the export completes.
+    - `slice_pages`: a slice with more pages than this is split by time.
+    - `workers`: slices searched at once (default: the client's concurrency);
+      requests in flight stay bounded by the client's concurrency.
+    - `progress`: called with an `ExportProgress` as pages arrive (at most
+      every 50 ms) and after every slice.
+
+    Raises `InvalidQueryError` before any request for bad filters or range,
+    `CheckpointError` for an unusable checkpoint, the client's `ApiError`
+    subclasses for the API's errors. On any failure or cancellation the
+    checkpoint stays consistent; no task outlives the call.
+    """
+    # The client checks the filters at the call, before any request; nothing is read here.
+    await client.search_pages(filters=filters, condition=condition, raw=True, **params).aclose()
+    user = UserQuery(tuple(filters or ()), dict(params))
+    if condition == "or" and user.count() > 1:
+        raise InvalidQueryError(
+            "export slices the range with created_at filters, which needs "
+            "condition='and'; run one export per alternative instead of condition='or'"
+        )
+    since_us = to_us("since", since)
+    until_us = None if until is None else to_us("until", until)
+    _check_count("slice_pages", slice_pages)
+    n_workers = client.concurrency if workers is None else workers
+    _check_count("workers", n_workers)
+    out = make_sink(sink)
+    key = {
+        "filters": user.identity(),
+        "condition": condition,
+        "since": since_us,
+        "until": until_us,
+        "sink": out.describe(),
+    }
+    ckpt = Checkpoint(Path(checkpoint) if checkpoint is not None else None, resume=resume)
+    state = ckpt.load(key)
+    if state is None:
+        now = to_us("now", _plan.utcnow())
+        run = _Run(key, plan_range(user, since_us, until_us, now), ckpt)
+    else:
+        run = _Run.restore(key, user, state, ckpt)
+    bar = Progress(client, run.tally, progress)
+    if state is not None and state.complete:
+        await _finish_published(out, ckpt)
+    else:
+        await _run(client, run, out, bar, n_workers, slice_pages)
+    bar.tell((), force=True)
+    return run.report(bar, out, frozen=until is None)
+
+
+async def _run(
+    client: ImiChatClient, run: _Run, out: Sink, bar: Progress, workers: int, slice_pages: int
+) -> None:
+    """Open (or resume) the sink, read every window not done, publish; on failure leave the
+    checkpoint consistent (or, without one, remove the partial output)."""
+    count = await out.open(run.offset if run.resumed else None)
+    ok = False
+    try:
+        if run.offset is not None and count is not None and count != run.tally.records:
+            raise CheckpointError(
+                f"cannot resume: the partial output holds {count} chats, "
+                f"the checkpoint recorded {run.tally.records}"
+            )
+        await run.save(await out.sync())
+        runner = Runner(
+            client,
+            run.plan,
+            out,
+            tally=run.tally,
+            done=run.done,
+            save=run.save,
+            progress=bar,
+            workers=workers,
+            slice_pages=slice_pages,
+        )
+        await runner.run(run.done.gaps(run.plan.lo, run.plan.hi))
+        await run.checkpoint.save(run.state(complete=True))
+        await out.complete()
+        run.checkpoint.drop()
+        ok = True
+    finally:
+        if not ok:
+            if run.checkpoint.path is None:
+                out.discard()
+            else:
+                out.close()
+
+
+async def _finish_published(out: Sink, ckpt: Checkpoint) -> None:
+    """A checkpoint marked complete: the run was killed while publishing. Finish that."""
+    if isinstance(out, FileSink):
+        if out.temp_path.exists():
+            await out.complete()
+        elif not out.path.exists():
+            raise CheckpointError(
+                f"checkpoint is complete but neither {str(out.path)!r} nor "
+                f"its .part file exists; delete the checkpoint to start over"
+            )
+    ckpt.drop()
+
+
+def _check_count(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidQueryError(f"{name} must be an int >= 1, got {value!r:.40}")

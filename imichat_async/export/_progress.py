@@ -1,0 +1,139 @@
+"""What a run did: its running tally, the progress snapshots and the final report."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from pathlib import Path
+
+import attrs
+
+from .. import ImiChatClient
+from ._plan import Slice
+
+
+@attrs.frozen
+class ExportProgress:
+    """A snapshot handed to the `progress` callback after every page and every slice."""
+
+    records: int  # chats written so far (a resumed run counts those of earlier runs)
+    fetched: int  # chats received in this run, slices in progress included
+    duplicates: int
+    pages: int  # pages read in this run
+    requests: int  # HTTP attempts of the client in this run
+    retries: int
+    slices_done: int
+    slices_pending: int
+    total: int | None  # estimated chats in the whole export, once every slice has a total
+    elapsed: float
+
+
+@attrs.frozen
+class ExportReport:
+    """What an export did. Counts of chats cover the whole export (earlier runs included);
+    pages, requests, retries and elapsed cover this run."""
+
+    records: int
+    duplicates: int
+    slices: int  # slices finished (whole export)
+    splits: int  # slices found deep and split (this run)
+    slices_reread: int  # slices re-read because their count came up short (this run)
+    pages: int
+    requests: int
+    retries: int
+    elapsed: float
+    since: datetime
+    until: datetime
+    until_frozen: bool  # True when `until` is the instant frozen at the start
+    verified: bool  # every slice's count was checked against a total from the server
+    resumed: bool
+    output: Path | None = None
+    notes: tuple[str, ...] = ()
+    pages_wasted: int = 0  # pages requested past the end of a slice (no total sent)
+
+    def summary(self) -> str:
+        """One line: `records=… duplicates=… slices=… …`."""
+        return (
+            f"records={self.records} duplicates={self.duplicates} slices={self.slices} "
+            f"splits={self.splits} rereads={self.slices_reread} pages={self.pages} "
+            f"requests={self.requests} retries={self.retries} elapsed={self.elapsed:.2f}s"
+        )
+
+
+@attrs.define
+class Tally:
+    """The counters of a run; records, duplicates, slices, verified and notes carry over
+    from the checkpoint of a resumed run, the rest count this run only."""
+
+    records: int = 0
+    duplicates: int = 0
+    slices_done: int = 0
+    verified: bool = True
+    notes: list[str] = attrs.field(factory=list)
+    splits: int = 0
+    rereads: int = 0
+    pages: int = 0
+    wasted: int = 0
+    fetched: int = 0
+
+
+class Progress:
+    """Snapshots of a run for the `progress` callback, throttled to one per `interval`."""
+
+    def __init__(
+        self,
+        client: ImiChatClient,
+        tally: Tally,
+        callback: Callable[[ExportProgress], None] | None,
+        interval: float = 0.05,
+    ) -> None:
+        self.client = client
+        self.tally = tally
+        self.callback = callback
+        self.interval = interval
+        self.started = time.monotonic()
+        self.requests0 = client.stats.requests
+        self.retries0 = client.stats.retries
+        self._last = 0.0
+
+    def requests(self) -> int:
+        return self.client.stats.requests - self.requests0
+
+    def retries(self) -> int:
+        return self.client.stats.retries - self.retries0
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def snapshot(self, active: Iterable[Slice]) -> ExportProgress:
+        """The numbers now; `total` once every pending slice has an estimate."""
+        t = self.tally
+        pending = list(active)
+        total: int | None = t.records
+        for s in pending:
+            if s.estimate is None or total is None:
+                total = None
+                break
+            total += s.estimate
+        return ExportProgress(
+            records=t.records,
+            fetched=t.fetched,
+            duplicates=t.duplicates,
+            pages=t.pages,
+            requests=self.requests(),
+            retries=self.retries(),
+            slices_done=t.slices_done,
+            slices_pending=len(pending),
+            total=None if total is None else max(total, t.records),
+            elapsed=self.elapsed(),
+        )
+
+    def tell(self, active: Iterable[Slice], force: bool = False) -> None:
+        """Call back with a snapshot (at most every `interval`, unless `force`)."""
+        if self.callback is None:
+            return
+        now = time.monotonic()
+        if force or now - self._last >= self.interval:
+            self._last = now
+            self.callback(self.snapshot(active))

@@ -1,0 +1,314 @@
+"""Sinks: where exported records go (NDJSON file, CSV file, an async callable).
+
+The runner drives a sink; users only construct one. File sinks write to
+`<path>.part` and rename it to `<path>` when the export completes; their
+blocking calls (fsync, reading a partial file on resume) run in a worker
+thread, off the event loop.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import csv
+import io
+import json
+import os
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any, ClassVar
+
+from .. import InvalidQueryError
+from ._aio import in_thread
+from ._checkpoint import CheckpointError, fsync_dir
+
+RawRecord = Mapping[str, Any]
+_CHUNK = 1 << 20  # bytes read at a time when counting a partial file
+
+
+class Sink(abc.ABC):
+    """Where exported chats go. `export_chats` drives it; users only construct one.
+
+    Life cycle: `await open(offset)` (fresh when `offset` is None, else resume at
+    that byte length and return the records already there), `await write`
+    (one finished slice at a time), `await sync` (make it durable; return the
+    byte length, or None when the sink cannot resume), then `await complete`
+    (publish) or `close` (leave it unpublished, for a resume).
+    """
+
+    kind: ClassVar[str] = "sink"
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies this sink in a checkpoint (so a resume writes to the same place)."""
+        return {"kind": self.kind}
+
+    async def open(self, offset: int | None) -> int | None:
+        """Start fresh (`offset` None) or resume at `offset`: the records already written
+        there (None: the sink cannot tell)."""
+        return None
+
+    @abc.abstractmethod
+    async def write(self, records: Sequence[RawRecord]) -> None:
+        """Write the records of one finished slice."""
+
+    async def sync(self) -> int | None:
+        """Flush what was written to durable storage; return its byte length (None: not a file)."""
+        return None
+
+    async def complete(self) -> None:  # noqa: B027 (optional hook)
+        """The export is complete: publish the result."""
+
+    def close(self) -> None:  # noqa: B027 (optional hook)
+        """Release resources without publishing (the export failed or was interrupted)."""
+
+    def discard(self) -> None:
+        """Remove any unpublished output (a failed export without a checkpoint)."""
+        self.close()
+
+
+class FileSink(Sink):
+    """A file written to `<path>.part`, then renamed to `path` when the export completes."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.temp_path = self.path.with_name(self.path.name + ".part")
+        self._file: IO[bytes] | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r})"
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "path": str(self.path.resolve())}
+
+    def header(self) -> bytes:
+        """Bytes at the start of a fresh file."""
+        return b""
+
+    @abc.abstractmethod
+    def encode(self, records: Sequence[RawRecord]) -> bytes:
+        """The bytes of these records."""
+
+    @abc.abstractmethod
+    def count(self, f: IO[bytes]) -> int:
+        """The records in a file this sink wrote, read from its start to its end, streamed."""
+
+    async def open(self, offset: int | None) -> int | None:
+        if offset is None:
+            fresh: IO[bytes] = await in_thread(open, self.temp_path, "wb")
+            self._file = fresh
+            fresh.write(self.header())
+            await self.sync()
+            return 0
+        return await in_thread(self._reopen, offset)
+
+    def _reopen(self, offset: int) -> int:
+        try:
+            size = self.temp_path.stat().st_size
+        except FileNotFoundError:
+            raise CheckpointError(
+                f"cannot resume: the partial output {str(self.temp_path)!r} is missing"
+            ) from None
+        if size < offset:
+            raise CheckpointError(
+                f"cannot resume: {str(self.temp_path)!r} holds {size} bytes, "
+                f"fewer than the {offset} the checkpoint recorded"
+            )
+        f: IO[bytes] = open(self.temp_path, "r+b")  # noqa: SIM115 (kept open)
+        self._file = f
+        f.truncate(offset)  # drop whatever was written after the last checkpoint
+        f.seek(0)
+        records = self.count(f)
+        f.seek(offset)
+        return records
+
+    async def write(self, records: Sequence[RawRecord]) -> None:
+        if self._file is None:
+            raise RuntimeError("sink is not open")
+        if records:
+            self._file.write(self.encode(records))
+
+    async def sync(self) -> int | None:
+        f = self._file
+        if f is None:
+            raise RuntimeError("sink is not open")
+        f.flush()
+        await in_thread(os.fsync, f.fileno())
+        return f.tell()
+
+    async def complete(self) -> None:
+        if self._file is not None:
+            await self.sync()
+            self.close()
+        await in_thread(self._publish)
+
+    def _publish(self) -> None:
+        os.replace(self.temp_path, self.path)
+        fsync_dir(self.path.parent)
+
+    def close(self) -> None:
+        f, self._file = self._file, None
+        if f is not None:
+            f.close()
+
+    def discard(self) -> None:
+        self.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.temp_path.unlink()
+
+
+def _json_line(record: RawRecord) -> str:
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+class NdjsonSink(FileSink):
+    """One JSON object per line, exactly the object the server sent (key order kept, UTF-8)."""
+
+    kind = "ndjson"
+
+    def encode(self, records: Sequence[RawRecord]) -> bytes:
+        return "".join(map(_json_line, records)).encode()
+
+    def count(self, f: IO[bytes]) -> int:
+        # Every record is one line; JSON text holds no raw newline.
+        lines = 0
+        while chunk := f.read(_CHUNK):
+            lines += chunk.count(b"\n")
+        return lines
+
+
+#: The columns of `CsvSink`, in order.
+CSV_COLUMNS: tuple[str, ...] = (
+    "chat_id",
+    "alias_id",
+    "created_at",
+    "updated_at",
+    "status",
+    "channel",
+    "asset_id",
+    "asset_name",
+    "customer_id",
+    "destination_id",
+    "assignee",
+    "flag",
+    "tag",
+    "other_details",
+    "extra",
+)
+_CSV_TOP = frozenset(CSV_COLUMNS[:6] + CSV_COLUMNS[8:14] + ("asset",))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+class CsvSink(FileSink):
+    """Flat CSV (RFC 4180, UTF-8, a header row), one row per chat, columns `CSV_COLUMNS`.
+
+    - `asset` becomes `asset_id` and `asset_name` (the id as sent: `00123` keeps its zeros);
+    - `tag` is a JSON array (`["billing","vip"]`), `other_details` a JSON object;
+    - a missing or null field is an empty cell; numbers and booleans are written as JSON;
+    - unknown top-level fields go, as one JSON object, to `extra` (empty when none),
+      so nothing the server sent is lost.
+    """
+
+    kind = "csv"
+
+    def header(self) -> bytes:
+        return self._rows([list(CSV_COLUMNS)])
+
+    @staticmethod
+    def _rows(rows: Iterable[Sequence[str]]) -> bytes:
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\r\n").writerows(rows)
+        return buf.getvalue().encode()
+
+    @staticmethod
+    def row(record: RawRecord) -> list[str]:
+        """The cells of one chat, in `CSV_COLUMNS` order."""
+        asset = record.get("asset")
+        asset_id = asset_name = None
+        if isinstance(asset, Mapping):
+            asset_id, asset_name = asset.get("id"), asset.get("name")
+        elif asset is not None:
+            asset_id = asset
+        extra = {k: v for k, v in record.items() if k not in _CSV_TOP}
+        g = record.get
+        return [
+            _cell(g("chat_id")),
+            _cell(g("alias_id")),
+            _cell(g("created_at")),
+            _cell(g("updated_at")),
+            _cell(g("status")),
+            _cell(g("channel")),
+            _cell(asset_id),
+            _cell(asset_name),
+            _cell(g("customer_id")),
+            _cell(g("destination_id")),
+            _cell(g("assignee")),
+            _cell(g("flag")),
+            _cell(g("tag")),
+            _cell(g("other_details")),
+            _cell(extra) if extra else "",
+        ]
+
+    def encode(self, records: Sequence[RawRecord]) -> bytes:
+        return self._rows(self.row(r) for r in records)
+
+    def count(self, f: IO[bytes]) -> int:
+        # Rows, not lines: a quoted cell may hold a newline. Streamed, line by line.
+        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+        try:
+            rows = sum(1 for _ in csv.reader(text))
+        finally:
+            text.detach()  # leave the file open for the writes that follow
+        return max(0, rows - 1)  # the header
+
+
+class CallableSink(Sink):
+    """Hands each chat (the raw JSON object) to `await fn(chat)`, in slice order.
+
+    Exactly once within a run; across a crash, the chats of a slice delivered
+    but not yet checkpointed are delivered again on resume (at least once).
+    """
+
+    kind = "callable"
+
+    def __init__(self, fn: Callable[[RawRecord], Awaitable[Any]]) -> None:
+        if not callable(fn):
+            raise TypeError("CallableSink takes an async callable: fn(chat) -> awaitable")
+        self.fn = fn
+
+    def describe(self) -> dict[str, Any]:
+        name = getattr(self.fn, "__qualname__", type(self.fn).__qualname__)
+        return {"kind": self.kind, "name": str(name)}
+
+    async def write(self, records: Sequence[RawRecord]) -> None:
+        for record in records:
+            await self.fn(record)
+
+
+def make_sink(
+    target: Sink | str | os.PathLike[str] | Callable[[RawRecord], Awaitable[Any]],
+    format: str | None = None,
+) -> Sink:
+    """A sink from a `Sink`, an async callable, or a path (`format` "ndjson" or "csv";
+    by default from the suffix: `.csv` is CSV, anything else NDJSON)."""
+    if isinstance(target, Sink):
+        return target
+    if isinstance(target, (str, os.PathLike)):
+        path = Path(target)
+        fmt = format or ("csv" if path.suffix.lower() == ".csv" else "ndjson")
+        if fmt == "ndjson":
+            return NdjsonSink(path)
+        if fmt == "csv":
+            return CsvSink(path)
+        raise InvalidQueryError(f"unknown export format {fmt!r}: expected ndjson or csv")
+    if callable(target):
+        return CallableSink(target)
+    raise TypeError(
+        f"sink must be a Sink, a path or an async callable, got {type(target).__name__}"
+    )
