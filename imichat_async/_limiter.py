@@ -32,6 +32,8 @@ from typing import Any
 
 from ._rate import SendRate
 
+MAX_KEEP = 0.05  # seconds the keeper sleeps at most before asking the rate again (it may rise)
+
 
 class _Waiter:
     """One request in line: `fut` resolves to None when granted, or to seconds to keep time for."""
@@ -196,7 +198,7 @@ class Limiter:
                         keeper = self._queues[self._turns[0]][0][2]
                         if not keeper.fut.done():  # done: cancelled, its handler wakes us
                             self._keeper = keeper
-                            keeper.fut.set_result(wait)
+                            keeper.fut.set_result(min(wait, MAX_KEEP))
                     return
             group = self._turns.popleft()
             queue = self._queues[group]

@@ -14,6 +14,15 @@ waiting. The design follows botocore's adaptive retry mode
   fast while far below the rate of the last throttle, flat near it, then
   probing above it ever faster, but never above twice the accepted rate
   (a client that idles does not earn the right to a burst of probes).
+  Unlike botocore's fixed C, the curve scales with the rate: back to the
+  last throttled rate in about 1.3 s whatever it is (C = 0.1 x it), and
+  five times gentler above it (C = 0.02 x it), since near a measured rate
+  each probe that overshoots costs a 429 and a page held for its Retry-After.
+- The first throttle cannot be measured (the burst that emptied the
+  server's bucket hides its rate): the rate drops to a quarter of what was
+  sent and not refused over the last second (answers still in flight
+  included), then climbs back towards it quickly until throttles come close
+  enough together to measure.
 - Throttles answered to requests sent before the last decrease do not
   decrease again: they report a rate that is already gone (the same rule as
   the concurrency limiter's epochs, kept by send time).
@@ -42,7 +51,9 @@ TIMER_SLACK = 0.02  # seconds a sleeper may wake late; the bucket keeps that muc
 MIN_SPAN = 0.05  # seconds: a measurement over less time than this is not trusted more
 MIN_COUNT = 3  # accepted requests between two throttles before their rate is trusted
 CLUSTER_GAP = 0.25  # seconds between throttled sends that still count as one run of them
-BLIND_BETA = 0.5  # the decrease when the tenant's rate could not be measured
+BLIND_BETA = 0.25  # the decrease when the tenant's rate could not be measured
+RELATIVE_SCALE = 0.1  # CUBIC's C back up to the last throttled rate: this share of it, per s**3
+PROBE_SCALE = 0.02  # and above it, probing: this share of it, per s**3 (+10 % in 1.7 s)
 GRACE = 5  # send intervals after a decrease during which a throttle cannot decrease again
 MAX_GRACE = 0.25  # seconds: the grace is never longer than this
 
@@ -164,6 +175,7 @@ class SendRate:
         self._w_max = rate or 0.0
         self._last_decrease = now
         self._k = 0.0
+        self._c = scale  # CUBIC's C since the last decrease
 
     @property
     def rate(self) -> float | None:
@@ -216,7 +228,7 @@ class SendRate:
                 run.popleft()
             measured = self._measure(sent_at)
             if sent_at >= self._rate_since:
-                self._decrease(now, measured)
+                self._decrease(now, measured, sent_at)
             elif measured is not None and self._bucket.rate > self.beta * measured:
                 self._w_max = measured  # a better measure within the grace: aim lower
                 self._set(self.beta * measured, now)
@@ -250,7 +262,17 @@ class SendRate:
                 return self.estimate
         return None
 
-    def _decrease(self, now: float, measured: float | None) -> None:
+    def _offered(self, sent_at: float) -> float:
+        """Requests/s sent over the last `window` before `sent_at` and not refused (so far).
+
+        Counted by send time, so requests still in flight count: at the first throttle
+        most answers of the burst that emptied the server's bucket are not back yet.
+        """
+        start = max(self._first_send or sent_at, sent_at - self.window)
+        sent = self._accepted_between(start - _EPSILON, sent_at)
+        return sent / max(sent_at - start, MIN_SPAN)
+
+    def _decrease(self, now: float, measured: float | None, sent_at: float) -> None:
         if measured is not None:
             w_max = measured
             if self._enabled:
@@ -262,12 +284,15 @@ class SendRate:
             rate = self.beta * w_max
         else:
             # The first throttle, alone: the accepted rate so far is about what was sent,
-            # the burst included; halve it, and aim no higher than that.
-            rate = BLIND_BETA * self.accepted.rate(now)
-            w_max = rate / self.beta
+            # the burst included, so the tenant's rate is somewhere below it. Start well
+            # below, and climb back towards it fast (the concave part of the curve) until
+            # throttles come close enough together to measure the rate.
+            w_max = self._offered(sent_at)
+            rate = BLIND_BETA * w_max
         w_max = max(w_max, self.min_rate)
         self._w_max = w_max
-        self._k = (w_max * (1 - self.beta) / self.scale) ** (1 / 3)
+        self._c = max(self.scale, RELATIVE_SCALE * w_max)
+        self._k = (max(0.0, w_max - rate) / self._c) ** (1 / 3)
         self._last_decrease = now
         self._set(rate, now)
         self._rate_since = now + min(GRACE / self._bucket.rate, MAX_GRACE)
@@ -276,7 +301,8 @@ class SendRate:
 
     def _grow(self, now: float) -> None:
         t = now - self._last_decrease - self._k
-        cubic = self.scale * t * t * t + self._w_max
+        c = self._c if t < 0 else max(self.scale, PROBE_SCALE * self._w_max)
+        cubic = c * t * t * t + self._w_max
         # Above the last throttled rate only as far as the client uses it (botocore's 2x
         # the measured rate): an idle pause does not turn into a burst of probes.
         self._set(min(cubic, max(self._w_max, 2 * self.accepted.rate(now))), now)

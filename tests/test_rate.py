@@ -123,17 +123,24 @@ def test_adaptive_is_unbounded_until_throttled() -> None:
     assert all(rate.delay() == 0.0 for _ in range(1000))
 
 
-def test_first_throttle_halves_the_accepted_rate() -> None:
-    """The first throttle cannot measure the tenant yet: the rate becomes half the accepted rate."""
+def test_first_throttle_quarters_the_rate_sent() -> None:
+    """The first throttle cannot measure the tenant yet: the rate becomes 1/4 of the rate sent
+    and not refused over the last second, answered or still in flight, then climbs back."""
     clock = FakeClock()
     rate = SendRate(adaptive=True, clock=clock)
-    for _ in range(20):  # 20 accepted over 1 s: 20/s
+    for _ in range(10):  # 10 accepted, then 10 still in flight: 20 sent in 1 s
         rate.feedback(rate.sent(), throttled=False, ok=True)
+        clock.advance(0.05)
+    for _ in range(10):
+        rate.sent()
         clock.advance(0.05)
     ticket = rate.sent()
     rate.feedback(ticket, throttled=True, ok=False)
-    assert rate.rate == pytest.approx(0.5 * 20.0)
+    assert rate.rate == pytest.approx(0.25 * 20.0)
     assert rate.decreases == 1
+    clock.advance(0.5)
+    rate.feedback(rate.sent(), throttled=False, ok=True)
+    assert 0.25 * 20.0 < rate.rate < 20.0  # concave: fast back towards what was sent
 
 
 def test_throttles_of_requests_sent_before_a_decrease_do_not_decrease_again() -> None:
@@ -163,17 +170,19 @@ def test_a_run_of_throttles_measures_the_tenant_rate() -> None:
 
 
 def test_cubic_growth_returns_to_the_throttled_rate_then_probes_above() -> None:
-    """After a decrease the rate climbs back to w_max at K = cbrt(w_max(1-beta)/C), then above."""
+    """After a decrease the rate climbs back to w_max at K = cbrt((w_max - rate)/C), C = 0.1 x
+    w_max, concave (fast first); above w_max it probes five times more gently (C = 0.02 x w_max).
+    """
     clock = FakeClock()
     rate = SendRate(adaptive=True, clock=clock, beta=0.8, scale=0.4)
-    for _ in range(100):  # 100 accepted in 1 s
+    for _ in range(100):  # 100 sent and accepted in 1 s
         rate.feedback(rate.sent(), throttled=False, ok=True)
         clock.advance(0.01)
     rate.feedback(rate.sent(), throttled=True, ok=False)
-    # A blind first decrease: half the accepted 100/s, aiming back at 50 / 0.8 = 62.5.
-    assert rate.rate == pytest.approx(50.0, rel=0.02)
-    w_max = 62.5
-    k = (w_max * 0.2 / 0.4) ** (1 / 3)  # 3.15 s
+    # A blind first decrease: a quarter of the 100/s sent, aiming back at 100/s.
+    assert rate.rate == pytest.approx(25.0, rel=0.02)
+    w_max = 100.0
+    k = ((w_max - 25.0) / (0.1 * w_max)) ** (1 / 3)  # 1.96 s
 
     def rate_after(seconds: float) -> float:
         # keep the client busy (100 accepted a second), so growth is not capped by idling
@@ -185,10 +194,11 @@ def test_cubic_growth_returns_to_the_throttled_rate_then_probes_above() -> None:
         return rate.rate
 
     at_half_k = rate_after(k / 2)
-    assert 50.0 < at_half_k < w_max
+    assert (25.0 + w_max) / 2 < at_half_k < w_max  # concave: past the midpoint at half time
     at_k = rate_after(k / 2)
     assert at_k == pytest.approx(w_max, rel=0.02)
-    assert rate_after(2.0) > 1.02 * w_max
+    probe = rate_after(1.0)
+    assert probe == pytest.approx(w_max + 0.02 * w_max * 1.0, rel=0.01)  # +2/s after 1 s
 
 
 def test_idle_client_does_not_grow_far_above_its_use() -> None:

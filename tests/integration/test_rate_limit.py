@@ -57,10 +57,10 @@ async def test_learns_the_budget_with_few_429s(tenant: Sandbox) -> None:
 
 
 async def test_learned_rate_carries_over_to_the_next_search(tenant: Sandbox) -> None:
-    """A second search of the same client starts at the learned rate: at most one 429."""
+    """A second search of the same client starts at the rate the first learned: at most one 429."""
     sb = tenant
     async with client_for(sb, concurrency=4, adaptive=True) as client:
-        await ids(client, max_pages=50)
+        await ids(client)
         first = sb.stats.rate_limited
         got = await ids(client, max_pages=50)
     assert first >= 1
@@ -110,3 +110,21 @@ def test_modes_build_one_rate_per_client() -> None:
     assert (learned.adaptive, learned.rate) == (True, None)
     capped = rate_of(adaptive="rate", rate_limit=7.0)
     assert (capped.adaptive, capped.ceiling) == (True, 7.0)
+
+
+def test_no_hedging_while_a_send_rate_is_in_force() -> None:
+    """A given rate_limit, or a learned rate once throttled, turns hedging off; none before."""
+
+    def client(**kw: Any) -> imi.ImiChatClient:
+        return imi.ImiChatClient(base_url="https://x.test/v3.0", token="t", team_id="t", **kw)
+
+    assert client(rate_limit=5.0)._backing_off()
+    learned = client(adaptive=True)
+    assert not learned._backing_off()  # no throttle yet: nothing learned, hedges allowed
+    rate = learned.limiter.rate
+    assert rate is not None
+    for _ in range(5):
+        rate.feedback(rate.sent(), throttled=False, ok=True)
+    rate.feedback(rate.sent(), throttled=True, ok=False)
+    assert learned._backing_off()
+    assert not client()._backing_off()
