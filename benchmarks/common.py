@@ -48,6 +48,11 @@ class Config:
     # 9. sliced export
     s9_chats: int = 4000
     s9_k: int = 16
+    # 11. rate-limited tenant
+    s12_chats: int = 3000
+    s12_k: int = 16
+    s12_limits: tuple[int, ...] = (50, 100, 400)
+    s12_clean_chats: int = 4000
 
     @classmethod
     def full(cls, runs: int = 3) -> Config:
@@ -70,6 +75,9 @@ class Config:
             s6_prefetch=(8,),
             s8_chats=300,
             s9_chats=400,
+            s12_chats=400,
+            s12_limits=(200,),
+            s12_clean_chats=400,
         )
 
 

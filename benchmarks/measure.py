@@ -51,6 +51,7 @@ class ClientRun:
     hedges: int = 0
     pages: int = 0
     peak_in_flight: int = 0
+    send_rate: float | None = None  # the client's send rate at the end (None: unbounded)
     ttfr: float | None = None  # seconds from the search call to the first record
     chats: list[Any] = field(default_factory=list)
     paging: imi.PagingStats | None = None
@@ -61,7 +62,8 @@ def client_run(
     *,
     k: int,
     prefetch: int | None = None,
-    adaptive: bool = False,
+    adaptive: bool | str = False,
+    rate_limit: float | None = None,
     max_retries: int = 5,
     keep: bool = False,
     raw: bool = False,
@@ -78,6 +80,7 @@ def client_run(
             team_id=sb.team_id,
             concurrency=k,
             adaptive=adaptive,
+            rate_limit=rate_limit,
             max_retries=max_retries if retry_policy is None else None,
             retry_policy=retry_policy,
         ) as client:
@@ -104,6 +107,8 @@ def client_run(
             out.hedges = client.stats.hedges
             out.pages = client.stats.pages
             out.peak_in_flight = client.limiter.peak
+            rate = client.limiter.rate
+            out.send_rate = None if rate is None else rate.rate
 
     t = timed(go)
     out.wall, out.cpu = t.wall, t.cpu

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             names = [x.strip() for x in args.only.split(",") if x.strip()]
             numbers = sorted({n for x in names for n in (ALIASES[x] if x in ALIASES else [int(x)])})
         except ValueError:
-            raise SystemExit(f"--only takes numbers like 1,4: {args.only!r}") from None
+            raise SystemExit(f"--only takes numbers like 1,4 or names: {args.only!r}") from None
         unknown = set(numbers) - set(SCENARIOS)
         if unknown:
             raise SystemExit(f"unknown scenario(s) {sorted(unknown)}; known {sorted(SCENARIOS)}")

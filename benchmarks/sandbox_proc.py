@@ -149,6 +149,7 @@ def _stats(sb: Any) -> dict[str, Any]:
         "faults": dict(st.faults),
         "errors_by_code": {str(k): v for k, v in st.errors_by_code.items()},
         "throttled": st.throttled,
+        "rate_limited": st.rate_limited,
     }
 
 

@@ -847,7 +847,7 @@ def adaptive(cfg: Config) -> ScenarioResult:
         "Adaptive vs fixed concurrency",
         f"N = {n} ({pages} pages), L = {latency * 1000:.0f} ms; the sandbox answers 429 "
         f"with `Retry-After: {ra:g}` to any request arriving while more than {limit} are in "
-        f"flight. Client concurrency {conc}: `adaptive=True` (AIMD) vs fixed; fixed at "
+        f'flight. Client concurrency {conc}: `adaptive="concurrency"` (AIMD) vs fixed; fixed at '
         f"{limit} (the right size, known only in hindsight) for reference. "
         "`max_retries=1000` for all, so that every run completes. 429s counted by the "
         f"sandbox. Median (min-max) of {cfg.runs}.",
@@ -863,7 +863,9 @@ def adaptive(cfg: Config) -> ScenarioResult:
             run: dict[str, Any] = {}
             for name, k, adapt in variants:
                 sb.reset()
-                c = measure.client_run(sb, k=k, adaptive=adapt, max_retries=1000)
+                c = measure.client_run(
+                    sb, k=k, adaptive="concurrency" if adapt else False, max_retries=1000
+                )
                 measure.check(name, c.records, n)
                 st = sb.stats()
                 run[name] = {
@@ -944,6 +946,15 @@ def sync(cfg: Config) -> ScenarioResult:
     return sync_bench.run(cfg)
 
 
+# -- 12. rate-limited tenant -------------------------------------------------------------------
+
+
+def ratelimit(cfg: Config) -> ScenarioResult:
+    from . import ratelimit_bench
+
+    return ratelimit_bench.run(cfg)
+
+
 SCENARIOS: dict[int, Callable[[Config], ScenarioResult]] = {
     1: latency_scaling,
     2: cpu_throughput,
@@ -956,6 +967,7 @@ SCENARIOS: dict[int, Callable[[Config], ScenarioResult]] = {
     9: export,
     10: head_of_line,
     11: sync,
+    12: ratelimit,
 }
 
 TITLES = {
@@ -970,8 +982,9 @@ TITLES = {
     9: "Sliced export vs one search_chats()",
     10: "Head-of-line blocking",
     11: "Incremental sync after 1 % changed vs a full export",
+    12: "Rate-limited tenant",
 }
 
-ALIASES = {"hol": [10], "sync": [11]}  # `--only hol`, `--only sync`
+ALIASES = {"hol": [10], "sync": [11], "ratelimit": [12]}  # `--only hol`, `--only sync`, ...
 
 __all__ = ["ALIASES", "SCENARIOS", "TITLES"]

@@ -41,6 +41,7 @@ from ._errors import (
 from ._limiter import Limiter
 from ._paging import Hedger, Page, PagingStats, iterate_pages
 from ._query import Filter, Query, build_query
+from ._rate import SendRate
 from ._records import Chat, decode_page
 from ._retry import RetryPolicy, call_with_retries, make_retrying
 from ._transport import AiohttpTransport, RawResponse, Transport
@@ -105,9 +106,13 @@ class ImiChatClient:
 
     Extras: `transport` replaces the aiohttp transport with anything having
     `async send(request) -> RawResponse` (e.g. `MockTransport` in tests; not
-    closed by the client; excludes `session`); `adaptive=True` lowers the
-    requests in flight on 429/503 and raises them back (AIMD, never above
-    `concurrency`); `rate_limit` caps requests per second;
+    closed by the client; excludes `session`); `rate_limit` caps requests per
+    second (a token bucket); `adaptive=True` learns the tenant's rate limit
+    instead: on a throttle (429, or 503 with Retry-After) it lowers a send rate
+    shared by every search of the client, then probes back up (CUBIC),
+    `rate_limit` if given being its ceiling; `concurrency` stays the cap on
+    requests in flight. `adaptive="concurrency"` is the older mode: halve the
+    requests in flight on 429/503, add them back one by one (AIMD).
     `max_response_bytes` caps one body, after decompression; `retry_policy`
     sets the backoff and, unless `max_retries` is given, the retries;
     `hedge=False` never sends a duplicate request for an overdue head page
@@ -127,7 +132,7 @@ class ImiChatClient:
         max_retries: int | None = None,
         session: aiohttp.ClientSession | None = None,
         transport: Transport | None = None,
-        adaptive: bool = False,
+        adaptive: bool | str = False,
         rate_limit: float | None = None,
         max_response_bytes: int = 16 * 1024 * 1024,
         retry_policy: RetryPolicy | None = None,
@@ -163,7 +168,18 @@ class ImiChatClient:
         self._auth = TokenProvider(token, on_refresh=self._count_refresh)
         self._url = protocol.search_url(self.base_url)
         self._headers: tuple[str, Mapping[str, str]] | None = None
-        self._limiter = Limiter(concurrency, adaptive=adaptive, rate_limit=rate_limit)
+        if adaptive not in (False, True, "rate", "concurrency"):
+            raise ConfigurationError(
+                f'adaptive must be True, False, "rate" or "concurrency", got {adaptive!r:.40}'
+            )
+        learn_rate = adaptive is True or adaptive == "rate"
+        self._limiter = Limiter(
+            concurrency,
+            adaptive=adaptive == "concurrency",
+            send_rate=SendRate(rate_limit, adaptive=learn_rate)
+            if learn_rate or rate_limit is not None
+            else None,
+        )
         self._hedger: Hedger | None = (
             Hedger(backing_off=self._backing_off, on_sent=self._count_hedge) if hedge else None
         )
@@ -470,15 +486,18 @@ class ImiChatClient:
         epoch = await limiter.acquire(search, request.page)
         _otel.slot_acquired()
         status = 0
+        throttled = False
         started = time.perf_counter()
         try:
             raw = await self._transport.send(request)
             status = raw.status
+            throttled = protocol.is_throttle(status, raw.headers)
             return raw
         finally:
-            # Overloaded (429/503), fine (< 500), or neither (5xx, no answer).
+            # Overloaded (429/503), fine (< 500), or neither (5xx, no answer); throttled
+            # (429, 503 + Retry-After) lowers a learned send rate.
             overloaded = status in OVERLOAD_STATUSES
-            limiter.release(epoch, overloaded=overloaded, ok=0 < status < 500)
+            limiter.release(epoch, overloaded=overloaded, ok=0 < status < 500, throttled=throttled)
             hedger = self._hedger
             if hedger is not None:
                 if status == 200:
@@ -506,8 +525,15 @@ class ImiChatClient:
         _otel.event(_otel.HEDGE)
 
     def _backing_off(self) -> bool:
-        """Adaptive mode below its ceiling: the server was overloaded lately."""
+        """No hedging now: adaptive concurrency below its ceiling, or a send rate in force.
+
+        Under a rate (given, or learned from a throttle) a duplicate takes a token a
+        new page would have used, and the head page it would duplicate is most
+        likely waiting out a `Retry-After` that the server asked to be kept.
+        """
         limiter = self._limiter
+        if limiter.rate is not None and limiter.rate.rate is not None:
+            return True
         return limiter.adaptive and limiter.limit < limiter.max_limit
 
 

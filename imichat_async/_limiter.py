@@ -1,11 +1,18 @@
-"""How many requests may be in flight: one limiter per client, shared by all its searches.
+"""How many requests may be in flight, and how fast they go: one limiter per client.
 
 Fixed mode is a plain semaphore of `limit` slots. Adaptive mode (AIMD, as TCP
 does) halves the allowed in-flight count when the server says it is overloaded
 (429, 503) and adds one slot per window of successful requests, never above
-`limit`. An optional token bucket caps requests per second. No I/O here but
-sleeping, and every wait is cancellation-safe: a cancelled waiter never keeps
-a slot.
+`limit`.
+
+An optional send rate (`_rate.SendRate`: a fixed `rate_limit`, or one learned
+from throttles) gates the same queue: a request is granted when a slot is free
+*and* the rate has a token for it, so one held back by the rate holds no slot
+and no connection, and a lower rate applies at once to every request not yet
+sent. While the next grant waits for a token, one waiter (the keeper) sleeps
+until the token is due, then grants to whoever is first in line *then*: a head
+page that arrives during the wait still goes first. No I/O here but sleeping,
+and every wait is cancellation-safe: a cancelled waiter never keeps a slot.
 
 Who waits goes in a queue per group (one search), served round-robin across
 groups, so one search cannot starve another; within a group the lowest rank
@@ -20,8 +27,25 @@ import asyncio
 import collections
 import heapq
 import itertools
-import time
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any
+
+from ._rate import SendRate
+
+MAX_KEEP = 0.05  # seconds the keeper sleeps at most before asking the rate again (it may rise)
+
+
+class _Waiter:
+    """One request in line: `fut` resolves to None when granted, or to seconds to keep time for."""
+
+    __slots__ = ("fut", "granted")
+
+    def __init__(self, fut: asyncio.Future[float | None]) -> None:
+        self.fut = fut
+        self.granted = False
+
+
+_Entry = tuple[float, int, _Waiter]  # (rank, arrival, waiter): arrival is unique, so no tie
 
 
 class Limiter:
@@ -34,9 +58,15 @@ class Limiter:
         adaptive: bool = False,
         min_limit: int = 1,
         rate_limit: float | None = None,
+        send_rate: SendRate | None = None,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     ) -> None:
         if limit < 1:
             raise ValueError("limit must be at least 1")
+        if rate_limit is not None and send_rate is not None:
+            raise ValueError("give rate_limit or send_rate, not both")
+        if send_rate is not None and send_rate.adaptive and adaptive:
+            raise ValueError("adapt the rate or the concurrency, not both")
         self.max_limit = limit
         self.adaptive = adaptive
         self.min_limit = max(1, min(min_limit, limit))
@@ -44,13 +74,15 @@ class Limiter:
         self._in_flight = 0
         self.peak = 0
         self.decreases = 0
-        # group -> heap of (rank, arrival, future); groups with waiters, in serving order.
-        self._queues: dict[Hashable, list[tuple[float, int, asyncio.Future[None]]]] = {}
+        # group -> heap of (rank, arrival, waiter); groups with waiters, in serving order.
+        self._queues: dict[Hashable, list[_Entry]] = {}
         self._turns: collections.deque[Hashable] = collections.deque()
         self._arrivals = itertools.count()
         self._epoch = 0  # bumped at each decrease; a request started before it can't decrease again
-        self._interval = 1.0 / rate_limit if rate_limit else 0.0
-        self._next_start = 0.0
+        # -- send rate (see _rate.py): a grant also takes one of its tokens
+        self.rate = SendRate(rate_limit) if rate_limit is not None else send_rate
+        self._keeper: _Waiter | None = None  # the waiter sleeping until the next token
+        self._sleep = sleep
 
     @property
     def in_flight(self) -> int:
@@ -58,7 +90,7 @@ class Limiter:
 
     @property
     def waiting(self) -> int:
-        """Requests queued for a slot."""
+        """Requests queued for a slot or a token."""
         return sum(len(q) for q in self._queues.values())
 
     @property
@@ -70,47 +102,76 @@ class Limiter:
         return f"<Limiter in_flight={self._in_flight} limit={self.limit}/{self.max_limit}>"
 
     async def acquire(self, group: Hashable = None, rank: float | None = None) -> int:
-        """Wait for a slot; returns the epoch to hand back to `release`.
+        """Wait for a slot and a token of the send rate; returns the ticket for `release`.
 
         `group` (a search) and `rank` (its page number) order the waiters: groups
         take turns, and within a group the lowest rank is served first (ties and
-        no rank: first come).
+        no rank: first come). The ticket is the epoch (adaptive concurrency), or
+        with a learned send rate the rate's ticket (see `SendRate.feedback`).
         """
-        if self._in_flight < self.limit and not self._turns:
+        if not self._turns and self._in_flight < self.limit and self._token():
             self._take()
-        else:
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            arrival = next(self._arrivals)
-            entry = (arrival if rank is None else rank, arrival, fut)
-            queue = self._queues.get(group)
-            if queue is None:
-                queue = self._queues[group] = []
-                self._turns.append(group)
-            heapq.heappush(queue, entry)
-            try:
-                await fut
-            except asyncio.CancelledError:
-                if fut.done() and not fut.cancelled():
-                    self._in_flight -= 1  # granted just as we were cancelled: give it back
-                    self._wake()
-                else:
-                    self._forget(group, entry)
-                raise
-        if self._interval:
-            try:
-                await self._pace()
-            except asyncio.CancelledError:
-                self.release(self._epoch)
-                raise
+            return self._ticket()
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(loop.create_future())
+        arrival = next(self._arrivals)
+        entry = (arrival if rank is None else rank, arrival, waiter)
+        queue = self._queues.get(group)
+        if queue is None:
+            queue = self._queues[group] = []
+            self._turns.append(group)
+        heapq.heappush(queue, entry)
+        self._wake()  # a slot may be free, the token not yet: someone must keep time
+        try:
+            while not waiter.granted:
+                delay = await waiter.fut
+                if waiter.granted:
+                    break
+                # The keeper: sleep until the token is due, then grant whoever is first then.
+                assert delay is not None
+                waiter.fut = loop.create_future()
+                await self._sleep(delay)
+                self._keeper = None
+                self._wake()
+        except asyncio.CancelledError:
+            if self._keeper is waiter:
+                self._keeper = None
+            if waiter.granted:
+                self._in_flight -= 1  # granted just as we were cancelled: give it back
+            else:
+                self._forget(group, entry)
+            self._wake()
+            raise
+        if self._keeper is waiter:  # granted before it could sleep: someone else keeps time
+            self._keeper = None
+            self._wake()
+        return self._ticket()
+
+    def _token(self) -> bool:
+        """Take a token of the send rate if one is there (always, without a rate)."""
+        return self.rate is None or self.rate.delay() <= 0
+
+    def _ticket(self) -> int:
+        rate = self.rate
+        if rate is not None and rate.adaptive:
+            return rate.sent()  # the rate learns from send times
         return self._epoch
 
     def _take(self) -> None:
         self._in_flight += 1
         self.peak = max(self.peak, self._in_flight)
 
-    def release(self, epoch: int, *, overloaded: bool = False, ok: bool = False) -> None:
-        """Free a slot; in adaptive mode, feed back what the server said."""
+    def release(
+        self, epoch: int, *, overloaded: bool = False, ok: bool = False, throttled: bool = False
+    ) -> None:
+        """Free a slot; feed back what the server said to adaptive modes.
+
+        `overloaded` (429, 503) halves adaptive concurrency; `throttled` (429, or
+        503 with Retry-After) is what lowers a learned send rate.
+        """
         self._in_flight -= 1
+        if self.rate is not None:
+            self.rate.feedback(epoch, throttled=throttled, ok=ok and not throttled)
         if self.adaptive:
             if overloaded:
                 # One halving per epoch; an overload is never counted as a success.
@@ -123,19 +184,35 @@ class Limiter:
         self._wake()
 
     def _wake(self) -> None:
+        """Grant the free slots to the first in line while the rate has tokens.
+
+        When it has none, the first in line becomes the keeper (unless there is
+        one): it sleeps until the token is due and calls this again.
+        """
+        rate = self.rate
         while self._turns and self._in_flight < self.limit:
+            if rate is not None:
+                wait = rate.delay()
+                if wait > 0:
+                    if self._keeper is None:
+                        keeper = self._queues[self._turns[0]][0][2]
+                        if not keeper.fut.done():  # done: cancelled, its handler wakes us
+                            self._keeper = keeper
+                            keeper.fut.set_result(min(wait, MAX_KEEP))
+                    return
             group = self._turns.popleft()
             queue = self._queues[group]
-            _, _, fut = heapq.heappop(queue)
+            _, _, waiter = heapq.heappop(queue)
             if queue:
                 self._turns.append(group)  # its next waiter waits for its next turn
             else:
                 del self._queues[group]
-            if not fut.done():
-                self._take()
-                fut.set_result(None)
+            self._take()
+            waiter.granted = True
+            if not waiter.fut.done():
+                waiter.fut.set_result(None)
 
-    def _forget(self, group: Hashable, entry: tuple[float, int, asyncio.Future[None]]) -> None:
+    def _forget(self, group: Hashable, entry: _Entry) -> None:
         """Take a cancelled waiter out of its queue (and its group out of the turns if empty)."""
         queue = self._queues.get(group)
         if queue is None or entry not in queue:
@@ -146,10 +223,3 @@ class Limiter:
         else:
             del self._queues[group]
             self._turns.remove(group)
-
-    async def _pace(self) -> None:
-        now = time.monotonic()
-        start = max(now, self._next_start)
-        self._next_start = start + self._interval
-        if start > now:
-            await asyncio.sleep(start - now)

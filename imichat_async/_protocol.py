@@ -206,6 +206,21 @@ def parse_retry_after(value: str | None) -> float | None:
     return min(seconds, MAX_RETRY_AFTER)
 
 
+def is_throttle(http_status: int, headers: Mapping[str, str]) -> bool:
+    """The server says "too fast": HTTP 429, or 503 with `Retry-After` (a gateway's rate limit).
+
+    A bare 503 is an overloaded or failing service, not a rate: it lowers no send rate.
+    Nor does `Retry-After: 0`: a server that asks for the retry at once is not asking
+    for a slower pace (a rate limiter names the wait until its next token).
+    """
+    if http_status not in (429, 503):
+        return False
+    retry_after = _header(headers, RETRY_AFTER_HEADER)
+    if retry_after is None:
+        return http_status == 429
+    return parse_retry_after(retry_after) != 0
+
+
 def _decode_json(body: bytes) -> Any:
     try:
         return json.loads(body)

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from imichat_async import cli
+from imichat_async import ImiChatClient, cli
+from imichat_async.cli import _wiring
 from imichat_async.sandbox import Sandbox
 
 from .sandbox_thread import ThreadedSandbox, env_for
@@ -148,6 +149,34 @@ def test_export_format_defaults_from_the_suffix(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert out.read_text().startswith("chat_id,alias_id,created_at")
+
+
+@pytest.mark.parametrize(
+    ("command", "learns"), [("export", True), ("sync", True), ("search", False)]
+)
+def test_export_learns_the_rate_limit_search_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str, learns: bool
+) -> None:
+    """`export` and `sync` run their client with a learned send rate; `search` does not."""
+    made: list[ImiChatClient] = []
+
+    class Recording(ImiChatClient):
+        def __init__(self, **kw: Any) -> None:
+            super().__init__(**kw)
+            made.append(self)
+
+    monkeypatch.setattr(_wiring, "ImiChatClient", Recording)
+    args = ["export", "--since", SINCE, "-o", str(tmp_path / "o.ndjson")]
+    if command == "search":
+        args = ["search", "--limit", "1"]
+    if command == "sync":
+        args = ["sync", "--since", SINCE, "--state", str(tmp_path / "s.json")]
+        args += ["-o", str(tmp_path / "log.ndjson")]
+    result = invoke(["--sandbox", "--sandbox-chats", "20", "-q", *args])
+    assert result.exit_code == 0, result.output
+    assert len(made) == 1
+    rate = made[0].limiter.rate
+    assert (rate is not None and rate.adaptive) is learns
 
 
 # -- exit codes ----------------------------------------------------------------------------------

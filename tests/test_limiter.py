@@ -8,6 +8,7 @@ import random
 import pytest
 
 from imichat_async._limiter import Limiter
+from imichat_async._rate import SendRate
 from tests.helpers import assert_no_stray_tasks
 
 
@@ -242,3 +243,176 @@ async def test_cancelled_ranked_waiter_leaves_its_queue() -> None:
     assert order == [2, 3]
     assert limiter.in_flight == 0
     assert await asyncio.wait_for(limiter.acquire("s", 0), 1) == 0
+
+
+# -- the send rate, waited for before a slot --------------------------------------------------
+
+
+class FakeTime:
+    """A clock and a sleep that advances it: the limiter's rate waits take no real time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
+async def test_fixed_rate_limit_paces_through_the_token_bucket() -> None:
+    """`rate_limit=10`: 21 requests span 1.98 s of the (fake) clock (a 1.2-token bucket)."""
+    t = FakeTime()
+    limiter = Limiter(4, send_rate=SendRate(10.0, clock=t), sleep=t.sleep)
+    starts: list[float] = []
+    for _ in range(21):
+        epoch = await limiter.acquire()
+        starts.append(t.now)
+        limiter.release(epoch)
+    assert starts[-1] - starts[0] == pytest.approx((21 - 1.2) / 10)
+    assert limiter.rate is not None and limiter.rate.rate == 10.0
+
+
+async def test_waiting_for_the_rate_holds_no_slot() -> None:
+    """A request waiting for a token holds no slot; the one holding a slot is unaffected."""
+    t = FakeTime()
+    gate = asyncio.Event()
+
+    async def blocked_sleep(seconds: float) -> None:
+        await gate.wait()
+        await t.sleep(seconds)
+
+    limiter = Limiter(1, send_rate=SendRate(1.0, clock=t), sleep=blocked_sleep)
+    first = await limiter.acquire()  # the bucket's first token
+    limiter.release(first)
+    waiter = asyncio.ensure_future(limiter.acquire())  # no token left: sleeps for one
+    await asyncio.sleep(0)
+    assert limiter.in_flight == 0
+    gate.set()
+    epoch = await waiter
+    assert limiter.in_flight == 1
+    limiter.release(epoch)
+
+
+async def test_cancel_while_waiting_for_the_rate_leaks_nothing() -> None:
+    """A request cancelled during its rate wait leaves no slot taken and the next one goes."""
+    t = FakeTime()
+    limiter = Limiter(2, send_rate=SendRate(1.0, clock=t), sleep=t.sleep)
+    limiter.release(await limiter.acquire())
+    waiter = asyncio.ensure_future(limiter.acquire())
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert limiter.in_flight == 0
+    epoch = await asyncio.wait_for(limiter.acquire(), 1)
+    assert limiter.in_flight == 1
+    limiter.release(epoch)
+    await assert_no_stray_tasks()
+
+
+async def test_throttled_release_lowers_a_learned_rate() -> None:
+    """`release(throttled=True)` reaches the adaptive send rate; `overloaded` alone does not."""
+    t = FakeTime()
+    limiter = Limiter(4, send_rate=SendRate(adaptive=True, clock=t), sleep=t.sleep)
+    for _ in range(10):
+        t.now += 0.01
+        limiter.release(await limiter.acquire(), ok=True)
+    limiter.release(await limiter.acquire(), overloaded=True)  # a bare 503: not a throttle
+    assert limiter.rate is not None and limiter.rate.rate is None
+    limiter.release(await limiter.acquire(), overloaded=True, throttled=True)
+    assert limiter.rate.decreases == 1
+    assert limiter.rate.rate is not None
+    assert limiter.limit == 4  # the concurrency bound stays where it was
+
+
+def test_adaptive_rate_and_adaptive_concurrency_are_exclusive() -> None:
+    """Learning the rate and AIMD on the concurrency at once is refused, as is a double rate."""
+    with pytest.raises(ValueError, match="not both"):
+        Limiter(4, adaptive=True, send_rate=SendRate(adaptive=True))
+    with pytest.raises(ValueError, match="not both"):
+        Limiter(4, rate_limit=5.0, send_rate=SendRate(5.0))
+
+
+async def test_rate_grants_in_head_first_order() -> None:
+    """Under a rate, each token goes to the lowest page waiting then, even one that came late."""
+    t = FakeTime()
+    gate = asyncio.Event()
+
+    async def gated_sleep(seconds: float) -> None:
+        await gate.wait()  # the keeper's first wait ends when the test says so
+        await t.sleep(seconds)
+
+    limiter = Limiter(8, send_rate=SendRate(10.0, clock=t), sleep=gated_sleep)
+    limiter.release(await limiter.acquire("s", 0))  # the bucket's first token
+    order: list[int] = []
+
+    async def waiter(page: int) -> None:
+        e = await limiter.acquire("s", page)
+        order.append(page)
+        limiter.release(e)
+
+    tasks = [asyncio.ensure_future(waiter(p)) for p in (5, 6, 7)]
+    await asyncio.sleep(0)
+    tasks.append(asyncio.ensure_future(waiter(2)))  # a retry of the head page, during the wait
+    await asyncio.sleep(0)
+    assert limiter.waiting == 4 and limiter.in_flight == 0
+    gate.set()
+    await asyncio.gather(*tasks)
+    assert order == [2, 5, 6, 7]
+
+
+async def test_rate_serves_groups_in_turn() -> None:
+    """Under a rate, two searches waiting for tokens take turns, each lowest page first."""
+    t = FakeTime()
+    gate = asyncio.Event()
+
+    async def gated_sleep(seconds: float) -> None:
+        await gate.wait()  # everyone is in line before the first token comes
+        await t.sleep(seconds)
+
+    limiter = Limiter(8, send_rate=SendRate(10.0, clock=t), sleep=gated_sleep)
+    limiter.release(await limiter.acquire())  # the bucket's first token
+    order: list[tuple[str, int]] = []
+
+    async def waiter(group: str, page: int) -> None:
+        e = await limiter.acquire(group, page)
+        order.append((group, page))
+        limiter.release(e)
+
+    asks = [("a", 3), ("a", 1), ("a", 2), ("b", 9), ("b", 8)]
+    tasks = [asyncio.ensure_future(waiter(g, p)) for g, p in asks]
+    await asyncio.sleep(0)
+    assert limiter.waiting == 5
+    gate.set()
+    await asyncio.gather(*tasks)
+    assert order == [("a", 1), ("b", 8), ("a", 2), ("b", 9), ("a", 3)]
+    assert t.now == pytest.approx(0.48)  # 4.8 tokens owed at 10/s: one per 0.1 s, no faster
+
+
+async def test_cancelled_keeper_hands_the_wait_on() -> None:
+    """The waiter keeping time for the next token is cancelled: another takes over, none lost."""
+    t = FakeTime()
+    gate = asyncio.Event()
+
+    async def gated_sleep(seconds: float) -> None:
+        await gate.wait()
+        await t.sleep(seconds)
+
+    limiter = Limiter(8, send_rate=SendRate(10.0, clock=t), sleep=gated_sleep)
+    limiter.release(await limiter.acquire("s", 0))
+    first = asyncio.ensure_future(limiter.acquire("s", 1))  # first in line: keeps time
+    second = asyncio.ensure_future(limiter.acquire("s", 2))
+    await asyncio.sleep(0)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    gate.set()
+    epoch = await asyncio.wait_for(second, 1)
+    assert limiter.in_flight == 1 and limiter.waiting == 0
+    limiter.release(epoch)
+    await assert_no_stray_tasks()

@@ -518,3 +518,24 @@ def test_last_page(total: int, last: int) -> None:
 def test_is_loopback_host(host: str, loopback: bool) -> None:
     """Only localhost and the loopback ranges count as loopback."""
     assert protocol.is_loopback_host(host) is loopback
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "throttle"),
+    [
+        (429, {}, True),
+        (429, {"Retry-After": "1"}, True),
+        (503, {"Retry-After": "1"}, True),
+        (503, {"retry-after": "2"}, True),
+        (503, {}, False),
+        (429, {"Retry-After": "0"}, False),
+        (503, {"Retry-After": "0"}, False),
+        (429, {"Retry-After": "soon"}, True),
+        (502, {"Retry-After": "1"}, False),
+        (500, {}, False),
+        (200, {}, False),
+    ],
+)
+def test_is_throttle(status: int, headers: dict[str, str], throttle: bool) -> None:
+    """A throttle: 429, or 503 with Retry-After (any case); not a bare 503 nor `Retry-After: 0`."""
+    assert protocol.is_throttle(status, headers) is throttle

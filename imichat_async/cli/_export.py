@@ -102,7 +102,9 @@ def export(
         return "nothing was written yet. Run the same command (--resume or not) to start again."
 
     async def go() -> None:
-        async with open_client(settings, concurrency) as client:
+        # An export runs for long at the tenant's budget: learn its rate limit (it costs
+        # nothing without one: benchmarks/RESULTS.md, "Rate-limited tenant").
+        async with open_client(settings, concurrency, adaptive=True) as client:
             try:
                 report = await export_chats(
                     client,

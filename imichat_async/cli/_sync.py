@@ -76,7 +76,7 @@ def sync(
         )
 
     async def go() -> None:
-        async with open_client(settings, concurrency) as client:
+        async with open_client(settings, concurrency, adaptive=True) as client:
             try:
                 report = await sync_chats(
                     client,

@@ -143,8 +143,13 @@ def configure_logging(verbose: int) -> None:
 
 
 @contextlib.asynccontextmanager
-async def open_client(settings: Settings, concurrency: int = 8) -> AsyncIterator[ImiChatClient]:
-    """A client on the configured API, or on an embedded sandbox with `--sandbox`."""
+async def open_client(
+    settings: Settings, concurrency: int = 8, *, adaptive: bool = False
+) -> AsyncIterator[ImiChatClient]:
+    """A client on the configured API, or on an embedded sandbox with `--sandbox`.
+
+    `adaptive=True` (export, sync) learns the tenant's rate limit (see `ImiChatClient`).
+    """
     settings.check()
     if settings.sandbox:
         from ..sandbox import serve
@@ -159,7 +164,11 @@ async def open_client(settings: Settings, concurrency: int = 8) -> AsyncIterator
                 p_503=faults / 2,
             ) as sb,
             ImiChatClient(
-                base_url=sb.base_url, token=sb.token, team_id=sb.team_id, concurrency=concurrency
+                base_url=sb.base_url,
+                token=sb.token,
+                team_id=sb.team_id,
+                concurrency=concurrency,
+                adaptive=adaptive,
             ) as client,
         ):
             yield client
@@ -183,6 +192,7 @@ async def open_client(settings: Settings, concurrency: int = 8) -> AsyncIterator
         token=settings.token,
         team_id=settings.team_id,
         concurrency=concurrency,
+        adaptive=adaptive,
     ) as client:
         yield client
 
