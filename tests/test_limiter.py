@@ -416,3 +416,177 @@ async def test_cancelled_keeper_hands_the_wait_on() -> None:
     assert limiter.in_flight == 1 and limiter.waiting == 0
     limiter.release(epoch)
     await assert_no_stray_tasks()
+
+
+# -- pinned by mutation testing (scripts/mutation.py limiter) -------------------------------------
+
+
+class HeldSleep:
+    """An injected sleep that ends only when the test says so (`wake`): the keeper's wait, held."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+        self._pending: list[asyncio.Future[None]] = []
+
+    async def sleep(self, seconds: float) -> None:
+        self.calls.append(seconds)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append(fut)
+        await fut
+
+    def wake(self) -> None:
+        """End every sleep begun so far."""
+        for fut in self._pending:
+            if not fut.done():
+                fut.set_result(None)
+        self._pending.clear()
+
+
+async def _turns(n: int = 5) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+async def test_fresh_limiter_stats_and_repr() -> None:
+    """A new limiter shows 0 in flight, peak, waiting; its repr names in_flight and limit/max."""
+    limiter = Limiter(8, adaptive=True)
+    assert (limiter.in_flight, limiter.peak, limiter.waiting, limiter.decreases) == (0, 0, 0, 0)
+    assert repr(limiter) == "<Limiter in_flight=0 limit=8/8>"
+    epoch = await limiter.acquire()
+    limiter.release(await limiter.acquire(), overloaded=True)
+    assert repr(limiter) == "<Limiter in_flight=1 limit=4/8>"
+    limiter.release(epoch)
+
+
+@pytest.mark.parametrize(("limit", "min_limit", "floor"), [(8, 2, 2), (8, 0, 1), (2, 5, 2)])
+async def test_min_limit_is_the_floor_of_halvings(limit: int, min_limit: int, floor: int) -> None:
+    """Halvings stop at min_limit, itself kept within 1..limit (0 would stall every request)."""
+    limiter = Limiter(limit, adaptive=True, min_limit=min_limit)
+    assert limiter.min_limit == floor
+    for _ in range(6):
+        limiter.release(await limiter.acquire(), overloaded=True)
+    assert limiter.limit == floor
+    assert limiter.decreases == 6
+
+
+async def test_one_success_from_the_floor_of_one_gives_two_slots() -> None:
+    """At the floor of 1 slot (halved past it), the next success adds a whole slot: limit 2."""
+    limiter = Limiter(8, adaptive=True)
+    for _ in range(5):  # 8 -> 4 -> 2 -> 1 -> 1 -> 1
+        limiter.release(await limiter.acquire(), overloaded=True)
+    assert limiter.limit == 1
+    limiter.release(await limiter.acquire(), ok=True)
+    assert limiter.limit == 2
+
+
+async def test_additive_increase_is_one_slot_per_window_of_successes() -> None:
+    """From 4, each success adds 1/window (4.25, 4.49, 4.71, 4.92): the fifth one makes 5."""
+    limiter = Limiter(8, adaptive=True)
+    limiter.release(await limiter.acquire(), overloaded=True)
+    assert limiter.limit == 4
+    for _ in range(4):
+        limiter.release(await limiter.acquire(), ok=True)
+    assert limiter.limit == 4
+    limiter.release(await limiter.acquire(), ok=True)
+    assert limiter.limit == 5
+
+
+async def test_release_without_ok_never_grows_the_limit() -> None:
+    """A plain release (a 5xx, no answer: ok defaults to False) leaves a halved limit as it is."""
+    limiter = Limiter(8, adaptive=True)
+    limiter.release(await limiter.acquire(), overloaded=True)
+    for _ in range(20):
+        limiter.release(await limiter.acquire())
+    assert limiter.limit == 4
+
+
+async def test_waiter_granted_after_a_decrease_can_decrease_again() -> None:
+    """A request queued and granted after a halving carries the new epoch: its overload counts."""
+    limiter = Limiter(2, adaptive=True)
+    first, second = await limiter.acquire(), await limiter.acquire()
+    limiter.release(first, overloaded=True)  # limit 1, one still in flight
+    waiter = asyncio.ensure_future(limiter.acquire())
+    await asyncio.sleep(0)
+    assert limiter.waiting == 1
+    limiter.release(second)
+    ticket = await waiter
+    limiter.release(ticket, overloaded=True)
+    assert limiter.decreases == 2
+
+
+def test_rate_limit_builds_a_fixed_send_rate() -> None:
+    """`rate_limit=5.0` gives the limiter a fixed (not learned) send rate of 5 requests/s."""
+    limiter = Limiter(4, rate_limit=5.0)
+    assert limiter.rate is not None
+    assert limiter.rate.rate == 5.0
+    assert not limiter.rate.adaptive
+
+
+async def test_release_tells_a_learned_rate_only_what_was_accepted() -> None:
+    """ok=True counts as accepted for the learned rate; a plain release (5xx) counts as nothing."""
+    t = FakeTime()
+    limiter = Limiter(4, send_rate=SendRate(adaptive=True, clock=t), sleep=t.sleep)
+    assert limiter.rate is not None
+    for _ in range(3):
+        t.now += 0.1
+        limiter.release(await limiter.acquire())
+    assert limiter.rate.accepted.rate(t.now) == 0.0
+    for _ in range(3):
+        t.now += 0.1
+        limiter.release(await limiter.acquire(), ok=True)
+    assert limiter.rate.accepted.rate(t.now) > 0.0
+
+
+async def test_token_freed_during_the_wait_goes_to_the_head_not_a_newcomer() -> None:
+    """A token due while the keeper sleeps goes to the lowest page queued, not to a newcomer."""
+    t = FakeTime()
+    held = HeldSleep()
+    limiter = Limiter(8, send_rate=SendRate(10.0, clock=t), sleep=held.sleep)
+    limiter.release(await limiter.acquire("s", 0))  # the bucket's first token
+    order: list[int] = []
+
+    async def waiter(page: int) -> None:
+        e = await limiter.acquire("s", page)
+        order.append(page)
+        limiter.release(e)
+
+    head = asyncio.ensure_future(waiter(5))
+    await _turns()
+    assert len(held.calls) == 1  # page 5 keeps time for the next token
+    t.now += 1.0  # the token is due, the keeper has not woken yet
+    late = asyncio.ensure_future(waiter(9))
+    await _turns()
+    assert limiter.in_flight == 1  # page 5, granted at the newcomer's arrival, still asleep
+    assert not late.done()  # page 9 waits for the next token
+    held.wake()
+    await _turns()
+    t.now += 1.0
+    held.wake()
+    await asyncio.gather(head, late)
+    assert order == [5, 9]
+
+
+async def test_keeper_granted_before_it_sleeps_hands_the_wait_on() -> None:
+    """A waiter made keeper, then granted before it ran, makes the next in line keep time."""
+    t = FakeTime()
+    held = HeldSleep()
+    limiter = Limiter(8, send_rate=SendRate(10.0, clock=t), sleep=held.sleep)
+    slot = await limiter.acquire("s", 0)  # the bucket's first token, held
+    a, b, c = (asyncio.ensure_future(limiter.acquire("s", p)) for p in (1, 2, 3))
+    await _turns()
+    assert len(held.calls) == 1  # a keeps time
+    a.cancel()
+    await asyncio.sleep(0)  # a's handler makes b the keeper; b has not run yet
+    assert a.cancelled() and not b.done()
+    t.now += 1.0
+    limiter.release(slot)  # a token is due: b, first in line, is granted before it sleeps
+    await _turns()
+    assert b.done() and limiter.in_flight == 1
+    assert len(held.calls) == 2  # c keeps time now
+    t.now += 1.0
+    held.wake()
+    await _turns()
+    assert c.done() and limiter.in_flight == 2
+    limiter.release(b.result())
+    limiter.release(c.result())
+    assert limiter.waiting == 0 and limiter.in_flight == 0
