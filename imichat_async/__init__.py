@@ -8,7 +8,7 @@ into attrs classes.
 
 import logging
 
-from ._client import ChatPage, ClientStats, ImiChatClient
+from ._client import ImiChatClient
 from ._errors import (
     ApiError,
     AuthenticationError,
@@ -40,10 +40,12 @@ from ._errors import (
     TransientError,
     UnexpectedResponseError,
 )
+from ._fetch import ClientStats
 from ._paging import PagingStats
 from ._protocol import PreparedRequest
 from ._query import Filter
 from ._records import Asset, Channel, Chat, ChatStatus
+from ._results import ChatPage
 from ._retry import RetryPolicy
 from ._transport import MockTransport, RawResponse, Transport
 

@@ -1,99 +1,51 @@
-"""`ImiChatClient`: composes query, protocol, auth, retry, transport, paging and records.
+"""`ImiChatClient`: the public face, composing query, paging, the page fetch path and records.
 
-It owns the lifecycle (session, limiter) and the per-page call: build the
-request, send it, classify the answer, retry what is transient, refresh an
-expired token once for everyone, decode. Its repr never shows the token.
+It owns the lifecycle (transport, limiter, telemetry) and the search methods:
+arguments checked at the call, the query's body built once, the paging
+engine driven with the fetch path of `PageFetcher` (its base: one page
+through the limiter, retries and token refresh), pages handed out as
+`ChatPage`s or flattened. Its repr never shows the token.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import logging
-import time
-from collections.abc import (
-    AsyncGenerator,
-    Awaitable,
-    Callable,
-    Iterable,
-    Iterator,
-    Mapping,
-    Sequence,
-)
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
-from typing import Any, Generic, Literal, TypeVar, overload
-from urllib.parse import urlsplit
+from typing import Any, Literal, overload
 
 import aiohttp
-import attrs
 
 from . import _otel
 from . import _protocol as protocol
-from ._auth import STATIC_TOKEN_EXPIRED, TokenProvider, TokenSource
-from ._errors import (
-    ApiError,
-    ConfigurationError,
-    ImiChatError,
-    InvalidQueryError,
-    SearchTimeoutError,
-    TokenExpiredError,
+from ._auth import TokenSource
+from ._config import (
+    check_base_url,
+    check_client_args,
+    check_int,
+    check_paging,
+    check_transport,
+    limiter_for,
 )
+from ._config import (
+    retry_policy as policy_of,
+)
+from ._fetch import ClientStats, PageFetcher
 from ._limiter import Limiter
-from ._paging import Hedger, Page, PagingStats, iterate_pages
+from ._paging import Page, PagingStats, iterate_pages
 from ._query import Filter, Query, build_query
-from ._rate import SendRate
 from ._records import Chat, decode_page
-from ._retry import RetryPolicy, call_with_retries, make_retrying
-from ._transport import AiohttpTransport, RawResponse, Transport
+from ._results import ChatPage, chats_of, numbered_pages
+from ._retry import RetryPolicy
+from ._transport import AiohttpTransport, Transport
 
-log = logging.getLogger("imichat_async")
+__all__ = ["ChatPage", "ClientStats", "ImiChatClient"]
 
-OVERLOAD_STATUSES = frozenset({429, 503})  # what adaptive concurrency backs off on
-MAX_REFUSED_FRESH = 2  # tokens in a row refused before serving any page, before giving up
 PREFETCH_PER_SLOT = 4  # default prefetch = 4 x concurrency: see README, "Choices"
 RawRecord = Mapping[str, Any]
-T = TypeVar("T")
-X = TypeVar("X")
 
 
-@attrs.frozen
-class ChatPage(Generic[T]):
-    """One page of `search_pages`: its 1-based `number`, its `items` (`Chat` records, or with
-    `raw=True` the JSON objects as sent), the server's `total` match count when it sent one,
-    and `last`: True when no page follows. Without a total, a full page may still turn out
-    to be the last (the next one came back empty): then the search ends after a page whose
-    `last` is False.
-    """
-
-    number: int
-    items: Sequence[T]
-    total: int | None = None
-    last: bool = False
-
-    @property
-    def chats(self) -> Sequence[T]:
-        """The items (the name of the first release)."""
-        return self.items
-
-    @property
-    def page(self) -> int:
-        """The page number (the name of the first release)."""
-        return self.number
-
-
-@attrs.define
-class ClientStats:
-    """Counters across every search of one client."""
-
-    requests: int = 0  # HTTP attempts sent
-    retries: int = 0
-    token_refreshes: int = 0
-    pages: int = 0  # pages answered successfully
-    records: int = 0
-    hedges: int = 0  # duplicate requests sent for an overdue head page
-
-
-class ImiChatClient:
+class ImiChatClient(PageFetcher):
     """Async client for POST /chats/search. Use as `async with ImiChatClient(...) as client:`.
 
     `token` is a `str`, or a zero-argument async callable returning one; the
@@ -142,72 +94,41 @@ class ImiChatClient:
         meter_provider: Any = None,
     ) -> None:
         """Check every argument now; raises `ConfigurationError` naming the one that cannot work."""
-        self.base_url = _check_base_url(base_url)
-        if not isinstance(team_id, str) or not team_id:
-            raise ConfigurationError("team_id must be a non-empty str")
-        if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
-            raise ConfigurationError(f"concurrency must be an int >= 1, got {concurrency!r}")
-        if timeout is not None and not timeout > 0:
-            raise ConfigurationError(f"timeout must be > 0 seconds or None, got {timeout!r}")
-        if rate_limit is not None and not rate_limit > 0:
-            raise ConfigurationError(f"rate_limit must be > 0 requests/s, got {rate_limit!r}")
-        if (
-            not isinstance(max_response_bytes, int)
-            or isinstance(max_response_bytes, bool)
-            or max_response_bytes <= 0
-        ):
-            raise ConfigurationError(
-                f"max_response_bytes must be an int > 0, got {max_response_bytes!r:.40}"
-            )
-        policy = _retry_policy(max_retries, retry_policy)
-        self.team_id = team_id
-        self.concurrency = concurrency
-        self.timeout = timeout
-        self.max_retries = policy.max_retries
-        self.stats = ClientStats()
-        self._auth = TokenProvider(token, on_refresh=self._count_refresh)
-        self._url = protocol.search_url(self.base_url)
-        self._headers: tuple[str, Mapping[str, str]] | None = None
-        if adaptive not in (False, True, "rate", "concurrency"):
-            raise ConfigurationError(
-                f'adaptive must be True, False, "rate" or "concurrency", got {adaptive!r:.40}'
-            )
-        learn_rate = adaptive is True or adaptive == "rate"
-        self._limiter = Limiter(
-            concurrency,
-            adaptive=adaptive == "concurrency",
-            send_rate=SendRate(rate_limit, adaptive=learn_rate)
-            if learn_rate or rate_limit is not None
-            else None,
+        self.base_url = check_base_url(base_url)
+        check_client_args(
+            team_id=team_id,
+            concurrency=concurrency,
+            timeout=timeout,
+            rate_limit=rate_limit,
+            max_response_bytes=max_response_bytes,
         )
-        self._hedger: Hedger | None = (
-            Hedger(backing_off=self._backing_off, on_sent=self._count_hedge) if hedge else None
-        )
-        self._warm = False  # a page was answered: token, team and query form are known good
-        # Start a warm client's searches with a whole window, not page 1 alone: measured, and
-        # left off (README, "Choices"): it sends pages past the end of every small search.
-        self._speculative_start = False
-        self._closed = False
+        policy = policy_of(max_retries, retry_policy)
+        limiter = limiter_for(concurrency, adaptive, rate_limit)
         self._own_transport: AiohttpTransport | None = None
         if transport is None:
-            self._own_transport = AiohttpTransport(
+            self._own_transport = transport = AiohttpTransport(
                 connections=concurrency,
                 timeout=timeout,
                 session=session,
                 max_response_bytes=max_response_bytes,
             )
-            transport = self._own_transport
-        elif session is not None:
-            raise ConfigurationError(
-                "pass either transport= or session=, not both: a session is used only by "
-                "the default (aiohttp) transport"
-            )
-        elif not callable(getattr(transport, "send", None)):
-            raise ConfigurationError(
-                f"transport must have an async send(request) method, got {type(transport).__name__}"
-            )
-        self._transport: Transport = transport
-        self._retrying = make_retrying(policy, sleep=sleep, on_retry=self._count_retry)
+        else:
+            check_transport(transport, session)
+        super().__init__(
+            url=protocol.search_url(self.base_url),
+            team_id=team_id,
+            token=token,
+            policy=policy,
+            sleep=sleep,
+            limiter=limiter,
+            transport=transport,
+            hedge=hedge,
+        )
+        self.concurrency = concurrency
+        self.timeout = timeout
+        # Start a warm client's searches with a whole window, not page 1 alone: measured, and
+        # left off (README, "Choices"): it sends pages past the end of every small search.
+        self._speculative_start = False
         self._telemetry = _otel.Telemetry(tracer_provider, meter_provider)
 
     def __repr__(self) -> str:
@@ -265,7 +186,9 @@ class ImiChatClient:
         seconds pass first.
         """
         query = build_query(params, filters, condition)
-        return _chats(self._pages(query, self._decoded, prefetch, start_page, max_pages, deadline))
+        return chats_of(
+            self._pages(query, self._decoded, prefetch, start_page, max_pages, deadline)
+        )
 
     @overload
     def search_pages(
@@ -341,13 +264,13 @@ class ImiChatClient:
         """
         query = build_query(params, filters, condition)
         if limit is not None:
-            _check_int("limit", limit, 1)
+            check_int("limit", limit, 1)
             needed = -(-limit // protocol.PAGE_SIZE)
             max_pages = needed if max_pages is None else min(max_pages, needed)
         st = stats if stats is not None else PagingStats()
         convert = self._raw if raw else self._decoded
         pages = self._pages(query, convert, prefetch, start_page, max_pages, deadline, st)
-        return _numbered_pages(pages, st, limit)
+        return numbered_pages(pages, st, limit)
 
     @_otel.search_scope
     def _pages(
@@ -362,38 +285,9 @@ class ImiChatClient:
     ) -> AsyncGenerator[Page[Any], None]:
         """Check the paging arguments now, before any request; the pages come lazily."""
         window = PREFETCH_PER_SLOT * self.concurrency if prefetch is None else prefetch
-        _check_int("prefetch", window, 1)
-        _check_int("start_page", start_page, 1)
-        if max_pages is not None:
-            _check_int("max_pages", max_pages, 0)
-        if deadline is not None and not deadline > 0:
-            raise InvalidQueryError(f"deadline must be > 0 seconds, got {deadline!r}")
-        body = query.body()
-        search = object()  # this search's queue at the limiter: its lowest page goes first
-        if deadline is None:
-
-            async def fetch(n: int) -> Page[Any]:
-                return convert(await self._fetch(body, n, search), n)
-
-        else:
-            until: list[float] = []  # the clock starts with the first request
-
-            async def fetch(n: int) -> Page[Any]:
-                if not until:
-                    until.append(time.monotonic() + deadline)
-                left = until[0] - time.monotonic()
-                if left <= 0:
-                    raise SearchTimeoutError(f"search deadline of {deadline}s passed at page {n}")
-                try:
-                    data = await asyncio.wait_for(self._fetch(body, n, search), left)
-                except asyncio.TimeoutError:
-                    raise SearchTimeoutError(
-                        f"search deadline of {deadline}s passed at page {n}"
-                    ) from None
-                return convert(data, n)
-
+        check_paging(window, start_page, max_pages, deadline)
         return iterate_pages(
-            fetch,
+            self.page_fetch(query.body(), convert, deadline),
             page_size=protocol.PAGE_SIZE,
             prefetch=window,
             start_page=start_page,
@@ -410,263 +304,3 @@ class ImiChatClient:
     @staticmethod
     def _raw(data: protocol.PageData, n: int) -> Page[RawRecord]:
         return Page(n, data.records, data.total)
-
-    # -- one page, through retries and token refresh ---------------------------------------
-
-    async def _fetch(self, body: bytes, page: int, search: object = None) -> protocol.PageData:
-        refreshes = 0  # bounded, so a page can't cycle through tokens forever
-        refused = 0  # tokens in a row that expired before they ever served a page
-        while True:
-            token = await self._auth.get()
-            try:
-                data = await call_with_retries(
-                    self._retrying, functools.partial(self._attempt, body, page, token, search)
-                )
-            except TokenExpiredError as exc:
-                if not self._auth.refreshable:
-                    raise TokenExpiredError(
-                        STATIC_TOKEN_EXPIRED,
-                        status_code=2004,
-                        http_status=exc.http_status,
-                        page=page,
-                    ) from None
-                # A token that served pages and then expired (by age, by use) is normal and
-                # refreshed; fresh tokens refused again and again are an error.
-                refused = 0 if self._auth.served(token) else refused + 1
-                refreshes += 1
-                if refused > MAX_REFUSED_FRESH or refreshes > 2 * (self.max_retries + 1):
-                    raise exc.with_page(page) from None
-                log.warning("page %d: access token expired (2004); refreshing", page)
-                await self._auth.refresh(token)
-                continue
-            self._auth.mark_served(token)
-            self._warm = True
-            self.stats.pages += 1
-            self.stats.records += len(data.records)
-            return data
-
-    @_otel.attempt_scope
-    async def _attempt(
-        self, body: bytes, page: int, token: str, search: object = None
-    ) -> protocol.PageData:
-        request = protocol.build_request(self._url, self._headers_for(token), body, page)
-        self.stats.requests += 1
-        started = time.perf_counter()
-        try:
-            raw = await self._send(request, search)
-            data = protocol.parse_response(raw.status, raw.headers, raw.body, page)
-        except TokenExpiredError:
-            log.debug("page %d: token expired (2004) after %.1f ms", page, _ms(started))
-            raise
-        except Exception as exc:
-            if isinstance(exc, ApiError) and exc.page is None:
-                exc.with_page(page)  # raised by a transport that did not know the page
-            log.debug("page %d: failed: %s after %.1f ms", page, exc, _ms(started))
-            raise
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "page %d: HTTP %d, %d records in %.1f ms",
-                page,
-                raw.status,
-                len(data.records),
-                _ms(started),
-            )
-        return data
-
-    @_otel.send_scope
-    async def _send(self, request: protocol.PreparedRequest, search: object = None) -> RawResponse:
-        """One attempt under the client-wide limiter, fed back what the server said.
-
-        `search` and the page number order the waiters: a search's lowest page
-        first, searches in turn.
-        """
-        if self._closed:
-            raise ImiChatError("the client is closed")
-        limiter = self._limiter
-        epoch = await limiter.acquire(search, request.page)
-        _otel.slot_acquired()
-        status = 0
-        throttled = False
-        started = time.perf_counter()
-        try:
-            raw = await self._transport.send(request)
-            status = raw.status
-            throttled = protocol.is_throttle(status, raw.headers)
-            return raw
-        finally:
-            # Overloaded (429/503), fine (< 500), or neither (5xx, no answer); throttled
-            # (429, 503 + Retry-After) lowers a learned send rate.
-            overloaded = status in OVERLOAD_STATUSES
-            limiter.release(epoch, overloaded=overloaded, ok=0 < status < 500, throttled=throttled)
-            hedger = self._hedger
-            if hedger is not None:
-                if status == 200:
-                    hedger.record(time.perf_counter() - started)
-                elif overloaded:
-                    hedger.overloaded()
-
-    def _headers_for(self, token: str) -> Mapping[str, str]:
-        cached = self._headers
-        if cached is None or cached[0] != token:
-            cached = (token, protocol.build_headers(token, self.team_id))
-            self._headers = cached
-        return cached[1]
-
-    def _count_retry(self, exc: BaseException) -> None:
-        self.stats.retries += 1
-        _otel.event(_otel.RETRY, exc)
-
-    def _count_refresh(self) -> None:
-        self.stats.token_refreshes += 1
-        _otel.event(_otel.TOKEN_REFRESH)
-
-    def _count_hedge(self) -> None:
-        self.stats.hedges += 1
-        _otel.event(_otel.HEDGE)
-
-    def _backing_off(self) -> bool:
-        """No hedging now: adaptive concurrency below its ceiling, or a send rate in force.
-
-        Under a rate (given, or learned from a throttle) a duplicate takes a token a
-        new page would have used, and the head page it would duplicate is most
-        likely waiting out a `Retry-After` that the server asked to be kept.
-        """
-        limiter = self._limiter
-        if limiter.rate is not None and limiter.rate.rate is not None:
-            return True
-        return limiter.adaptive and limiter.limit < limiter.max_limit
-
-
-class _Flat(AsyncGenerator[X, None]):
-    """The values of each page, flattened: `search_chats` and `search_pages` return one.
-
-    A class, not a second async generator around the engine's: when
-    `asyncio.run` ends with a search still suspended, the loop closes every
-    live async generator at once, and an outer generator closing the inner one
-    at the same moment fails with "aclose(): asynchronous generator is
-    already running". With only the engine's generator alive, it is closed
-    once. A dropped `_Flat` drops the engine's generator, which the loop then
-    closes as any other.
-    """
-
-    __slots__ = ("__weakref__", "_explode", "_items", "_pages")  # weakref: tracked like a generator
-
-    def __init__(
-        self, pages: AsyncGenerator[Page[Any], None], explode: Callable[[Page[Any]], Iterable[X]]
-    ) -> None:
-        self._pages = pages
-        self._explode = explode
-        self._items: Iterator[X] = iter(())
-
-    def __aiter__(self) -> _Flat[X]:
-        return self
-
-    async def __anext__(self) -> X:
-        items = self._items
-        for item in items:
-            return item
-        while True:
-            self._items = items = iter(self._explode(await self._pages.__anext__()))
-            for item in items:
-                return item
-
-    async def asend(self, value: None) -> X:
-        return await self.__anext__()
-
-    async def athrow(self, typ: Any, val: Any = None, tb: Any = None) -> X:
-        """As a generator would: the exception ends the iteration (pages closed) and is raised."""
-        await self.aclose()
-        if val is None:
-            raise typ() if isinstance(typ, type) else typ
-        raise val
-
-    async def aclose(self) -> None:
-        self._items = iter(())
-        await self._pages.aclose()
-
-
-def _chats(pages: AsyncGenerator[Page[Chat], None]) -> AsyncGenerator[Chat, None]:
-    return _Flat(pages, _items_of)
-
-
-def _items_of(page: Page[Chat]) -> Sequence[Chat]:
-    return page.items
-
-
-def _numbered_pages(
-    pages: AsyncGenerator[Page[Any], None], stats: PagingStats, limit: int | None
-) -> AsyncGenerator[ChatPage[Any], None]:
-    """The engine's pages as `ChatPage`s: `last` from the engine's stats, `limit` applied.
-
-    `max_pages` already stops the engine at the page that reaches `limit`.
-    """
-    left = limit
-
-    def number(page: Page[Any]) -> tuple[ChatPage[Any]]:
-        nonlocal left
-        items = page.items
-        if left is not None:
-            items = items[:left]
-            left -= len(items)
-        last = stats.last_page == page.number or left == 0
-        return (ChatPage(page.number, items, page.total, last),)
-
-    return _Flat(pages, number)
-
-
-def _ms(started: float) -> float:
-    return (time.perf_counter() - started) * 1000
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise InvalidQueryError(f"{name} must be an int >= {minimum}, got {value!r:.40}")
-
-
-def _retry_policy(max_retries: int | None, policy: RetryPolicy | None) -> RetryPolicy:
-    """The policy in force: `retry_policy` keeps its count unless `max_retries` is given.
-
-    Raises `ConfigurationError` when both are given and disagree (which one
-    was meant cannot be known) or `max_retries` is not an int >= 0.
-    """
-    if max_retries is not None and (
-        not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0
-    ):
-        raise ConfigurationError(f"max_retries must be an int >= 0, got {max_retries!r:.40}")
-    if policy is None:
-        return RetryPolicy() if max_retries is None else RetryPolicy(max_retries=max_retries)
-    if max_retries is not None and max_retries != policy.max_retries:
-        raise ConfigurationError(
-            f"max_retries={max_retries} disagrees with retry_policy's max_retries="
-            f"{policy.max_retries}: give one of them"
-        )
-    return policy
-
-
-def _check_base_url(base_url: str) -> str:
-    """The base URL without its trailing slash; `ConfigurationError` for one that can't work."""
-    if not isinstance(base_url, str):
-        raise ConfigurationError("base_url must be a str")
-    parts = urlsplit(base_url)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ConfigurationError(f"base_url must be an https:// URL, got {base_url!r:.100}")
-    if parts.username or parts.password:
-        raise ConfigurationError("base_url must not carry credentials")
-    if parts.query or parts.fragment or base_url.rstrip().endswith(("?", "#")):
-        raise ConfigurationError(
-            f"base_url must not have a query or fragment (the client appends "
-            f"/chats/search?page=n), got {base_url!r:.100}"
-        )
-    try:
-        port = parts.port
-    except ValueError:  # out of 0-65535, or not a number
-        port = 0
-    if port == 0:
-        raise ConfigurationError(f"base_url has an invalid port (1-65535), got {base_url!r:.100}")
-    if parts.scheme == "http" and not protocol.is_loopback_host(parts.hostname):
-        raise ConfigurationError(
-            "refusing a cleartext http:// base_url to a remote host: the bearer token "
-            "would cross the network unencrypted; use https:// (http:// is allowed for "
-            "loopback only)"
-        )
-    return base_url.rstrip("/")

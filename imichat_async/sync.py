@@ -37,11 +37,12 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iter
 from types import TracebackType
 from typing import Any, TypeVar
 
-from ._client import ChatPage, ClientStats
 from ._client import ImiChatClient as AsyncImiChatClient
 from ._errors import ConfigurationError, ImiChatError
+from ._fetch import ClientStats
 from ._limiter import Limiter
 from ._records import Chat
+from ._results import ChatPage
 
 __all__ = ["ImiChatClient"]
 

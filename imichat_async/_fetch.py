@@ -1,0 +1,242 @@
+"""One page, fetched: the request built, sent under the limiter, classified, retried,
+an expired token refreshed once for everyone; what happened counted and fed back.
+
+`PageFetcher` is the base of `ImiChatClient`, not a part it holds: the hot
+path stays method calls on one object (no extra hop per request), and the
+OpenTelemetry hooks (`_otel.attempt_scope`, `send_scope`) wrap the client's
+own `_attempt` and `_send`. It knows no query and no paging: `page_fetch`
+gives the paging engine its `fetch(n)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import attrs
+
+from . import _otel
+from . import _protocol as protocol
+from ._auth import STATIC_TOKEN_EXPIRED, TokenProvider, TokenSource
+from ._errors import ApiError, ImiChatError, SearchTimeoutError, TokenExpiredError
+from ._limiter import Limiter
+from ._paging import Hedger, Page
+from ._retry import RetryPolicy, call_with_retries, make_retrying
+from ._transport import RawResponse, Transport
+
+log = logging.getLogger("imichat_async")
+
+OVERLOAD_STATUSES = frozenset({429, 503})  # what adaptive concurrency backs off on
+MAX_REFUSED_FRESH = 2  # tokens in a row refused before serving any page, before giving up
+
+
+@attrs.define
+class ClientStats:
+    """Counters across every search of one client."""
+
+    requests: int = 0  # HTTP attempts sent
+    retries: int = 0
+    token_refreshes: int = 0
+    pages: int = 0  # pages answered successfully
+    records: int = 0
+    hedges: int = 0  # duplicate requests sent for an overdue head page
+
+
+class PageFetcher:
+    """The per-page call of a client: its token, limiter, transport, retries and hedger.
+
+    Raises `ConfigurationError` for a `token` that is neither a str nor a callable.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        team_id: str,
+        token: TokenSource,
+        policy: RetryPolicy,
+        sleep: Callable[[float], Awaitable[Any]],
+        limiter: Limiter,
+        transport: Transport,
+        hedge: bool,
+    ) -> None:
+        self.team_id = team_id
+        self.max_retries = policy.max_retries
+        self.stats = ClientStats()
+        self._auth = TokenProvider(token, on_refresh=self._count_refresh)
+        self._url = url
+        self._headers: tuple[str, Mapping[str, str]] | None = None
+        self._limiter = limiter
+        self._hedger: Hedger | None = (
+            Hedger(backing_off=self._backing_off, on_sent=self._count_hedge) if hedge else None
+        )
+        self._warm = False  # a page was answered: token, team and query form are known good
+        self._closed = False
+        self._transport: Transport = transport
+        self._retrying = make_retrying(policy, sleep=sleep, on_retry=self._count_retry)
+
+    def page_fetch(
+        self,
+        body: bytes,
+        convert: Callable[[protocol.PageData, int], Page[Any]],
+        deadline: float | None,
+    ) -> Callable[[int], Awaitable[Page[Any]]]:
+        """The engine's `fetch(n)` for one search: `SearchTimeoutError` once `deadline`
+        seconds have passed since its first request.
+        """
+        search = object()  # this search's queue at the limiter: its lowest page goes first
+        if deadline is None:
+
+            async def fetch(n: int) -> Page[Any]:
+                return convert(await self._fetch(body, n, search), n)
+
+            return fetch
+
+        until: list[float] = []  # the clock starts with the first request
+
+        async def fetch_until(n: int) -> Page[Any]:
+            if not until:
+                until.append(time.monotonic() + deadline)
+            left = until[0] - time.monotonic()
+            if left <= 0:
+                raise SearchTimeoutError(f"search deadline of {deadline}s passed at page {n}")
+            try:
+                data = await asyncio.wait_for(self._fetch(body, n, search), left)
+            except asyncio.TimeoutError:
+                raise SearchTimeoutError(
+                    f"search deadline of {deadline}s passed at page {n}"
+                ) from None
+            return convert(data, n)
+
+        return fetch_until
+
+    async def _fetch(self, body: bytes, page: int, search: object = None) -> protocol.PageData:
+        refreshes = 0  # bounded, so a page can't cycle through tokens forever
+        refused = 0  # tokens in a row that expired before they ever served a page
+        while True:
+            token = await self._auth.get()
+            try:
+                data = await call_with_retries(
+                    self._retrying, functools.partial(self._attempt, body, page, token, search)
+                )
+            except TokenExpiredError as exc:
+                if not self._auth.refreshable:
+                    raise TokenExpiredError(
+                        STATIC_TOKEN_EXPIRED,
+                        status_code=2004,
+                        http_status=exc.http_status,
+                        page=page,
+                    ) from None
+                # A token that served pages and then expired (by age, by use) is normal and
+                # refreshed; fresh tokens refused again and again are an error.
+                refused = 0 if self._auth.served(token) else refused + 1
+                refreshes += 1
+                if refused > MAX_REFUSED_FRESH or refreshes > 2 * (self.max_retries + 1):
+                    raise exc.with_page(page) from None
+                log.warning("page %d: access token expired (2004); refreshing", page)
+                await self._auth.refresh(token)
+                continue
+            self._auth.mark_served(token)
+            self._warm = True
+            self.stats.pages += 1
+            self.stats.records += len(data.records)
+            return data
+
+    @_otel.attempt_scope
+    async def _attempt(
+        self, body: bytes, page: int, token: str, search: object = None
+    ) -> protocol.PageData:
+        request = protocol.build_request(self._url, self._headers_for(token), body, page)
+        self.stats.requests += 1
+        started = time.perf_counter()
+        try:
+            raw = await self._send(request, search)
+            data = protocol.parse_response(raw.status, raw.headers, raw.body, page)
+        except TokenExpiredError:
+            log.debug("page %d: token expired (2004) after %.1f ms", page, _ms(started))
+            raise
+        except Exception as exc:
+            if isinstance(exc, ApiError) and exc.page is None:
+                exc.with_page(page)  # raised by a transport that did not know the page
+            log.debug("page %d: failed: %s after %.1f ms", page, exc, _ms(started))
+            raise
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "page %d: HTTP %d, %d records in %.1f ms",
+                page,
+                raw.status,
+                len(data.records),
+                _ms(started),
+            )
+        return data
+
+    @_otel.send_scope
+    async def _send(self, request: protocol.PreparedRequest, search: object = None) -> RawResponse:
+        """One attempt under the client-wide limiter, fed back what the server said.
+
+        `search` and the page number order the waiters: a search's lowest page
+        first, searches in turn.
+        """
+        if self._closed:
+            raise ImiChatError("the client is closed")
+        limiter = self._limiter
+        epoch = await limiter.acquire(search, request.page)
+        _otel.slot_acquired()
+        status = 0
+        throttled = False
+        started = time.perf_counter()
+        try:
+            raw = await self._transport.send(request)
+            status = raw.status
+            throttled = protocol.is_throttle(status, raw.headers)
+            return raw
+        finally:
+            # Overloaded (429/503), fine (< 500), or neither (5xx, no answer); throttled
+            # (429, 503 + Retry-After) lowers a learned send rate.
+            overloaded = status in OVERLOAD_STATUSES
+            limiter.release(epoch, overloaded=overloaded, ok=0 < status < 500, throttled=throttled)
+            hedger = self._hedger
+            if hedger is not None:
+                if status == 200:
+                    hedger.record(time.perf_counter() - started)
+                elif overloaded:
+                    hedger.overloaded()
+
+    def _headers_for(self, token: str) -> Mapping[str, str]:
+        cached = self._headers
+        if cached is None or cached[0] != token:
+            cached = (token, protocol.build_headers(token, self.team_id))
+            self._headers = cached
+        return cached[1]
+
+    def _count_retry(self, exc: BaseException) -> None:
+        self.stats.retries += 1
+        _otel.event(_otel.RETRY, exc)
+
+    def _count_refresh(self) -> None:
+        self.stats.token_refreshes += 1
+        _otel.event(_otel.TOKEN_REFRESH)
+
+    def _count_hedge(self) -> None:
+        self.stats.hedges += 1
+        _otel.event(_otel.HEDGE)
+
+    def _backing_off(self) -> bool:
+        """No hedging now: adaptive concurrency below its ceiling, or a send rate in force.
+
+        Under a rate (given, or learned from a throttle) a duplicate takes a token a
+        new page would have used, and the head page it would duplicate is most
+        likely waiting out a `Retry-After` that the server asked to be kept.
+        """
+        limiter = self._limiter
+        if limiter.rate is not None and limiter.rate.rate is not None:
+            return True
+        return limiter.adaptive and limiter.limit < limiter.max_limit
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000
