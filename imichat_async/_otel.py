@@ -38,10 +38,10 @@ Secrets: nothing here reads request headers, the body or the token; the URL
 carries none (the token is a header, the base URL refuses credentials).
 
 Hooks in `_client.py`: `@search_scope` on `_pages` (the search span, and the
-context page tasks copy when they are created), `@attempt_scope` on
-`_attempt` (classifies the answer), `@send_scope` on `_send` (the HTTP
-span), `slot_acquired()` in `_send` after the limiter, `event(...)` in the
-retry and refresh callbacks.
+context page tasks copy when they are created); in `_fetch.py` (the client's
+base class): `@attempt_scope` on `_attempt` (classifies the answer),
+`@send_scope` on `_send` (the HTTP span), `slot_acquired()` in `_send` after
+the limiter, `event(...)` in the retry, refresh and hedge callbacks.
 """
 
 from __future__ import annotations
