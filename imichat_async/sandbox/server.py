@@ -38,80 +38,42 @@ what changed (`updated_at`, `status`) see it come or go. A client hanging
 up is normal: it is never logged.
 
 The server never binds anything but 127.0.0.1.
+
+This module is the aiohttp side: the app, its handlers, the order of the
+checks and `serve()`. `Sandbox` composes the parts, each in its own module:
+`_tenant` (the chats and their changes), `_tokens`, `_gateway` (the rate
+limit), `_injection` (the faults) and `_replies` (every answer but a page).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import json
-import math
 import random
-import secrets
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import attrs
 from aiohttp import web
 
-from imichat_async._protocol import (
-    AUTH_HEADER,
-    PAGE_SIZE,
-    RETRY_AFTER_HEADER,
-    SEARCH_PATH,
-    STATUS_TABLE,
-    SUCCESS_CODE,
-    TEAM_HEADER,
-    TOTAL_HEADER,
-)
+from imichat_async._protocol import AUTH_HEADER, SEARCH_PATH, TEAM_HEADER, TOTAL_HEADER
 
-from .data import AGENTS, END_US, ChatFactory, Row, Table, format_us, row_of
+from . import _replies
+from ._gateway import TokenBucket
+from ._injection import Injector
+from ._tenant import Churn, Tenant
+from ._tokens import Tokens
 from .faults import Faults, Stats
-from .query import Query, QueryError, make_query, parse_body, select
+from .query import Query, QueryError, parse_body
+
+__all__ = ["SANDBOX_KEY", "Churn", "Sandbox", "make_app", "serve"]
 
 HOST = "127.0.0.1"
 API_ROOT = "/v3.0"
 TOKEN_PATH = "/oauth/token"
-DEFAULT_EXPIRES_IN = 3600  # what the token endpoint announces when tokens never expire
-_BODY_CACHE_SIZE = 20_000  # serialized pages kept (about 5 KB each)
-_CACHE_SIZE = 128
 MAX_PAGE = 2**63 - 1  # the largest page a 64-bit server integer holds
-#: The statuses `churn` moves chats between (the vendor's four).
-STATUSES = ("queued", "picked", "onhold", "closed")
-HOT_SHARE = 0.8  # share of churn updates that hit the hot set
-HOT_SIZE = 20  # the most chats in the hot set
-_MS = 1000
-_TOO_MANY = {"message": "Too Many Requests"}
-
-_HTML_502 = (
-    "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1>"
-    "</center><hr><center>nginx</center></body></html>\n"
-)
-_HTML_504 = (
-    "<html><head><title>504 Gateway Time-out</title></head><body><center><h1>504 Gateway "
-    "Time-out</h1></center><hr><center>nginx</center></body></html>\n"
-)
-
-
-@attrs.define
-class _TokenState:
-    issued_at: float
-    uses: int = 0
-    revoked: bool = False
-
-
-@attrs.frozen
-class Churn:
-    """What one `Sandbox.churn` did: the new versions of updated chats, and the new chats.
-
-    A chat updated twice in one call appears twice in `updated`, oldest version first.
-    """
-
-    updated: list[dict[str, Any]]
-    inserted: list[dict[str, Any]]
 
 
 class Sandbox:
@@ -138,35 +100,22 @@ class Sandbox:
     ) -> None:
         if chats < 0:
             raise ValueError(f"chats must be >= 0, got {chats}")
-        if token_max_uses is not None and token_max_uses < 1:
-            raise ValueError(f"token_max_uses must be >= 1 or None, got {token_max_uses}")
+        self._tokens = Tokens(clock, token_ttl, token_max_uses)
         self.seed = seed
         self.total_header = total_header
         self.faults = faults if faults is not None else Faults()
-        self.token_ttl = token_ttl
-        self.token_max_uses = token_max_uses
         self.stats = Stats()
         self._port = port
         self._clock = clock
-        self._wall_clock = wall_clock
-        self._factory = ChatFactory(seed)
-        self._table = Table(*self._factory.generate(chats))
+        self._tenant = Tenant(chats, seed, wall_clock)
         #: Every chat, in served order (the table's own list: read it, do not change it).
-        self.data: list[dict[str, Any]] = self._table.chats
-        self._rows: list[Row] = self._table.rows
-        self._fault_rng = random.Random(f"faults-{seed}")
-        self._churn_rng = random.Random(f"churn-{seed}")
-        self._hot: collections.deque[str] | None = None  # busy chats, made at the first churn
-        self._bucket: tuple[float, int] | None = None  # (rate, burst) the bucket was filled for
-        self._bucket_level = 0.0
-        self._bucket_at = 0.0
-        self.team_id = f"{random.Random(f'team-{seed}').getrandbits(96):024x}"
-        self._tokens: dict[str, _TokenState] = {}
-        self.token = self._issue()
-        self._cache: OrderedDict[Query, list[dict[str, Any]]] = OrderedDict()
-        self._bodies: dict[tuple[Query, int], bytes] = {}  # serialized pages, same lifetime
-        self._valid_searches = 0
+        self.data: list[dict[str, Any]] = self._tenant.data
         self._closing = asyncio.Event()
+        self._injector = Injector(seed, self._closing)
+        self._bucket = TokenBucket()
+        self.team_id = f"{random.Random(f'team-{seed}').getrandbits(96):024x}"
+        self.token = self._tokens.issue()
+        self._valid_searches = 0
         self._runner: web.AppRunner | None = None
         self.base_url = ""
 
@@ -219,35 +168,38 @@ class Sandbox:
 
     # -- tokens ------------------------------------------------------------------------------
 
+    @property
+    def token_ttl(self) -> float | None:
+        """Seconds a token lives after issue (None: forever)."""
+        return self._tokens.ttl
+
+    @token_ttl.setter
+    def token_ttl(self, value: float | None) -> None:
+        self._tokens.ttl = value
+
+    @property
+    def token_max_uses(self) -> int | None:
+        """Accepted requests a token serves before it answers 2004 (None: no limit)."""
+        return self._tokens.max_uses
+
+    @token_max_uses.setter
+    def token_max_uses(self, value: int | None) -> None:
+        self._tokens.max_uses = value
+
     def _issue(self) -> str:
-        token = f"sbx.{secrets.token_urlsafe(24)}"
-        self._tokens[token] = _TokenState(self._clock())
-        return token
+        """A fresh token, not counted in `stats.tokens_issued`."""
+        return self._tokens.issue()
 
     async def new_token(self) -> str:
         """Issue a fresh token (counted in `stats.tokens_issued`); usable as a token callable."""
         self.stats.tokens_issued += 1
-        return self._issue()
+        return self._tokens.issue()
 
     def expire_token(self, token: str | None = None) -> None:
         """Make `token` (default: every token issued so far) answer 2004 from now on."""
-        for key, state in self._tokens.items():
-            if token is None or key == token:
-                state.revoked = True
-
-    def _expired(self, state: _TokenState) -> bool:
-        if state.revoked:
-            return True
-        if self.token_max_uses is not None and state.uses >= self.token_max_uses:
-            return True
-        return self.token_ttl is not None and self._clock() - state.issued_at >= self.token_ttl
+        self._tokens.expire(token)
 
     # -- data --------------------------------------------------------------------------------
-
-    def _changed(self) -> None:
-        """Forget every cached answer: the data changed."""
-        self._cache.clear()
-        self._bodies.clear()
 
     def insert_chats(self, n: int) -> list[dict[str, Any]]:
         """Insert `n` new chats at the head (created after every other chat); return them.
@@ -256,18 +208,9 @@ class Sandbox:
         Their `created_at` is one second apart after the newest chat (not the
         wall clock: use `churn` for chats created now).
         """
-        newest = max(self._rows[0].created_us if self._rows else 0, END_US)
-        made = [self._factory.make(newest + (i + 1) * 1_000_000) for i in range(n)]
-        made.reverse()  # newest first
-        for chat, row in made:
-            self._table.insert(chat, row)
-        self._changed()
+        made = self._tenant.insert_chats(n)
         self.stats.inserted += n
-        return [chat for chat, _ in made]
-
-    def _now_us(self) -> int:
-        """The wall clock in whole milliseconds (what `format_us` serves), as microseconds."""
-        return int(self._wall_clock() * 1000) * _MS
+        return made
 
     def update_chat(self, chat_id: str, status: str | None = None) -> dict[str, Any]:
         """Make a new version of `chat_id`: `status` (default: another of `STATUSES`), updated now.
@@ -279,53 +222,9 @@ class Sandbox:
         is replaced, never changed in place: records handed out earlier stay as
         they were. Returns the new record; raises `KeyError` for an unknown id.
         """
-        try:
-            chat, row = self._table.get(chat_id)
-        except KeyError:
-            raise KeyError(f"no chat {chat_id!r} in this sandbox") from None
-        if status is None:
-            others = [s for s in STATUSES if s != chat.get("status")]
-            status = others[int(self._churn_rng.random() * len(others))]
-        updated_us = max(self._now_us(), row.updated_us + _MS)
-        new = dict(chat)
-        new["status"] = status
-        new["updated_at"] = format_us(updated_us)
-        if "assignee" in new:
-            if status == "queued":
-                new["assignee"] = None
-            elif new["assignee"] is None:
-                new["assignee"] = AGENTS[int(self._churn_rng.random() * len(AGENTS))]
-        self._table.replace(new, row_of(new, row.created_us, updated_us))
-        self._changed()
+        new = self._tenant.update_chat(chat_id, status)
         self.stats.updated += 1
         return new
-
-    def _insert_now(self) -> dict[str, Any]:
-        """A new chat created now (`updated_at` = `created_at`), where the order puts it."""
-        created_us = self._now_us()
-        chat, row = self._factory.make(created_us)
-        chat["updated_at"] = chat["created_at"]
-        self._table.insert(chat, row._replace(updated_us=created_us))
-        self.stats.inserted += 1
-        return chat
-
-    def _hot_set(self) -> collections.deque[str]:
-        """The busy chats: a tenth of the chats at the first churn, at most `HOT_SIZE`."""
-        if self._hot is None:
-            ids = self._table.ids()
-            size = max(1, min(HOT_SIZE, len(ids) // 10))
-            picked = self._churn_rng.sample(ids, min(size, len(ids)))
-            self._hot = collections.deque(picked, maxlen=size)
-        return self._hot
-
-    def _pick_busy(self) -> str:
-        """A chat to update (the tenant has some): from the hot set with probability `HOT_SHARE`."""
-        rng = self._churn_rng
-        hot = self._hot_set()
-        if hot and rng.random() < HOT_SHARE:
-            return hot[int(rng.random() * len(hot))]
-        chat_id: str = self.data[int(rng.random() * len(self.data))]["chat_id"]
-        return chat_id
 
     def churn(self, updates: int = 0, inserts: int = 0) -> Churn:
         """Change the data as a live tenant does: `updates` new versions, then `inserts` new chats.
@@ -339,33 +238,17 @@ class Sandbox:
         On an empty tenant there is nothing to update: only inserts happen.
         Raises `ValueError` for a negative count.
         """
-        if updates < 0 or inserts < 0:
-            raise ValueError(f"updates and inserts must be >= 0, got {updates}, {inserts}")
-        updated = [self.update_chat(self._pick_busy()) for _ in range(updates if self.data else 0)]
-        hot = self._hot_set()  # made before the new chats join it
-        inserted = [self._insert_now() for _ in range(inserts)]
-        if inserted:
-            hot.extend(chat["chat_id"] for chat in inserted)
-            self._changed()
-        return Churn(updated=updated, inserted=inserted)
+        made = self._tenant.churn(updates, inserts)
+        self.stats.updated += len(made.updated)
+        self.stats.inserted += len(made.inserted)
+        return made
 
     def current_records(self) -> dict[str, dict[str, Any]]:
         """The current record of every chat, by `chat_id`, as the server serves it now.
 
         A new dict; the records are the served ones (never changed in place by the sandbox).
         """
-        return {chat["chat_id"]: chat for chat in self.data}
-
-    def _results(self, query: Query) -> list[dict[str, Any]]:
-        hit = self._cache.get(query)
-        if hit is not None:
-            self._cache.move_to_end(query)
-            return hit
-        result = select(self._table, query)
-        self._cache[query] = result
-        if len(self._cache) > _CACHE_SIZE:
-            self._cache.popitem(last=False)
-        return result
+        return self._tenant.current_records()
 
     def expected(
         self, filters: list[tuple[str, str, str]] | None = None, condition: str = "and"
@@ -374,26 +257,9 @@ class Sandbox:
 
         Raises `QueryError` (a `ValueError`) for filters the server would refuse.
         """
-        return list(self._results(make_query(filters, condition)))
+        return self._tenant.expected(filters, condition)
 
     # -- HTTP --------------------------------------------------------------------------------
-
-    def _error(self, code: int, **fields: str) -> web.Response:
-        row = STATUS_TABLE[code]
-        description = row.description.format(**fields) if fields else row.description
-        return self._error_response(code, row.http_status, description)
-
-    def _error_response(self, code: int, http_status: int, description: str) -> web.Response:
-        self.stats.errors_by_code[code] += 1
-        if code == 2004:
-            self.stats.expired_hits += 1
-        body = {"status_code": code, "description": description, "response": None}
-        return web.json_response(body, status=http_status)
-
-    async def _sleep(self, seconds: float) -> None:
-        if seconds > 0:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), seconds)
 
     async def handle_search(self, request: web.Request) -> web.StreamResponse:
         """The search endpoint: bookkeeping around `_search`."""
@@ -406,78 +272,42 @@ class Sandbox:
         finally:
             stats.in_flight -= 1
 
-    def _over_rate(self) -> int | None:
-        """Take a token from the rate-limit bucket; if there is none, the Retry-After to send.
-
-        A token bucket of `faults.burst` tokens refilled at `faults.rate_limit`
-        per second of `clock`, full when the knobs are (re)set; a refused
-        request takes no token. Retry-After is the time until one token is
-        back, in whole seconds rounded up, at least 1.
-        """
-        rate = self.faults.rate_limit
-        assert rate is not None
-        burst = self.faults.burst
-        now = self._clock()
-        if self._bucket != (rate, burst):
-            self._bucket = (rate, burst)
-            self._bucket_level = float(burst)
-        else:
-            self._bucket_level = min(burst, self._bucket_level + (now - self._bucket_at) * rate)
-        self._bucket_at = now
-        if self._bucket_level >= 1.0:
-            self._bucket_level -= 1.0
-            return None
-        return max(1, math.ceil((1.0 - self._bucket_level) / rate - 1e-9))
-
-    def _too_many(self, retry_after: str | None) -> web.Response:
-        self.stats.errors_by_code[429] += 1
-        headers = {RETRY_AFTER_HEADER: retry_after} if retry_after is not None else None
-        return web.json_response(_TOO_MANY, status=429, headers=headers)
-
     async def _search(self, request: web.Request, arrival_in_flight: int) -> web.StreamResponse:
+        stats = self.stats
         page = _page(request.query.get("page", "1"))
         if page is not None:
-            self.stats.requests_by_page[page] += 1
+            stats.requests_by_page[page] += 1
         faults = self.faults
         if faults.rate_limit is not None:
-            wait = self._over_rate()
+            wait = self._bucket.take(faults.rate_limit, faults.burst, self._clock())
             if wait is not None:
-                self.stats.rate_limited += 1
-                self.stats.throttled += 1
-                return self._too_many(str(wait))
-        delay = faults.latency + faults.latency_per_page * (page or 1)
-        if faults.jitter > 0:
-            delay += faults.jitter * self._fault_rng.random()
+                stats.rate_limited += 1
+                stats.throttled += 1
+                return _replies.too_many(stats, str(wait))
+        delay = self._injector.delay(faults, page or 1)
         if delay > 0:
-            await asyncio.sleep(delay)  # cheap: no task per request (hangs use `_sleep`)
+            await asyncio.sleep(delay)  # cheap: no task per request (hangs wait on `close`)
 
-        refused = self._check_auth(request)
+        refused = _check_auth(request, self._tokens, self.team_id, stats)
         if refused is not None:
             return refused
         if page is None:
-            return self._error(3115)
+            return _replies.vendor_error(stats, 3115)
         if request.content_type != "application/json" and not request.content_type.endswith(
             "+json"
         ):
-            return self._error(3114)
+            return _replies.vendor_error(stats, 3114)
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return self._error(3115)
+            return _replies.vendor_error(stats, 3115)
         except ConnectionError:
             # The client hung up (aiohttp fails the body read once the connection is
             # lost, even a body already received): normal, and nobody to answer.
             return web.Response(status=499)
-        if not raw.strip():
-            return self._error(3114)
-        try:
-            doc = json.loads(raw)
-        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-            return self._error(3451)
-        try:
-            query = parse_body(doc)
-        except QueryError as exc:
-            return self._error_response(exc.code, exc.http_status, exc.description)
+        query = _parse_query(raw, stats)
+        if not isinstance(query, Query):
+            return query
 
         # Valid: from here on, faults may strike.
         self._valid_searches += 1
@@ -485,93 +315,70 @@ class Sandbox:
             self.insert_chats(1)
         if faults.churn_every is not None and self._valid_searches % faults.churn_every == 0:
             self.churn(faults.churn_updates, faults.churn_inserts)
-        fault = self._draw_fault(page, arrival_in_flight)
+        fault = self._injector.draw(faults, stats, page, arrival_in_flight)
         if fault is not None:
-            self.stats.faults[fault] += 1
-            return await self._inject(request, fault)
+            stats.faults[fault] += 1
+            return await self._injector.inject(request, fault, faults, stats)
 
-        results = self._results(query)
-        body = self._bodies.get((query, page))
-        if body is None:
-            start = (page - 1) * PAGE_SIZE
-            doc = {
-                "status_code": SUCCESS_CODE,
-                "description": STATUS_TABLE[SUCCESS_CODE].description,
-                "response": results[start : start + PAGE_SIZE],
-            }
-            body = json.dumps(doc, separators=(",", ":")).encode()
-            if len(self._bodies) >= _BODY_CACHE_SIZE:
-                self._bodies.clear()
-            self._bodies[(query, page)] = body
+        results = self._tenant.results(query)
+        body = self._tenant.page_body(query, page, results)
         headers = {TOTAL_HEADER: str(len(results))} if self.total_header else None
         return web.Response(body=body, content_type="application/json", headers=headers)
-
-    def _check_auth(self, request: web.Request) -> web.Response | None:
-        if request.method != "POST":
-            return self._error(2099)
-        auth = request.headers.get(AUTH_HEADER)
-        team = request.headers.get(TEAM_HEADER)
-        if not auth or not team:
-            return self._error(2002)
-        scheme, _, token = auth.partition(" ")
-        state = self._tokens.get(token.strip()) if scheme.lower() == "bearer" else None
-        if state is None:
-            return self._error(2003)
-        if team != self.team_id:
-            return self._error(2010)
-        if self._expired(state):
-            return self._error(2004)
-        state.uses += 1
-        return None
-
-    def _draw_fault(self, page: int, arrival_in_flight: int) -> str | None:
-        faults = self.faults
-        limit = faults.max_in_flight
-        if limit is not None and arrival_in_flight > limit:
-            self.stats.throttled += 1
-            return "429"
-        kind = faults.fault_pages.pop(page, None)
-        if kind is not None:
-            return kind
-        return faults.pick(self._fault_rng.random())
-
-    async def _inject(self, request: web.Request, kind: str) -> web.StreamResponse:
-        if kind in ("2007", "3454"):
-            return self._error(int(kind))
-        if kind == "429":
-            retry_after = self.faults.retry_after
-            return self._too_many(None if retry_after is None else f"{retry_after:g}")
-        if kind in ("502", "504"):
-            self.stats.errors_by_code[int(kind)] += 1
-            html = _HTML_502 if kind == "502" else _HTML_504
-            return web.Response(status=int(kind), text=html, content_type="text/html")
-        if kind == "503":
-            self.stats.errors_by_code[503] += 1
-            return web.Response(status=503)
-        if kind == "hang":
-            await self._sleep(self.faults.hang_seconds)
-        # "reset", or a hang that is over: drop the connection without an answer.
-        if request.transport is not None:
-            request.transport.abort()
-        return web.Response(status=500)  # never reaches the client
 
     async def handle_token(self, request: web.Request) -> web.Response:
         """POST: issue a token; no authentication."""
         if request.method != "POST":
-            return self._error(2099)
+            return _replies.vendor_error(self.stats, 2099)
         token = await self.new_token()
-        expires_in = DEFAULT_EXPIRES_IN if self.token_ttl is None else self.token_ttl
         return web.json_response(
-            {"access_token": token, "token_type": "Bearer", "expires_in": expires_in}
+            {"access_token": token, "token_type": "Bearer", "expires_in": self._tokens.expires_in}
         )
 
     async def handle_unknown(self, request: web.Request) -> web.Response:
         """Any other path: 404 in the vendor's JSON form (not aiohttp's plain text)."""
         description = f"No such resource: {request.method} {request.path}"
-        return self._error_response(404, 404, description)
+        return _replies.error_response(self.stats, 404, 404, description)
 
 
 SANDBOX_KEY = web.AppKey("sandbox", Sandbox)
+
+
+def _check_auth(
+    request: web.Request, tokens: Tokens, team_id: str, stats: Stats
+) -> web.Response | None:
+    """The refusal of a search that fails authentication (2099, 2002, 2003, 2010, 2004, in
+    that order), or None after counting a use of its token."""
+    if request.method != "POST":
+        return _replies.vendor_error(stats, 2099)
+    auth = request.headers.get(AUTH_HEADER)
+    team = request.headers.get(TEAM_HEADER)
+    if not auth or not team:
+        return _replies.vendor_error(stats, 2002)
+    scheme, _, token = auth.partition(" ")
+    state = tokens.get(token.strip()) if scheme.lower() == "bearer" else None
+    if state is None:
+        return _replies.vendor_error(stats, 2003)
+    if team != team_id:
+        return _replies.vendor_error(stats, 2010)
+    if tokens.expired(state):
+        return _replies.vendor_error(stats, 2004)
+    state.uses += 1
+    return None
+
+
+def _parse_query(raw: bytes, stats: Stats) -> Query | web.Response:
+    """The query of a search's body, or its refusal: 3114 (empty), 3451 (not JSON) or the
+    query's own code."""
+    if not raw.strip():
+        return _replies.vendor_error(stats, 3114)
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return _replies.vendor_error(stats, 3451)
+    try:
+        return parse_body(doc)
+    except QueryError as exc:
+        return _replies.error_response(stats, exc.code, exc.http_status, exc.description)
 
 
 def _page(value: str) -> int | None:
