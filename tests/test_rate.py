@@ -15,7 +15,7 @@ import math
 import pytest
 
 from imichat_async._rate import RateMeter, SendRate, TokenBucket
-from imichat_async.sandbox import Faults, Sandbox
+from imichat_async.sandbox._gateway import TokenBucket as GatewayBucket
 
 
 class FakeClock:
@@ -233,14 +233,15 @@ class Gateway:
     """The sandbox's rate limit alone, on the fake clock: `admit()` counts what it answered."""
 
     def __init__(self, rate: float, burst: int, clock: FakeClock) -> None:
-        faults = Faults(rate_limit=rate, rate_burst=burst)
-        self._sandbox = Sandbox(0, faults=faults, clock=clock)  # never started: no server
+        self._bucket = GatewayBucket()  # the very bucket that serves the sandbox's 429s
+        self._knobs = (rate, burst)
+        self._clock = clock
         self.accepted = 0
         self.throttled = 0
 
     def admit(self) -> bool:
         """True: a token was there; False: the sandbox would answer 429."""
-        if self._sandbox._over_rate() is None:  # the bucket that serves 429s over HTTP
+        if self._bucket.take(*self._knobs, self._clock()) is None:
             self.accepted += 1
             return True
         self.throttled += 1
