@@ -230,8 +230,9 @@ class SendRate:
             if sent_at >= self._rate_since:
                 self._decrease(now, measured, sent_at)
             elif measured is not None and self._bucket.rate > self.beta * measured:
-                self._w_max = measured  # a better measure within the grace: aim lower
-                self._set(self.beta * measured, now)
+                # A better measure within the grace: aim lower, on a curve drawn for it
+                # (the old curve, drawn from a higher rate, would start far below zero).
+                self._curve(measured, self.beta * measured, now)
             return
         if ok:
             self.accepted.record(now)
@@ -289,15 +290,19 @@ class SendRate:
             # throttles come close enough together to measure the rate.
             w_max = self._offered(sent_at)
             rate = BLIND_BETA * w_max
+        self._curve(w_max, rate, now)
+        self._rate_since = now + min(GRACE / self._bucket.rate, MAX_GRACE)
+        self._enabled = True
+        self.decreases += 1
+
+    def _curve(self, w_max: float, rate: float, now: float) -> None:
+        """Set the rate to `rate` now, and the CUBIC curve back from it to `w_max`."""
         w_max = max(w_max, self.min_rate)
         self._w_max = w_max
         self._c = max(self.scale, RELATIVE_SCALE * w_max)
         self._k = (max(0.0, w_max - rate) / self._c) ** (1 / 3)
         self._last_decrease = now
         self._set(rate, now)
-        self._rate_since = now + min(GRACE / self._bucket.rate, MAX_GRACE)
-        self._enabled = True
-        self.decreases += 1
 
     def _grow(self, now: float) -> None:
         t = now - self._last_decrease - self._k

@@ -157,6 +157,31 @@ def test_throttles_of_requests_sent_before_a_decrease_do_not_decrease_again() ->
     assert rate.throttles == 8
 
 
+def test_a_measure_within_the_grace_of_the_blind_cut_keeps_the_rate_near_it() -> None:
+    """After the blind first cut, a throttle that measures the tenant (sent within the grace)
+    lowers the rate to just below that measure, and the next answer keeps it there: the
+    rate does not fall to its floor for a curve drawn from the blind cut's far higher rate."""
+    clock = FakeClock()
+    rate = SendRate(adaptive=True, clock=clock)
+    for _ in range(30):  # a burst: 30 accepted in 30 ms
+        rate.feedback(rate.sent(), throttled=False, ok=True)
+        clock.advance(0.001)
+    first = rate.sent()  # the server's bucket is empty from here on
+    clock.advance(0.03)
+    accepted = [rate.sent() for _ in range(4)]  # what it accepts meanwhile: 4 in 55 ms
+    clock.advance(0.025)
+    second = rate.sent()
+    rate.feedback(first, throttled=True, ok=False)  # blind: a quarter of ~600/s
+    blind = rate.rate
+    rate.feedback(second, throttled=True, ok=False)  # still in the grace, but measured
+    assert rate.decreases == 1
+    assert rate.estimate == pytest.approx(4 / 0.055)
+    assert blind is not None and rate.rate is not None and rate.rate < blind
+    clock.advance(0.005)
+    rate.feedback(accepted[0], throttled=False, ok=True)
+    assert rate.rate == pytest.approx(0.8 * 4 / 0.055, rel=0.05)
+
+
 def test_a_run_of_throttles_measures_the_tenant_rate() -> None:
     """Accepted requests sent between throttled ones, over the time between, is the rate."""
     clock = FakeClock()
