@@ -194,6 +194,33 @@ def test_a_run_of_throttles_measures_the_tenant_rate() -> None:
     assert rate.rate is not None and rate.rate <= rate.beta * 100.0 + 1e-9
 
 
+def _measured_then_probing(age: float) -> SendRate:
+    """A rate that measured the tenant at 100/s, then ran `age` s with every request accepted."""
+    clock = FakeClock()
+    rate = SendRate(adaptive=True, clock=clock, window=1.0)
+    for i in range(101):  # as above: the tenant's 100/s measured
+        rate.feedback(rate.sent(), throttled=i % 2 == 0, ok=i % 2 == 1)
+        clock.advance(0.005)
+    for _ in range(int(age / 0.005)):  # the curve climbs back, then probes above
+        rate.feedback(rate.sent(), throttled=False, ok=True)
+        clock.advance(0.005)
+    return rate
+
+
+@pytest.mark.parametrize(("age", "back_to_measure"), [(8.0, True), (12.0, False)])
+def test_a_lone_throttle_above_a_recent_measure_cuts_back_to_it(
+    age: float, back_to_measure: bool
+) -> None:
+    """Probing above a measured rate, a lone throttle (the server's burst hid the overshoot)
+    aims back at that measure in one cut; a measure 10 s old or more no longer caps the cut."""
+    rate = _measured_then_probing(age)
+    before = rate.rate
+    assert before is not None and before > 100.0 / 0.8  # well above the measure: one cut misses
+    rate.feedback(rate.sent(), throttled=True, ok=False)
+    expected = 0.8 * 100.0 if back_to_measure else 0.8 * before
+    assert rate.rate == pytest.approx(expected)
+
+
 def test_cubic_growth_returns_to_the_throttled_rate_then_probes_above() -> None:
     """After a decrease the rate climbs back to w_max at K = cbrt((w_max - rate)/C), C = 0.1 x
     w_max, concave (fast first); above w_max it probes five times more gently (C = 0.02 x w_max).
