@@ -23,6 +23,10 @@ waiting. The design follows botocore's adaptive retry mode
   sent and not refused over the last second (answers still in flight
   included), then climbs back towards it quickly until throttles come close
   enough together to measure.
+- A lone throttle (no run to measure) cuts x `beta` from the rate sent, or,
+  within `ESTIMATE_AGE` of a measure, x `beta` from that measure: a probe above
+  it overshoots unseen until the server's burst is spent, so one cut from the
+  rate sent would leave it too high and cost a second throttle.
 - Throttles answered to requests sent before the last decrease do not
   decrease again: they report a rate that is already gone (the same rule as
   the concurrency limiter's epochs, kept by send time).
@@ -56,6 +60,7 @@ RELATIVE_SCALE = 0.1  # CUBIC's C back up to the last throttled rate: this share
 PROBE_SCALE = 0.02  # and above it, probing: this share of it, per s**3 (+10 % in 1.7 s)
 GRACE = 5  # send intervals after a decrease during which a throttle cannot decrease again
 MAX_GRACE = 0.25  # seconds: the grace is never longer than this
+ESTIMATE_AGE = 10.0  # seconds a measured rate caps the cut of a lone throttle (it may go stale)
 
 
 class TokenBucket:
@@ -163,6 +168,7 @@ class SendRate:
         self.throttles = 0  # every throttle seen
         self.decreases = 0  # those that lowered the rate
         self.estimate: float | None = None  # the tenant's rate, once two throttles told it
+        self._estimated_at = now  # when `estimate` was measured
         self._seq = 0
         self._in_flight: dict[int, float] = {}  # send times of requests not answered yet
         self._accepted_sends: list[float] = []  # send times of accepted requests, sorted
@@ -230,8 +236,9 @@ class SendRate:
             if sent_at >= self._rate_since:
                 self._decrease(now, measured, sent_at)
             elif measured is not None and self._bucket.rate > self.beta * measured:
-                self._w_max = measured  # a better measure within the grace: aim lower
-                self._set(self.beta * measured, now)
+                # A better measure within the grace: aim lower, on a curve drawn for it
+                # (the old curve, drawn from a higher rate, would start far below zero).
+                self._curve(measured, self.beta * measured, now)
             return
         if ok:
             self.accepted.record(now)
@@ -259,6 +266,7 @@ class SendRate:
             between = self._accepted_between(empty, sent_at)
             if between >= MIN_COUNT:
                 self.estimate = between / (sent_at - empty)
+                self._estimated_at = sent_at
                 return self.estimate
         return None
 
@@ -279,8 +287,13 @@ class SendRate:
                 w_max = min(w_max, self._bucket.rate / self.beta)  # never up on a throttle
             rate = self.beta * w_max
         elif self._enabled:
-            # A lone throttle: the rate sent at was a little too much.
+            # A lone throttle: the rate sent at was too much. Probing above a recent measure,
+            # the server's burst hid the overshoot until now: aim back at that measure
+            # (one cut, not two), unless it is old enough that the tenant may have changed.
             w_max = self._bucket.rate
+            estimate = self.estimate
+            if estimate is not None and sent_at - self._estimated_at <= ESTIMATE_AGE:
+                w_max = min(w_max, estimate)
             rate = self.beta * w_max
         else:
             # The first throttle, alone: the accepted rate so far is about what was sent,
@@ -289,15 +302,19 @@ class SendRate:
             # throttles come close enough together to measure the rate.
             w_max = self._offered(sent_at)
             rate = BLIND_BETA * w_max
+        self._curve(w_max, rate, now)
+        self._rate_since = now + min(GRACE / self._bucket.rate, MAX_GRACE)
+        self._enabled = True
+        self.decreases += 1
+
+    def _curve(self, w_max: float, rate: float, now: float) -> None:
+        """Set the rate to `rate` now, and the CUBIC curve back from it to `w_max`."""
         w_max = max(w_max, self.min_rate)
         self._w_max = w_max
         self._c = max(self.scale, RELATIVE_SCALE * w_max)
         self._k = (max(0.0, w_max - rate) / self._c) ** (1 / 3)
         self._last_decrease = now
         self._set(rate, now)
-        self._rate_since = now + min(GRACE / self._bucket.rate, MAX_GRACE)
-        self._enabled = True
-        self.decreases += 1
 
     def _grow(self, now: float) -> None:
         t = now - self._last_decrease - self._k

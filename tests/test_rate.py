@@ -157,6 +157,31 @@ def test_throttles_of_requests_sent_before_a_decrease_do_not_decrease_again() ->
     assert rate.throttles == 8
 
 
+def test_a_measure_within_the_grace_of_the_blind_cut_keeps_the_rate_near_it() -> None:
+    """After the blind first cut, a throttle that measures the tenant (sent within the grace)
+    lowers the rate to just below that measure, and the next answer keeps it there: the
+    rate does not fall to its floor for a curve drawn from the blind cut's far higher rate."""
+    clock = FakeClock()
+    rate = SendRate(adaptive=True, clock=clock)
+    for _ in range(30):  # a burst: 30 accepted in 30 ms
+        rate.feedback(rate.sent(), throttled=False, ok=True)
+        clock.advance(0.001)
+    first = rate.sent()  # the server's bucket is empty from here on
+    clock.advance(0.03)
+    accepted = [rate.sent() for _ in range(4)]  # what it accepts meanwhile: 4 in 55 ms
+    clock.advance(0.025)
+    second = rate.sent()
+    rate.feedback(first, throttled=True, ok=False)  # blind: a quarter of ~600/s
+    blind = rate.rate
+    rate.feedback(second, throttled=True, ok=False)  # still in the grace, but measured
+    assert rate.decreases == 1
+    assert rate.estimate == pytest.approx(4 / 0.055)
+    assert blind is not None and rate.rate is not None and rate.rate < blind
+    clock.advance(0.005)
+    rate.feedback(accepted[0], throttled=False, ok=True)
+    assert rate.rate == pytest.approx(0.8 * 4 / 0.055, rel=0.05)
+
+
 def test_a_run_of_throttles_measures_the_tenant_rate() -> None:
     """Accepted requests sent between throttled ones, over the time between, is the rate."""
     clock = FakeClock()
@@ -167,6 +192,33 @@ def test_a_run_of_throttles_measures_the_tenant_rate() -> None:
         clock.advance(0.005)
     assert rate.estimate == pytest.approx(50 / 0.5)
     assert rate.rate is not None and rate.rate <= rate.beta * 100.0 + 1e-9
+
+
+def _measured_then_probing(age: float) -> SendRate:
+    """A rate that measured the tenant at 100/s, then ran `age` s with every request accepted."""
+    clock = FakeClock()
+    rate = SendRate(adaptive=True, clock=clock, window=1.0)
+    for i in range(101):  # as above: the tenant's 100/s measured
+        rate.feedback(rate.sent(), throttled=i % 2 == 0, ok=i % 2 == 1)
+        clock.advance(0.005)
+    for _ in range(int(age / 0.005)):  # the curve climbs back, then probes above
+        rate.feedback(rate.sent(), throttled=False, ok=True)
+        clock.advance(0.005)
+    return rate
+
+
+@pytest.mark.parametrize(("age", "back_to_measure"), [(8.0, True), (12.0, False)])
+def test_a_lone_throttle_above_a_recent_measure_cuts_back_to_it(
+    age: float, back_to_measure: bool
+) -> None:
+    """Probing above a measured rate, a lone throttle (the server's burst hid the overshoot)
+    aims back at that measure in one cut; a measure 10 s old or more no longer caps the cut."""
+    rate = _measured_then_probing(age)
+    before = rate.rate
+    assert before is not None and before > 100.0 / 0.8  # well above the measure: one cut misses
+    rate.feedback(rate.sent(), throttled=True, ok=False)
+    expected = 0.8 * 100.0 if back_to_measure else 0.8 * before
+    assert rate.rate == pytest.approx(expected)
 
 
 def test_cubic_growth_returns_to_the_throttled_rate_then_probes_above() -> None:
