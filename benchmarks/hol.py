@@ -112,7 +112,7 @@ def run(cfg: Config) -> ScenarioResult:
                 for spec in (False, True):
                     s[(pages, spec)] = _small(sb, k, spec)
     table = Table(
-        f"search_chats() / raw retry loop, same run (k = {k}; loaded machine)",
+        f"search_chats() / raw retry loop, same run (k = {k})",
         [
             "condition",
             "client wall (s)",
