@@ -30,7 +30,6 @@ from ._transport import RawResponse, Transport
 
 log = logging.getLogger("imichat_async")
 
-OVERLOAD_STATUSES = frozenset({429, 503})  # what adaptive concurrency backs off on
 MAX_REFUSED_FRESH = 2  # tokens in a row refused before serving any page, before giving up
 
 
@@ -197,7 +196,7 @@ class PageFetcher:
         finally:
             # Overloaded (429/503), fine (< 500), or neither (5xx, no answer); throttled
             # (429, 503 + Retry-After) lowers a learned send rate.
-            overloaded = status in OVERLOAD_STATUSES
+            overloaded = status in protocol.OVERLOAD_STATUSES
             limiter.release(epoch, overloaded=overloaded, ok=0 < status < 500, throttled=throttled)
             hedger = self._hedger
             if hedger is not None:

@@ -206,6 +206,10 @@ def parse_retry_after(value: str | None) -> float | None:
     return min(seconds, MAX_RETRY_AFTER)
 
 
+#: HTTP statuses by which a server says it is overloaded: adaptive concurrency backs off.
+OVERLOAD_STATUSES = frozenset({429, 503})
+
+
 def is_throttle(http_status: int, headers: Mapping[str, str]) -> bool:
     """The server says "too fast": HTTP 429, or 503 with `Retry-After` (a gateway's rate limit).
 
@@ -213,7 +217,7 @@ def is_throttle(http_status: int, headers: Mapping[str, str]) -> bool:
     Nor does `Retry-After: 0`: a server that asks for the retry at once is not asking
     for a slower pace (a rate limiter names the wait until its next token).
     """
-    if http_status not in (429, 503):
+    if http_status not in OVERLOAD_STATUSES:
         return False
     retry_after = _header(headers, RETRY_AFTER_HEADER)
     if retry_after is None:

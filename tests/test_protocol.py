@@ -539,3 +539,8 @@ def test_is_loopback_host(host: str, loopback: bool) -> None:
 def test_is_throttle(status: int, headers: dict[str, str], throttle: bool) -> None:
     """A throttle: 429, or 503 with Retry-After (any case); not a bare 503 nor `Retry-After: 0`."""
     assert protocol.is_throttle(status, headers) is throttle
+
+
+def test_overload_statuses_are_429_and_503() -> None:
+    """The statuses adaptive concurrency backs off on: 429 and 503, nothing else."""
+    assert protocol.OVERLOAD_STATUSES == {429, 503}
