@@ -543,4 +543,4 @@ def test_is_throttle(status: int, headers: dict[str, str], throttle: bool) -> No
 
 def test_overload_statuses_are_429_and_503() -> None:
     """The statuses adaptive concurrency backs off on: 429 and 503, nothing else."""
-    assert protocol.OVERLOAD_STATUSES == {429, 503}
+    assert {429, 503} == protocol.OVERLOAD_STATUSES
