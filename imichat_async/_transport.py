@@ -23,6 +23,7 @@ from typing import Protocol, runtime_checkable
 
 import aiohttp
 import attrs
+from yarl import URL
 
 from ._errors import (
     ConfigurationError,
@@ -113,6 +114,7 @@ class AiohttpTransport:
         self._timeout = aiohttp.ClientTimeout(total=timeout)  # None: no limit
         self._max_bytes = max_response_bytes
         self._closed = False
+        self._base: tuple[str, URL] | None = None  # the last URL before its query, parsed
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._closed:
@@ -135,7 +137,7 @@ class AiohttpTransport:
         try:
             async with session.request(
                 request.method,
-                request.url,
+                self._url(request.url),
                 headers=request.headers,
                 data=request.body,
                 allow_redirects=False,  # a redirect would carry the bearer token elsewhere
@@ -153,6 +155,14 @@ class AiohttpTransport:
             raise _map_client_error(exc, request.page) from None
         return RawResponse(status, headers, body)
 
+    def _url(self, url: str) -> URL:
+        """`url` parsed, its part before `?` parsed once: only `?page=n` changes per request."""
+        base, sep, query = url.partition("?")
+        cached = self._base
+        if cached is None or cached[0] != base:
+            cached = self._base = (base, URL(base))
+        return cached[1].with_query(query) if sep else cached[1]
+
     async def _read(self, resp: aiohttp.ClientResponse, page: int) -> bytes:
         """The body, decompressed, counted as it streams in: never more than the cap in memory.
 
@@ -168,6 +178,8 @@ class AiohttpTransport:
                 http_status=resp.status,
                 page=page,
             )
+        if length is not None and not resp.headers.get("Content-Encoding"):
+            return await resp.read()  # identity, length known and within the cap
         chunks = bytearray()
         async for chunk in resp.content.iter_chunked(64 * 1024):
             chunks += chunk

@@ -30,6 +30,7 @@ from aioresponses import aioresponses
 import imichat_async as imi
 from imichat_async import _errors as e
 from imichat_async import sandbox
+from imichat_async._transport import AiohttpTransport
 from tests.helpers import assert_no_stray_tasks
 
 BASE = "https://acme.imi.chat/v3.0"
@@ -881,6 +882,40 @@ async def test_request_on_the_wire(local: Local) -> None:
                 {"param": "created_at", "operator": "gte", "value": "2024-04-30T22:00:00Z"},
             ],
         }
+
+
+async def test_each_request_goes_to_its_own_url(local: Local) -> None:
+    """The transport parses a URL's part before `?` once: pages and other URLs still go
+    exactly where their request says, a path that needs escaping escaped."""
+    seen: list[str] = []
+
+    async def route(request: web.Request) -> web.Response:
+        seen.append(request.raw_path)
+        return web.Response(body=b"{}")
+
+    local.route = route
+    root = local.base_url.removesuffix("/v3.0")
+    urls = [
+        f"{root}/a b/chats/search?page=1",
+        f"{root}/a b/chats/search?page=2",
+        f"{root}/other/chats/search?page=7",
+        f"{root}/other/chats/search",
+        f"{root}/a b/chats/search?page=3",
+    ]
+    transport = AiohttpTransport(connections=2, timeout=10.0)
+    try:
+        for n, url in enumerate(urls, 1):
+            raw = await transport.send(imi.PreparedRequest("POST", url, {}, b"{}", n))
+            assert (raw.status, raw.body) == (200, b"{}")
+    finally:
+        await transport.close()
+    assert seen == [
+        "/a%20b/chats/search?page=1",
+        "/a%20b/chats/search?page=2",
+        "/other/chats/search?page=7",
+        "/other/chats/search",
+        "/a%20b/chats/search?page=3",
+    ]
 
 
 async def test_https_to_a_plain_http_port_fails_at_once_naming_tls() -> None:
