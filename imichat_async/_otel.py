@@ -333,14 +333,15 @@ def search_scope(method: F) -> F:
 
 
 def attempt_scope(method: F) -> F:
-    """On `_attempt`: the HTTP spans it sent are ended with its classified outcome."""
+    """On `_attempt`: the HTTP spans it sent are ended with its classified outcome.
+
+    Outside a traced search the wrapper hands back the method's own coroutine: no
+    extra frame on the hot path.
+    """
     if not AVAILABLE:
         return method
 
-    @functools.wraps(method)
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if _SEARCH.get() is None:
-            return await method(*args, **kwargs)
+    async def traced(*args: Any, **kwargs: Any) -> Any:
         calls: list[_Call] = []
         token = _ATTEMPT.set(calls)
         try:
@@ -355,19 +356,24 @@ def attempt_scope(method: F) -> F:
             call.end(None)
         return result
 
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if _SEARCH.get() is None:
+            return method(*args, **kwargs)
+        return traced(*args, **kwargs)
+
     return cast(F, wrapper)
 
 
 def send_scope(method: F) -> F:
-    """On `_send(self, request)`: one HTTP span per request, current while it is sent."""
+    """On `_send(self, request)`: one HTTP span per request, current while it is sent.
+
+    Outside a traced search the wrapper hands back the method's own coroutine.
+    """
     if not AVAILABLE:
         return method
 
-    @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-        search = _SEARCH.get()
-        if search is None:
-            return await method(self, request, *args, **kwargs)
+    async def traced(search: _Search, self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
         call = search.begin(request.method, request.url, request.page)
         call_token = _CALL.set(call)
         ctx_token = otel_context.attach(trace.set_span_in_context(call.span))
@@ -386,6 +392,13 @@ def send_scope(method: F) -> F:
         else:
             pending.append(call)  # `_attempt` classifies the body, then ends it
         return raw
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        search = _SEARCH.get()
+        if search is None:
+            return method(self, request, *args, **kwargs)  # its own coroutine: no extra frame
+        return traced(search, self, request, *args, **kwargs)
 
     return cast(F, wrapper)
 
