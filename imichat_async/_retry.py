@@ -126,15 +126,27 @@ async def call_with_retries(retrying: tenacity.AsyncRetrying, fn: Callable[[], A
     """Run `fn`, retrying under a fresh copy of `retrying` (controllers keep per-call state).
 
     The first attempt runs outside tenacity, so the common case (success) costs
-    nothing; its failure is replayed to tenacity as attempt 1, so attempt
-    numbers, waits, stop and logging are exactly as if tenacity had run it.
+    nothing; a retryable failure goes on in `retry_after`.
     """
     try:
         return await fn()
     except Exception as exc:
         if not is_retryable(exc):
             raise
-        first: list[BaseException] = [exc]
+        failure = exc
+    return await retry_after(retrying, failure, fn)
+
+
+async def retry_after(
+    retrying: tenacity.AsyncRetrying, failure: Exception, fn: Callable[[], Awaitable[T]]
+) -> T:
+    """Go on after `fn`'s first attempt failed with the retryable `failure`.
+
+    The failure is replayed to a fresh copy of `retrying` as attempt 1, so
+    attempt numbers, waits, stop and logging are exactly as if tenacity had
+    run the first attempt too.
+    """
+    first: list[BaseException] = [failure]
 
     async def replay_then_call() -> T:
         if first:
