@@ -162,6 +162,7 @@ async def iterate_pages(
     if end is not None and end < start_page:
         return
     tasks: dict[int, asyncio.Task[Page[T]]] = {}  # launched, not yet handed out
+    alarm = _Alarm(asyncio.get_running_loop())  # wakes the consumer for a hedge decision
     spares: list[asyncio.Task[Page[T]]] = []  # hedge pairs, awaited at the end
     next_launch = start_page
 
@@ -194,7 +195,7 @@ async def iterate_pages(
                 if hedger.allowed() and stalled(number):
                     return await race(number, task)
                 left = delay / 2  # not now: look again a little later
-            await asyncio.wait((task,), timeout=left)
+            await alarm.wait(task, loop.time() + left)
             if task.done():
                 return task.result()
 
@@ -255,8 +256,64 @@ async def iterate_pages(
                 return
             current = await take(number)
     finally:
+        alarm.close()
         await _cancel_all([*tasks.values(), *spares])
         tasks.clear()
+
+
+class _Alarm:
+    """Wakes a waiter when its task is done or its deadline passes, whichever comes first.
+
+    What `asyncio.wait((task,), timeout=)` does, without arming and cancelling
+    a timer per call: the consumer waits on its head page once a page. One
+    timer stays armed; a wait whose deadline is later lets it ring early, and
+    it then re-arms itself for the deadline pending (if anyone still waits).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._handle: asyncio.TimerHandle | None = None
+        self._armed_at = 0.0
+        self._waiter: asyncio.Future[None] | None = None
+        self._deadline = 0.0
+
+    async def wait(self, task: asyncio.Future[T], deadline: float) -> None:
+        """Return when `task` is done or the loop's clock reaches `deadline`."""
+        waiter = self._loop.create_future()
+        self._waiter, self._deadline = waiter, deadline
+        if self._handle is None or self._armed_at > deadline:
+            if self._handle is not None:
+                self._handle.cancel()
+            self._arm(deadline)
+        task.add_done_callback(self._done)
+        try:
+            await waiter
+        finally:
+            task.remove_done_callback(self._done)
+            self._waiter = None
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _arm(self, at: float) -> None:
+        self._armed_at = at
+        self._handle = self._loop.call_at(at, self._ring)
+
+    def _done(self, _: object) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _ring(self) -> None:
+        self._handle = None
+        if self._waiter is None:
+            return  # nobody waits: the next wait arms it again
+        if self._loop.time() >= self._deadline:
+            self._done(None)
+        else:
+            self._arm(self._deadline)
 
 
 def _reaped(task: asyncio.Task[T]) -> bool:

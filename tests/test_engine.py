@@ -21,7 +21,7 @@ import pytest
 import imichat_async as imi
 from imichat_async import _protocol as protocol
 from imichat_async._limiter import Limiter
-from imichat_async._paging import Hedger, Page, PagingStats, iterate_pages
+from imichat_async._paging import Hedger, Page, PagingStats, _Alarm, iterate_pages
 from imichat_async._transport import RawResponse
 from tests.helpers import assert_no_stray_tasks
 
@@ -723,3 +723,40 @@ async def _count_pages(pages: Any) -> int:
         async for page in it:
             n += len(page.items)
     return n
+
+
+async def test_alarm_wakes_at_the_task_or_the_deadline_whichever_first() -> None:
+    """The head-page wait of the hedging path: done task first, or deadline first; a later
+    wait re-arms the one timer, an earlier deadline replaces it, close leaves no timer."""
+    loop = asyncio.get_running_loop()
+    alarm = _Alarm(loop)
+    never: asyncio.Future[None] = loop.create_future()
+
+    # The deadline comes first: the wait returns with the task still pending.
+    await alarm.wait(never, loop.time() + 0.01)
+    assert not never.done()
+
+    # A done task returns at once, leaving the timer armed 10 ms ahead; a wait with a far
+    # deadline lets it ring then without waking, and returns when its own task is done.
+    done = loop.create_future()
+    done.set_result(None)
+    await alarm.wait(done, loop.time() + 0.01)
+    soon = loop.create_future()
+    loop.call_later(0.05, soon.set_result, None)
+    await alarm.wait(soon, loop.time() + 3600)
+    assert soon.done()
+    assert not soon._callbacks  # type: ignore[attr-defined]  # its wake-up was removed
+
+    # The timer still armed for an hour must not delay an earlier deadline.
+    await asyncio.wait_for(alarm.wait(never, loop.time() + 0.01), timeout=5)
+    assert not never.done()
+
+    # A wait cancelled leaves nothing behind; close cancels the armed timer.
+    waiting = asyncio.ensure_future(alarm.wait(never, loop.time() + 3600))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert not never._callbacks  # type: ignore[attr-defined]
+    alarm.close()
+    assert alarm._handle is None
