@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
+from itertools import repeat
 from typing import Any
 
 import attrs
@@ -291,7 +292,7 @@ def parse_response(
         records = doc.get("response")
         if records is None:
             records = []
-        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        if not isinstance(records, list) or not all(map(isinstance, records, repeat(dict))):
             raise e.UnexpectedResponseError(
                 "response is not a list of chat objects",
                 status_code=SUCCESS_CODE,
