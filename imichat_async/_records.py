@@ -143,6 +143,13 @@ def _optional_str(value: Any, _: Any) -> str | None:
     raise TypeError(f"expected a string, got {type(value).__name__}")
 
 
+def _asset_name(value: Any, _: Any) -> str | None:
+    """cattrs' own rule for `str | None` (None stays, anything else through `str`), one call."""
+    if value.__class__ is str or value is None:
+        return value
+    return str(value)
+
+
 def _asset_id(value: Any, _: Any) -> int | str | None:
     if value is None or isinstance(value, str):
         return value
@@ -175,21 +182,48 @@ def _details(value: Any, _: Any) -> Mapping[str, Any]:
     return value
 
 
-def _asset(converter: cattrs.Converter) -> Any:
-    structure_asset = make_dict_structure_fn(
-        Asset, converter, id=override(struct_hook=_asset_id), _cattrs_forbid_extra_keys=False
-    )
+#: Classes of an asset's `id` and `name` whose decoded `Asset` is kept for reuse: no two
+#: values of them compare equal across classes (unlike 1, 1.0 and True).
+_MEMO_CLASSES = frozenset({int, str, type(None)})
+ASSET_MEMO_SIZE = 1024  # assets kept per converter; a tenant has a few dozen
 
-    def structure(value: Any, _: Any) -> Asset | None:
+
+class _AssetHook:
+    """The `asset` hook (`structure`): cattrs' generated `Asset` function, its results reused.
+
+    A tenant's chats come from a few dozen channel assets, so most records
+    carry an asset object already decoded on an earlier one: the same frozen
+    `Asset` (built by cattrs from an equal `id` and `name`) is handed back.
+    At most `ASSET_MEMO_SIZE` are kept.
+    """
+
+    def __init__(self, converter: cattrs.Converter) -> None:
+        self.structure_asset = make_dict_structure_fn(
+            Asset,
+            converter,
+            id=override(struct_hook=_asset_id),
+            name=override(struct_hook=_asset_name),
+            _cattrs_forbid_extra_keys=False,
+        )
+        self.built: dict[tuple[Any, Any], Asset] = {}
+
+    def structure(self, value: Any, _: Any) -> Asset | None:
         if value.__class__ is dict:  # the common case first
-            return structure_asset(value, Asset)
+            key = (value.get("id"), value.get("name"))
+            if key[0].__class__ not in _MEMO_CLASSES or key[1].__class__ not in _MEMO_CLASSES:
+                return self.structure_asset(value, Asset)
+            asset = self.built.get(key)
+            if asset is None:
+                asset = self.structure_asset(value, Asset)
+                if len(self.built) >= ASSET_MEMO_SIZE:
+                    self.built.clear()
+                self.built[key] = asset
+            return asset
         if value is None:
             return None
         if not isinstance(value, dict):
             raise TypeError(f"expected a JSON object, got {type(value).__name__}")
-        return structure_asset(value, Asset)
-
-    return structure
+        return self.structure_asset(value, Asset)
 
 
 def make_converter(*, detailed_validation: bool = True) -> cattrs.Converter:
@@ -227,7 +261,7 @@ def make_converter(*, detailed_validation: bool = True) -> cattrs.Converter:
         updated_at=override(struct_hook=_datetime),
         status=override(struct_hook=_open_enum(ChatStatus)),
         channel=override(struct_hook=_open_enum(Channel)),
-        asset=override(struct_hook=_asset(conv)),
+        asset=override(struct_hook=_AssetHook(conv).structure),
         customer_id=str_hook,
         destination_id=str_hook,
         assignee=str_hook,

@@ -506,6 +506,9 @@ ONE_FIELD_CASES: list[tuple[str, Any, Any]] = [
     ("asset", {}, Asset(None, None)),
     ("asset", None, None),
     ("asset", [1, 2], _DECODE_ERROR),
+    ("asset", {"id": 7, "name": None}, Asset(7, None)),
+    ("asset", {"id": 7, "name": 42}, Asset(7, "42")),  # cattrs' rule for str: str(value)
+    ("asset", {"id": 7, "name": True}, Asset(7, "True")),
     ("tag", ["a", None], _DECODE_ERROR),
     ("tag", "vip", ["vip"]),
     ("tag", None, []),

@@ -12,6 +12,7 @@ import cattrs
 import pytest
 
 import imichat_async as imi
+from imichat_async import _records
 from imichat_async._errors import DecodeError
 from imichat_async._records import decode_chat, decode_page, parse_utc
 
@@ -96,6 +97,33 @@ def test_asset_quirks_from_sample(page: dict[str, imi.Chat]) -> None:
 def test_asset_without_fields() -> None:
     """An empty asset object decodes to Asset(None, None)."""
     assert chat(asset={}).asset == imi.Asset(None, None)
+
+
+def test_equal_assets_share_one_record_and_never_mix_up_kinds() -> None:
+    """Chats of one asset share one frozen `Asset`; an id of another kind (1, "1", True,
+    1.0) is never handed the record of an equal-comparing one, and the memo stays bounded."""
+    raws = [
+        {"chat_id": "a", "asset": {"id": 1, "name": "x"}},
+        {"chat_id": "b", "asset": {"id": 1, "name": "x", "region": "eu"}},
+        {"chat_id": "c", "asset": {"id": "1", "name": "x"}},
+        {"chat_id": "d", "asset": {"id": 1, "name": None}},
+        {"chat_id": "e", "asset": {"id": 1}},
+    ]
+    a, b, c, d, e = (x.asset for x in decode_page(raws))
+    assert a is b and a == imi.Asset(1, "x")
+    assert c == imi.Asset("1", "x")
+    assert c is not None and type(c.id) is str
+    assert d is e and d == imi.Asset(1, None)
+    for bad in (True, 1.0):
+        with pytest.raises(DecodeError, match=r"asset\.id"):
+            decode_page([*raws, {"chat_id": "f", "asset": {"id": bad, "name": "x"}}])
+    named = decode_chat({"chat_id": "g", "asset": {"id": 1, "name": 1}}).asset
+    assert named == imi.Asset(1, "1")  # a name of another kind goes through cattrs' str rule
+
+    hook = _records._structure_chat.overrides["asset"].struct_hook.__self__
+    decode_page([{"chat_id": str(i), "asset": {"id": i}} for i in range(3000)])
+    assert 0 < len(hook.built) <= 1024
+    assert decode_chat({"chat_id": "h", "asset": {"id": 5}}).asset == imi.Asset(5, None)
 
 
 # -- optional fields --------------------------------------------------------------------
