@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
+from itertools import repeat
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -83,6 +84,9 @@ class Chat:
 
 
 E = TypeVar("E", bound=enum.Enum)
+_UTC = timezone.utc
+_fromisoformat = datetime.fromisoformat
+_STR = repeat(str)  # isinstance's second argument, for map() over a list of tags
 
 
 def parse_utc(value: str) -> datetime:
@@ -120,10 +124,10 @@ def _open_enum(cls: type[E]) -> Any:
 def _datetime(value: Any, _: Any) -> datetime | None:
     if value.__class__ is str:  # the common case inlined: `...Z` read by 3.11's fromisoformat
         try:
-            parsed = datetime.fromisoformat(value)
+            parsed = _fromisoformat(value)
         except ValueError:
             return parse_utc(value)
-        if parsed.tzinfo is timezone.utc:
+        if parsed.tzinfo is _UTC:
             return parsed
         return parse_utc(value)
     if value is None:
@@ -159,8 +163,8 @@ def _asset_id(value: Any, _: Any) -> int | str | None:
 
 
 def _tags(value: Any, _: Any) -> list[str]:
-    if value.__class__ is list and all(t.__class__ is str for t in value):
-        return value  # the common case first
+    if value.__class__ is list and all(map(isinstance, value, _STR)):
+        return value  # the common case first, checked in C
     if value is None:
         return []
     if isinstance(value, str):
