@@ -320,6 +320,7 @@ def _profile_tables(prof: cProfile.Profile, top: int = 15) -> list[Table]:
 
 def cpu_throughput(cfg: Config) -> ScenarioResult:
     n, k = cfg.s2_chats, cfg.s2_k
+    runs_n = max(cfg.runs, cfg.s2_runs)
     res = ScenarioResult(
         2,
         "CPU-bound throughput",
@@ -328,7 +329,9 @@ def cpu_throughput(cfg: Config) -> ScenarioResult:
         "run; the sandbox runs in another process on the other core. The raw floor is "
         f"aiohttp + `json.loads` with {k} worker coroutines keeping {k} requests in flight "
         "(no decoding, no ordering); baseline 1 (sequential) is shown for reference. "
-        f"{cfg.runs} repetitions, variants back to back.",
+        f"{runs_n} repetitions, variants back to back, in reverse order every other "
+        "repetition (so a drift in the machine's speed favours none); each ratio is taken "
+        "within one repetition.",
     )
     variants: list[tuple[str, Callable[[SandboxProcess], tuple[int, float, float]]]] = [
         ("raw floor: aiohttp + json.loads, k workers", lambda sb: _base(measure.workers(sb, k))),
@@ -339,9 +342,9 @@ def cpu_throughput(cfg: Config) -> ScenarioResult:
     runs: list[dict[str, Any]] = []
     with SandboxProcess(n) as sb:
         _base(measure.workers(sb, k))  # warm-up: the sandbox's page cache, the allocator
-        for _ in range(cfg.runs):
+        for rep in range(runs_n):
             run: dict[str, Any] = {}
-            for name, fn in variants:
+            for name, fn in variants if rep % 2 == 0 else variants[::-1]:
                 records_, wall, cpu = fn(sb)
                 measure.check(name, records_, n)
                 run[name] = (wall, cpu, cpu / records_)
@@ -355,7 +358,7 @@ def cpu_throughput(cfg: Config) -> ScenarioResult:
 
     floor = variants[0][0]
     table = Table(
-        f"CPU per record (N = {n}, L = 0, k = {k}; median (min-max) of {cfg.runs})",
+        f"CPU per record (N = {n}, L = 0, k = {k}; median (min-max) of {runs_n})",
         ["variant", "records/s (wall)", "CPU µs / record", "CPU / record vs raw floor"],
     )
     for name, _ in variants:
