@@ -71,6 +71,7 @@ class Limiter:
         self.adaptive = adaptive
         self.min_limit = max(1, min(min_limit, limit))
         self._limit = float(limit)
+        self._slots = limit  # int(self._limit), at least min_limit: read on every acquire
         self._in_flight = 0
         self.peak = 0
         self.decreases = 0
@@ -96,7 +97,7 @@ class Limiter:
     @property
     def limit(self) -> int:
         """Slots currently allowed (below `max_limit` while adapting down)."""
-        return max(self.min_limit, int(self._limit))
+        return self._slots
 
     def __repr__(self) -> str:
         return f"<Limiter in_flight={self._in_flight} limit={self.limit}/{self.max_limit}>"
@@ -109,7 +110,7 @@ class Limiter:
         no rank: first come). The ticket is the epoch (adaptive concurrency), or
         with a learned send rate the rate's ticket (see `SendRate.feedback`).
         """
-        if not self._turns and self._in_flight < self.limit and self._token():
+        if not self._turns and self._in_flight < self._slots and self._token():
             self._take()
             return self._ticket()
         loop = asyncio.get_running_loop()
@@ -121,7 +122,8 @@ class Limiter:
             queue = self._queues[group] = []
             self._turns.append(group)
         heapq.heappush(queue, entry)
-        self._wake()  # a slot may be free, the token not yet: someone must keep time
+        if self.rate is not None or self._in_flight < self._slots:
+            self._wake()  # a slot may be free, the token not yet: someone must keep time
         try:
             while not waiter.granted:
                 delay = await waiter.fut
@@ -176,12 +178,18 @@ class Limiter:
             if overloaded:
                 # One halving per epoch; an overload is never counted as a success.
                 if epoch == self._epoch:
-                    self._limit = max(float(self.min_limit), self._limit / 2)
+                    self._set_limit(max(float(self.min_limit), self._limit / 2))
                     self._epoch += 1
                     self.decreases += 1
-            elif ok:
-                self._limit = min(float(self.max_limit), self._limit + 1.0 / max(1.0, self._limit))
+            elif ok and self._limit < self.max_limit:
+                self._set_limit(
+                    min(float(self.max_limit), self._limit + 1.0 / max(1.0, self._limit))
+                )
         self._wake()
+
+    def _set_limit(self, limit: float) -> None:
+        self._limit = limit
+        self._slots = max(self.min_limit, int(limit))
 
     def _wake(self) -> None:
         """Grant the free slots to the first in line while the rate has tokens.
@@ -190,7 +198,7 @@ class Limiter:
         one): it sleeps until the token is due and calls this again.
         """
         rate = self.rate
-        while self._turns and self._in_flight < self.limit:
+        while self._turns and self._in_flight < self._slots:
             if rate is not None:
                 wait = rate.delay()
                 if wait > 0:
