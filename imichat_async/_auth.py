@@ -69,6 +69,13 @@ class TokenProvider:
         """True when `token` served a page before it expired (a normal expiry)."""
         return token in self._served
 
+    def ready(self) -> str | None:
+        """The token `get()` would return at once, without awaiting; None: await `get()`."""
+        token = self._token
+        if token is None or token == self._dead or self._lock.locked():
+            return None
+        return token
+
     async def get(self) -> str:
         """The current token, fetching the first one if needed.
 

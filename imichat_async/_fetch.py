@@ -117,7 +117,7 @@ class PageFetcher:
         refreshes = 0  # bounded, so a page can't cycle through tokens forever
         refused = 0  # tokens in a row that expired before they ever served a page
         while True:
-            token = await self._auth.get()
+            token = self._auth.ready() or await self._auth.get()
             try:
                 failure: Exception | None = None
                 try:  # the first attempt directly: the common case pays for no retry machinery

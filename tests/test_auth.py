@@ -203,6 +203,31 @@ async def test_same_token_again_fails_after_one_refresh() -> None:
     assert len(calls) == 2
 
 
+async def test_ready_is_the_token_get_would_return_at_once() -> None:
+    """`ready()`, the hot path's shortcut: None until the first token, None while a refresh
+    runs or when the token is known dead (then `get()` must be awaited), else the token."""
+    source = Source()
+    provider = TokenProvider(source)
+    assert provider.ready() is None
+    first = await provider.get()
+    assert provider.ready() == first
+    refreshing = asyncio.ensure_future(provider.refresh(first))
+    await asyncio.sleep(0)  # the refresh holds the lock, the callable not yet done
+    assert provider.ready() is None
+    second = await refreshing
+    assert second != first and provider.ready() == second
+
+    async def same() -> str:
+        return SECRET
+
+    dead = TokenProvider(same)
+    stale = await dead.get()
+    with pytest.raises(TokenExpiredError):
+        await dead.refresh(stale)
+    assert dead.ready() is None  # get() raises for it, saying so
+    assert TokenProvider(SECRET).ready() == SECRET
+
+
 # -- what the client's refresh budget relies on ------------------------------------------
 
 
