@@ -122,8 +122,7 @@ class Limiter:
             queue = self._queues[group] = []
             self._turns.append(group)
         heapq.heappush(queue, entry)
-        if self.rate is not None or self._in_flight < self._slots:
-            self._wake()  # a slot may be free, the token not yet: someone must keep time
+        self._wake()  # a slot may be free, the token not yet: someone must keep time
         try:
             while not waiter.granted:
                 delay = await waiter.fut
@@ -181,7 +180,7 @@ class Limiter:
                     self._set_limit(max(float(self.min_limit), self._limit / 2))
                     self._epoch += 1
                     self.decreases += 1
-            elif ok and self._limit < self.max_limit:
+            elif ok:
                 self._set_limit(
                     min(float(self.max_limit), self._limit + 1.0 / max(1.0, self._limit))
                 )

@@ -277,6 +277,20 @@ async def test_fixed_rate_limit_paces_through_the_token_bucket() -> None:
     assert limiter.rate is not None and limiter.rate.rate == 10.0
 
 
+async def test_a_fast_rate_is_kept_to_its_own_pace() -> None:
+    """`rate_limit=100`: a token every 10 ms, so 21 requests span 0.18 s of the (fake) clock
+    (a 3-token bucket at this rate); the keeper sleeps until the token is due, not a fixed
+    tick of 50 ms."""
+    t = FakeTime()
+    limiter = Limiter(4, send_rate=SendRate(100.0, clock=t), sleep=t.sleep)
+    starts: list[float] = []
+    for _ in range(21):
+        epoch = await limiter.acquire()
+        starts.append(t.now)
+        limiter.release(epoch)
+    assert starts[-1] - starts[0] == pytest.approx((21 - 3) / 100)
+
+
 async def test_waiting_for_the_rate_holds_no_slot() -> None:
     """A request waiting for a token holds no slot; the one holding a slot is unaffected."""
     t = FakeTime()
