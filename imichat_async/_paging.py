@@ -272,48 +272,46 @@ class _Alarm:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._handle: asyncio.TimerHandle | None = None
-        self._armed_at = 0.0
-        self._waiter: asyncio.Future[None] | None = None
-        self._deadline = 0.0
+        self._timer: tuple[float, asyncio.TimerHandle] | None = None  # (when, handle)
+        self._waiting: tuple[asyncio.Future[None], float] | None = None  # (waiter, deadline)
 
     async def wait(self, task: asyncio.Future[T], deadline: float) -> None:
         """Return when `task` is done or the loop's clock reaches `deadline`."""
         waiter = self._loop.create_future()
-        self._waiter, self._deadline = waiter, deadline
-        if self._handle is None or self._armed_at > deadline:
-            if self._handle is not None:
-                self._handle.cancel()
+        self._waiting = (waiter, deadline)
+        if self._timer is None or self._timer[0] > deadline:
+            self.close()
             self._arm(deadline)
         task.add_done_callback(self._done)
         try:
             await waiter
         finally:
             task.remove_done_callback(self._done)
-            self._waiter = None
+            self._waiting = None
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        """Cancel the armed timer, if any."""
+        if self._timer is not None:
+            self._timer[1].cancel()
+            self._timer = None
 
     def _arm(self, at: float) -> None:
-        self._armed_at = at
-        self._handle = self._loop.call_at(at, self._ring)
+        self._timer = (at, self._loop.call_at(at, self._ring))
 
-    def _done(self, _: object) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    def _done(self, _: object = None) -> None:
+        if self._waiting is not None:
+            waiter = self._waiting[0]
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _ring(self) -> None:
-        self._handle = None
-        if self._waiter is None:
-            return  # nobody waits: the next wait arms it again
-        if self._loop.time() >= self._deadline:
-            self._done(None)
-        else:
-            self._arm(self._deadline)
+        self._timer = None
+        if self._waiting is not None:
+            deadline = self._waiting[1]
+            if self._loop.time() >= deadline:
+                self._done()
+            else:
+                self._arm(deadline)
 
 
 def _reaped(task: asyncio.Task[T]) -> bool:

@@ -76,6 +76,10 @@ EQUIVALENT: dict[str, dict[str, str]] = {
         ),
     },
     "paging": {
+        "_Alarm.wait: self._timer[0] > deadline -> self._timer[0] >= deadline": (
+            "a timer armed for exactly the new deadline is replaced by one for the same"
+            " instant: it rings at the same time either way"
+        ),
         "<module>: 'T' -> ''": "a TypeVar's name matters to type checkers only",
         "Hedger.__init__: 0 -> 1": (
             "`_seen` is only ever compared as `_seen - _computed_at`, and `_computed_at` is set"

@@ -725,6 +725,16 @@ async def _count_pages(pages: Any) -> int:
     return n
 
 
+def alarm_timers(loop: asyncio.AbstractEventLoop) -> int:
+    """Timers of an `_Alarm` still scheduled on `loop` (not cancelled)."""
+    scheduled = loop._scheduled  # type: ignore[attr-defined]
+    return sum(
+        1
+        for handle in scheduled
+        if not handle.cancelled() and getattr(handle._callback, "__func__", None) is _Alarm._ring
+    )
+
+
 async def test_alarm_wakes_at_the_task_or_the_deadline_whichever_first() -> None:
     """The head-page wait of the hedging path: done task first, or deadline first; a later
     wait re-arms the one timer, an earlier deadline replaces it, close leaves no timer."""
@@ -746,10 +756,19 @@ async def test_alarm_wakes_at_the_task_or_the_deadline_whichever_first() -> None
     await alarm.wait(soon, loop.time() + 3600)
     assert soon.done()
     assert not soon._callbacks  # type: ignore[attr-defined]  # its wake-up was removed
+    assert alarm_timers(loop) == 1  # re-armed for the hour, once
 
-    # The timer still armed for an hour must not delay an earlier deadline.
+    # The timer armed for an hour must not delay an earlier deadline, and is replaced.
     await asyncio.wait_for(alarm.wait(never, loop.time() + 0.01), timeout=5)
     assert not never.done()
+    assert alarm_timers(loop) == 0  # the hour's timer was cancelled, the new one rang
+
+    # Woken twice in one turn (task done and deadline together): once, no error.
+    waiting = asyncio.ensure_future(alarm.wait(never, loop.time() + 3600))
+    await asyncio.sleep(0)
+    alarm._done()
+    alarm._done()
+    await waiting
 
     # A wait cancelled leaves nothing behind; close cancels the armed timer.
     waiting = asyncio.ensure_future(alarm.wait(never, loop.time() + 3600))
@@ -758,5 +777,23 @@ async def test_alarm_wakes_at_the_task_or_the_deadline_whichever_first() -> None
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert not never._callbacks  # type: ignore[attr-defined]
+    assert alarm_timers(loop) == 1
     alarm.close()
-    assert alarm._handle is None
+    assert alarm_timers(loop) == 0
+
+
+async def test_a_hedging_search_leaves_no_timer_behind() -> None:
+    """The alarm of a search that waited on its head is closed with the search."""
+    loop = asyncio.get_running_loop()
+    limiter = Limiter(4)
+    fetcher = Fetcher(100, limiter, hold={3})
+    stats = PagingStats()
+    async with aclosing(run(fetcher, 8, stats, hedger=hedger(delay=3600))) as it:
+        assert [(await anext(it)).number for _ in range(2)] == [1, 2]
+        head = asyncio.ensure_future(anext(it))  # page 3 is held: the consumer waits on it
+        await spin(10)
+        assert alarm_timers(loop) == 1
+        fetcher.release(3)
+        assert (await head).number == 3
+    assert alarm_timers(loop) == 0
+    await assert_no_stray_tasks()
