@@ -23,7 +23,7 @@ import imichat_async as imi
 from imichat_async import _errors as errors
 from imichat_async import _protocol as protocol
 from imichat_async._query import Filter, Query, build_query
-from imichat_async._records import Asset, Chat, decode_chat, decode_page, parse_utc
+from imichat_async._records import CONVERTER, Asset, Chat, decode_chat, decode_page, parse_utc
 
 SETTINGS = settings(
     max_examples=250,
@@ -287,6 +287,30 @@ def test_decode_page_returns_chats_in_order_or_raises_decode_error(raws: list[An
     for chat, raw in zip(chats, raws, strict=True):
         _assert_well_formed(chat)
         assert chat == decode_chat(raw)
+
+
+@SETTINGS
+@given(raws=st.lists(mutated_chats(), max_size=10))
+def test_every_fast_path_decodes_as_the_converter_does(raws: list[dict[str, Any]]) -> None:
+    """The client's hooks (every key present; keys missing) give exactly the record the
+    library's converter gives from the same rules, whatever keys a page's records lack."""
+    expected: list[Chat | type[Exception]] = []
+    for raw in raws:
+        try:
+            expected.append(CONVERTER.structure(raw, Chat))
+        except Exception:
+            expected.append(imi.DecodeError)
+    for i, raw in enumerate(raws):
+        if expected[i] is imi.DecodeError:
+            with pytest.raises(imi.DecodeError):
+                decode_chat(raw)
+        else:
+            assert decode_chat(raw) == expected[i]
+    if imi.DecodeError in expected:
+        with pytest.raises(imi.DecodeError):
+            decode_page(raws)
+    else:
+        assert decode_page(raws) == expected
 
 
 @SETTINGS
