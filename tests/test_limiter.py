@@ -264,31 +264,24 @@ class FakeTime:
         await asyncio.sleep(0)
 
 
-async def test_fixed_rate_limit_paces_through_the_token_bucket() -> None:
-    """`rate_limit=10`: 21 requests span 1.98 s of the (fake) clock (a 1.2-token bucket)."""
+@pytest.mark.parametrize(
+    ("rate", "span"),
+    [
+        (10.0, (21 - 1.2) / 10),  # a 1.2-token bucket at this rate; the keeper ticks 50 ms
+        (100.0, (21 - 3) / 100),  # a 3-token bucket; the keeper sleeps until the token, 10 ms
+    ],
+)
+async def test_fixed_rate_limit_paces_through_the_token_bucket(rate: float, span: float) -> None:
+    """`rate_limit=R`: 21 requests span (21 - bucket) / R s of the (fake) clock."""
     t = FakeTime()
-    limiter = Limiter(4, send_rate=SendRate(10.0, clock=t), sleep=t.sleep)
+    limiter = Limiter(4, send_rate=SendRate(rate, clock=t), sleep=t.sleep)
     starts: list[float] = []
     for _ in range(21):
         epoch = await limiter.acquire()
         starts.append(t.now)
         limiter.release(epoch)
-    assert starts[-1] - starts[0] == pytest.approx((21 - 1.2) / 10)
-    assert limiter.rate is not None and limiter.rate.rate == 10.0
-
-
-async def test_a_fast_rate_is_kept_to_its_own_pace() -> None:
-    """`rate_limit=100`: a token every 10 ms, so 21 requests span 0.18 s of the (fake) clock
-    (a 3-token bucket at this rate); the keeper sleeps until the token is due, not a fixed
-    tick of 50 ms."""
-    t = FakeTime()
-    limiter = Limiter(4, send_rate=SendRate(100.0, clock=t), sleep=t.sleep)
-    starts: list[float] = []
-    for _ in range(21):
-        epoch = await limiter.acquire()
-        starts.append(t.now)
-        limiter.release(epoch)
-    assert starts[-1] - starts[0] == pytest.approx((21 - 3) / 100)
+    assert starts[-1] - starts[0] == pytest.approx(span)
+    assert limiter.rate is not None and limiter.rate.rate == rate
 
 
 async def test_waiting_for_the_rate_holds_no_slot() -> None:
