@@ -11,7 +11,6 @@ gives the paging engine its `fetch(n)`.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -25,7 +24,7 @@ from ._auth import STATIC_TOKEN_EXPIRED, TokenProvider, TokenSource
 from ._errors import ApiError, ImiChatError, SearchTimeoutError, TokenExpiredError
 from ._limiter import Limiter
 from ._paging import Hedger, Page
-from ._retry import RetryPolicy, is_retryable, make_retrying, retry_after
+from ._retry import RetryPolicy, call_with_retries, make_retrying
 from ._transport import RawResponse, Transport
 
 log = logging.getLogger("imichat_async")
@@ -119,17 +118,9 @@ class PageFetcher:
         while True:
             token = self._auth.ready() or await self._auth.get()
             try:
-                failure: Exception | None = None
-                try:  # the first attempt directly: the common case pays for no retry machinery
-                    data = await self._attempt(body, page, token, search)
-                except Exception as exc:
-                    if not is_retryable(exc):
-                        raise
-                    failure = exc
-                if failure is not None:  # outside the except: no chained context
-                    again = functools.partial(self._attempt, body, page, token, search)
-                    data = await retry_after(self._retrying, failure, again)
-                    failure = None
+                data = await call_with_retries(
+                    self._retrying, self._attempt, body, page, token, search
+                )
             except TokenExpiredError as exc:
                 if not self._auth.refreshable:
                     raise TokenExpiredError(

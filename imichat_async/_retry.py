@@ -122,36 +122,27 @@ def make_retrying(
     )
 
 
-async def call_with_retries(retrying: tenacity.AsyncRetrying, fn: Callable[[], Awaitable[T]]) -> T:
-    """Run `fn`, retrying under a fresh copy of `retrying` (controllers keep per-call state).
+async def call_with_retries(
+    retrying: tenacity.AsyncRetrying, fn: Callable[..., Awaitable[T]], *args: Any
+) -> T:
+    """Run `fn(*args)`, retrying under a fresh copy of `retrying` (controllers keep per-call
+    state).
 
     The first attempt runs outside tenacity, so the common case (success) costs
-    nothing; a retryable failure goes on in `retry_after`.
+    nothing; its failure is replayed to tenacity as attempt 1, so attempt
+    numbers, waits, stop and logging are exactly as if tenacity had run it.
     """
     try:
-        return await fn()
+        return await fn(*args)
     except Exception as exc:
         if not is_retryable(exc):
             raise
-        failure = exc
-    return await retry_after(retrying, failure, fn)
-
-
-async def retry_after(
-    retrying: tenacity.AsyncRetrying, failure: Exception, fn: Callable[[], Awaitable[T]]
-) -> T:
-    """Go on after `fn`'s first attempt failed with the retryable `failure`.
-
-    The failure is replayed to a fresh copy of `retrying` as attempt 1, so
-    attempt numbers, waits, stop and logging are exactly as if tenacity had
-    run the first attempt too.
-    """
-    first: list[BaseException] = [failure]
+        first: list[BaseException] = [exc]
 
     async def replay_then_call() -> T:
         if first:
             raise first.pop()
-        return await fn()
+        return await fn(*args)
 
     result: T = await retrying.copy()(replay_then_call)
     return result

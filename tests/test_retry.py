@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
@@ -108,6 +109,25 @@ async def test_attempts_are_max_retries_plus_one(max_retries: int) -> None:
         await call_with_retries(retrying, fn)
     assert fn.calls == max_retries + 1
     assert waits == [1.5] * max_retries
+
+
+async def test_every_attempt_gets_the_arguments() -> None:
+    """`call_with_retries(retrying, fn, *args)`: the first attempt and each retry call
+    `fn(*args)` (the client passes its attempt's body, page, token and search so)."""
+    calls: list[tuple[Any, ...]] = []
+
+    async def attempt(*args: Any) -> str:
+        calls.append(args)
+        if len(calls) < 3:
+            raise transient()
+        return "ok"
+
+    async def sleep(_: float) -> None:
+        return None
+
+    retrying = make_retrying(RetryPolicy(max_retries=5), sleep=sleep)
+    assert await call_with_retries(retrying, attempt, b"{}", 7, "tok") == "ok"
+    assert calls == [(b"{}", 7, "tok")] * 3
 
 
 async def test_recovers_and_reports_each_retry() -> None:
