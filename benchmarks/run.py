@@ -1,9 +1,9 @@
 """The benchmark runner: `python -m benchmarks [--quick] [--out DIR] [--runs N] [--only 1,2]`.
 
 Also runs as a script, `python benchmarks/run.py ...`. A full run writes
-`benchmarks/RESULTS.md` and the PNG plots beside it; `--quick` (under a minute,
-one run, small sizes) writes to a new temporary directory unless `--out` is
-given, so it never overwrites the committed results.
+`benchmarks/RESULTS.md` and the PNG plots beside it. `--quick` (under a minute,
+one run, small sizes) and `--only` (some scenarios) write to a new temporary
+directory unless `--out` is given, so they never overwrite the committed results.
 """
 
 from __future__ import annotations
@@ -46,6 +46,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def output_dir(out: Path | None, *, quick: bool, partial: bool) -> Path:
+    """Where a run writes: `--out`, else `benchmarks/` for a full run only. A quick run or
+    a partial one (`--only`) gets a new temporary directory, so that it never replaces the
+    committed RESULTS.md with a report of some scenarios.
+    """
+    if out is not None:
+        return out
+    if quick or partial:
+        return Path(tempfile.mkdtemp(prefix="imichat-bench-"))
+    return HERE
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     cfg = Config.quick_mode() if args.quick else Config.full()
@@ -63,12 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = set(numbers) - set(SCENARIOS)
         if unknown:
             raise SystemExit(f"unknown scenario(s) {sorted(unknown)}; known {sorted(SCENARIOS)}")
-    if args.out is not None:
-        out = args.out
-    elif cfg.quick:
-        out = Path(tempfile.mkdtemp(prefix="imichat-bench-quick-"))
-    else:
-        out = HERE
+    out = output_dir(args.out, quick=cfg.quick, partial=bool(args.only))
     out.mkdir(parents=True, exist_ok=True)
     # Retry warnings would go to stderr through logging's last-resort handler, and cost CPU.
     logging.getLogger("imichat_async").setLevel(logging.ERROR)

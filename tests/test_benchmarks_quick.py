@@ -60,3 +60,18 @@ def test_quick_benchmarks_write_every_table(tmp_path: Path) -> None:
 
     after = committed.stat().st_mtime_ns if committed.exists() else None
     assert after == before, "a quick run must not overwrite benchmarks/RESULTS.md"
+
+
+def test_only_a_full_run_writes_the_committed_results(tmp_path: Path) -> None:
+    """`--quick` and `--only` write to a new temporary directory; `--out` wins; a full run
+    writes `benchmarks/` (where the committed RESULTS.md is)."""
+    from benchmarks.run import output_dir
+
+    committed = ROOT / "benchmarks"
+    assert output_dir(None, quick=False, partial=False) == committed
+    for quick, partial in ((True, False), (False, True), (True, True)):
+        out = output_dir(None, quick=quick, partial=partial)
+        assert out != committed and out.is_dir() and not any(out.iterdir())
+        out.rmdir()
+    assert output_dir(tmp_path, quick=False, partial=True) == tmp_path
+    assert output_dir(tmp_path, quick=False, partial=False) == tmp_path
