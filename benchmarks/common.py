@@ -36,7 +36,7 @@ class Config:
     s5_runs: int = 7
     # 6. wasted requests
     s6_chats: tuple[int, ...] = (4000, 4005)
-    s6_prefetch: tuple[int, ...] = (8, 16)
+    s6_k: tuple[int, ...] = (8, 16)  # concurrency; prefetch is the default, 4 x k
     s6_latency: float = 0.005
     # 7. faults
     s7_k: int = 16
@@ -74,7 +74,7 @@ class Config:
             s4_sizes=(1_000, 5_000),
             s5_runs=2,
             s6_chats=(400, 405),
-            s6_prefetch=(8,),
+            s6_k=(8,),
             s8_chats=300,
             s9_chats=400,
             s12_chats=400,

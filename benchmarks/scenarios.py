@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from imichat_async import _records as records
+from imichat_async._client import PREFETCH_PER_SLOT
 
 from . import baselines, decoders, measure
 from .common import (
@@ -678,8 +679,9 @@ def wasted(cfg: Config) -> ScenarioResult:
         6,
         "Wasted requests",
         "Pages requested past the last page holding data, counted by the sandbox (requests "
-        "that reached it) while the client streams everything with `search_chats()` "
-        f"(concurrency = prefetch), L = {cfg.s6_latency * 1000:.0f} ms; with and without "
+        "that reached it) while the client streams everything with `search_chats()` at "
+        f"concurrency k and the default prefetch ({PREFETCH_PER_SLOT} x k pages held), "
+        f"L = {cfg.s6_latency * 1000:.0f} ms; with and without "
         "`X-Total-Count`, for N a multiple of 10 (the end is an empty page) and not (the "
         "end is a short page). Baselines for reference. "
         f"Max over {cfg.runs} runs.",
@@ -689,12 +691,13 @@ def wasted(cfg: Config) -> ScenarioResult:
         [
             "N",
             "X-Total-Count",
+            "k",
             "prefetch",
             "client: past the end (server count)",
             "client: requests - data pages",
             "target",
             "baseline 1",
-            "baseline 2 (gather, k = prefetch)",
+            "baseline 2 (gather windows of k)",
         ],
     )
     worst_with = 0
@@ -704,11 +707,12 @@ def wasted(cfg: Config) -> ScenarioResult:
         with SandboxProcess(n, latency=cfg.s6_latency) as sb:
             for total in (True, False):
                 sb.set_total(total)
-                for p in cfg.s6_prefetch:
+                for k in cfg.s6_k:
+                    p = PREFETCH_PER_SLOT * k  # the default window: at most p pages held
                     past = extra = 0
                     for _ in range(cfg.runs):
                         sb.reset()
-                        c = measure.client_run(sb, k=p)
+                        c = measure.client_run(sb, k=k)
                         measure.check("wasted", c.records, n)
                         time.sleep(0.1)  # let cancelled requests reach the server, if they do
                         past = max(past, _past_end(sb.stats(), last))
@@ -717,11 +721,19 @@ def wasted(cfg: Config) -> ScenarioResult:
                     measure.sequential(sb)
                     seq_past = _past_end(sb.stats(), last)
                     sb.reset()
-                    measure.gather(sb, p)
+                    measure.gather(sb, k)
                     gather_past = _past_end(sb.stats(), last)
                     target = "0" if total else f"<= {p}"
                     table.add(
-                        n, "yes" if total else "no", p, past, extra, target, seq_past, gather_past
+                        n,
+                        "yes" if total else "no",
+                        k,
+                        p,
+                        past,
+                        extra,
+                        target,
+                        seq_past,
+                        gather_past,
                     )
                     if total:
                         worst_with = max(worst_with, past, extra)
