@@ -10,7 +10,6 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
-from itertools import repeat
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -86,7 +85,6 @@ class Chat:
 E = TypeVar("E", bound=enum.Enum)
 _UTC = timezone.utc
 _fromisoformat = datetime.fromisoformat
-_STR = repeat(str)  # isinstance's second argument, for map() over a list of tags
 
 
 def parse_utc(value: str) -> datetime:
@@ -163,8 +161,12 @@ def _asset_id(value: Any, _: Any) -> int | str | None:
 
 
 def _tags(value: Any, _: Any) -> list[str]:
-    if value.__class__ is list and all(map(isinstance, value, _STR)):
-        return value  # the common case first, checked in C
+    if value.__class__ is list:  # the common case first: a short list of plain strings
+        for tag in value:
+            if tag.__class__ is not str:
+                break
+        else:
+            return value
     if value is None:
         return []
     if isinstance(value, str):
