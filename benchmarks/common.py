@@ -25,7 +25,7 @@ class Config:
     # 2. CPU-bound throughput
     s2_chats: int = 20_000
     s2_k: int = 8
-    s2_runs: int = 7  # CPU time on a shared 2-core VM swings +-30 % between runs
+    s2_runs: int = 15  # CPU time on a shared 2-core VM swings +-30 % between repetitions
     # 3. decode alone
     s3_chats: int = 20_000
     s3_runs: int = 5
