@@ -36,6 +36,7 @@ window is full.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import logging
 import time
@@ -99,19 +100,22 @@ class Hedger:
         self.quantile = quantile
         self.floor = floor
         self.min_samples = min_samples
-        self._times: collections.deque[float] = collections.deque(maxlen=samples)
-        self._seen = 0
-        self._computed_at = -1
-        self._delay: float | None = None
+        self.samples = samples
+        self._times: collections.deque[float] = collections.deque()  # in arrival order
+        self._ordered: list[float] = []  # the same times, sorted: the quantile is an index
         self._quiet_until = float("-inf")
         self._backing_off = backing_off
         self._on_sent = on_sent
         self._clock = clock
 
     def record(self, seconds: float) -> None:
-        """One answer came back after `seconds`."""
-        self._times.append(seconds)
-        self._seen += 1
+        """One answer came back after `seconds`; the oldest of a full window is dropped."""
+        times = self._times
+        ordered = self._ordered
+        if len(times) >= self.samples:
+            del ordered[bisect.bisect_left(ordered, times.popleft())]
+        times.append(seconds)
+        bisect.insort(ordered, seconds)
 
     def overloaded(self) -> None:
         """The server said it is overloaded (429/503): no hedge for one delay from now."""
@@ -119,14 +123,11 @@ class Hedger:
 
     def delay(self) -> float | None:
         """Seconds a head page may be outstanding before a duplicate; None: not enough data."""
-        if len(self._times) < self.min_samples:
+        ordered = self._ordered
+        n = len(ordered)
+        if n < self.min_samples:
             return None
-        if self._seen - self._computed_at >= 16 or self._delay is None:  # a sort now and then
-            ordered = sorted(self._times)
-            q = ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))]
-            self._delay = max(self.floor, self.factor * q)
-            self._computed_at = self._seen
-        return self._delay
+        return max(self.floor, self.factor * ordered[min(n - 1, int(self.quantile * n))])
 
     def allowed(self) -> bool:
         """Not backing off, and not just after a 429/503."""

@@ -81,18 +81,6 @@ EQUIVALENT: dict[str, dict[str, str]] = {
             " instant: it rings at the same time either way"
         ),
         "<module>: 'T' -> ''": "a TypeVar's name matters to type checkers only",
-        "Hedger.__init__: 0 -> 1": (
-            "`_seen` is only ever compared as `_seen - _computed_at`, and `_computed_at` is set"
-            " from `_seen` at the first sort: the start value cancels out"
-        ),
-        "Hedger.__init__: 1 -> 2": (
-            "`_computed_at`'s start value is never read: the first delay() sorts because"
-            " `_delay is None`"
-        ),
-        "Hedger.__init__: -1 -> 1": (
-            "`_computed_at`'s start value is never read: the first delay() sorts because"
-            " `_delay is None`"
-        ),
         "iterate_pages: 8 -> 9": (
             "the engine's own default: its one caller, the client, always passes prefetch"
             " (4 x concurrency unless given)"

@@ -291,16 +291,23 @@ def test_hedger_delay_looks_at_the_latest_256_answers() -> None:
     assert h.delay() == pytest.approx(0.006)
 
 
-def test_hedger_delay_is_sorted_again_every_16_answers() -> None:
-    """The delay is cached between sorts, and follows new answers after 16 of them."""
-    h = Hedger(quantile=1.0, floor=0.0, factor=1.0, min_samples=1)
+def test_hedger_delay_follows_every_answer() -> None:
+    """The window is kept sorted as answers come: the delay is current after each one, and
+    the answer dropped from a full window is the oldest, whatever its rank."""
+    h = Hedger(quantile=1.0, floor=0.0, factor=1.0, min_samples=1, samples=3)
     h.record(0.1)
     assert h.delay() == pytest.approx(0.1)
-    for _ in range(15):
-        h.record(0.5)
-    assert h.delay() == pytest.approx(0.1)  # cached: no sort on every head page
     h.record(0.5)
+    assert h.delay() == pytest.approx(0.5)  # the new maximum, at once
+    h.record(0.2)
+    h.record(0.3)  # drops 0.1, the oldest
     assert h.delay() == pytest.approx(0.5)
+    h.record(0.05)  # drops 0.5
+    assert h.delay() == pytest.approx(0.3)
+    median = Hedger(quantile=0.5, floor=0.0, factor=1.0, min_samples=1, samples=3)
+    for seconds in (0.3, 0.1, 0.2, 0.9):  # the window: 0.1, 0.2, 0.9
+        median.record(seconds)
+    assert median.delay() == pytest.approx(0.2)
 
 
 def test_hedger_quiet_for_one_delay_after_overload() -> None:
