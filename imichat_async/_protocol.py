@@ -226,8 +226,23 @@ def is_throttle(http_status: int, headers: Mapping[str, str]) -> bool:
     return parse_retry_after(retry_after) != 0
 
 
+_raw_decode = json.JSONDecoder().raw_decode  # the decoder json.loads uses, without its wrapper
+
+
 def _decode_json(body: bytes) -> Any:
+    """`json.loads(body)`, or None where it raises.
+
+    A body opening with `{` and then a byte other than NUL is UTF-8 to `json.loads`
+    (no BOM, no UTF-16/32): it is decoded as `json.loads` would and scanned at once,
+    skipping the encoding sniff and the two whitespace matches. A document that
+    does not end the text (trailing space, extra data) goes to `json.loads`.
+    """
     try:
+        if body[:1] == b"{" and body[1:2] != b"\x00":
+            text = body.decode("utf-8", "surrogatepass")
+            doc, end = _raw_decode(text)
+            if end == len(text):
+                return doc
         return json.loads(body)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None

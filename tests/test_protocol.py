@@ -544,3 +544,66 @@ def test_is_throttle(status: int, headers: dict[str, str], throttle: bool) -> No
 def test_overload_statuses_are_429_and_503() -> None:
     """The statuses adaptive concurrency backs off on: 429 and 503, nothing else."""
     assert {429, 503} == protocol.OVERLOAD_STATUSES
+
+
+# -- reading the body: exactly what json.loads reads ---------------------------------------
+
+_DOC = '{"status_code": 4305, "response": [{"chat_id": "c-1", "tag": ["é", "✓"]}]}'
+JSON_BODIES = [
+    _DOC.encode(),
+    b'{"a":1}',
+    b"{}",
+    b' {"a":1}',  # leading space
+    b'{"a":1} ',  # trailing space: not the end of the text
+    b'{"a":1}\r\n\t',
+    b'{"a":1}x',  # extra data
+    b'{"a":1}{"b":2}',
+    b"{",
+    b"{ ",
+    b"",
+    b"[1, 2]",
+    b'"text"',
+    b"\xef\xbb\xbf" + _DOC.encode(),  # a UTF-8 BOM: json.loads reads it
+    _DOC.encode("utf-16"),
+    _DOC.encode("utf-16-le"),
+    _DOC.encode("utf-16-be"),
+    _DOC.encode("utf-32"),
+    b'{\x00"a":1}',
+    b'{"a":"\\ud800"}',  # a lone surrogate, escaped
+    b'{"a":"\xed\xa0\x80"}',  # a lone surrogate, encoded: json.loads takes it (surrogatepass)
+    b'{"a":"\xff"}',  # not UTF-8
+    b'{"a":NaN,"b":-Infinity}',
+    b'{"a":1e400,"b":123456789012345678901234567890}',
+    b'{"a":1,"a":2}',
+    b'{"a":' + b"[" * 50_000 + b"]" * 50_000 + b"}",  # deeper than the recursion limit
+]
+
+
+@pytest.mark.parametrize("body", JSON_BODIES, ids=range(len(JSON_BODIES)))
+def test_decode_json_reads_what_json_loads_reads(body: bytes) -> None:
+    """The body is read exactly as `json.loads` reads it, or not at all where it raises."""
+    try:
+        expected = json.loads(body)
+    except (ValueError, RecursionError):
+        assert protocol._decode_json(body) is None
+        return
+    got = protocol._decode_json(body)
+    assert repr(got) == repr(expected)  # repr: NaN equals itself, key order counts
+    assert type(got) is type(expected)
+
+
+def test_a_json_object_body_is_scanned_without_json_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The common body, a UTF-8 JSON object, skips `json.loads`' encoding sniff and wrapper
+    (the reason `_decode_json` exists); anything else still goes through it."""
+    calls: list[bytes] = []
+    loads = json.loads
+
+    def counting_loads(body: bytes) -> Any:
+        calls.append(body)
+        return loads(body)
+
+    monkeypatch.setattr(protocol.json, "loads", counting_loads)
+    assert protocol._decode_json(_DOC.encode()) == loads(_DOC)
+    assert calls == []
+    assert protocol._decode_json(b' {"a":1}') == {"a": 1}
+    assert calls == [b' {"a":1}']
