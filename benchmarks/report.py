@@ -44,7 +44,9 @@ def _memory_total() -> str:
     return "unknown"
 
 
-def _git_rev() -> str:
+def git_rev() -> str:
+    """The commit measured, and whether the tree differed from it: read before a run writes
+    its own files (RESULTS.md, the plots), which would otherwise count as changes."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -77,7 +79,7 @@ def load_average() -> str:
         return "unknown"
 
 
-def machine_table(load_at_start: str = "unknown") -> Table:
+def machine_table(load_at_start: str = "unknown", git: str | None = None) -> Table:
     t = Table("Machine and versions", ["what", "value"])
     t.add("date", _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"))
     t.add("CPU", _cpu_model())
@@ -89,7 +91,7 @@ def machine_table(load_at_start: str = "unknown") -> Table:
     t.add("Python", f"{platform.python_implementation()} {platform.python_version()}")
     for dist in ("imichat-async", "aiohttp", "cattrs", "attrs", "tenacity", "yarl", "multidict"):
         t.add(dist, _version(dist))
-    t.add("git", _git_rev())
+    t.add("git", git if git is not None else git_rev())
     return t
 
 
@@ -162,6 +164,7 @@ def write(
     images: Sequence[str],
     total: float,
     load_at_start: str = "unknown",
+    git: str | None = None,
 ) -> Path:
     lines = ["# Benchmarks", ""]
     mode = (
@@ -176,10 +179,11 @@ def write(
         "machines, so every figure held against a target is a ratio of two timings "
         "taken back to back in the same repetition, shown as median (min-max).",
         "",
-        machine_table(load_at_start).markdown(),
+        machine_table(load_at_start, git).markdown(),
         "",
-        "A load average well above 0 at the start means something else was running: the "
-        "figures are then pessimistic, the ratios less so.",
+        "A load average well above 0 at the start means something else was running (or had "
+        "just stopped: it is an average over the last minutes): the figures are then "
+        "pessimistic, the ratios less so.",
         "",
         "## Targets",
         "",

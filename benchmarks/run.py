@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("imichat_async").setLevel(logging.ERROR)
 
     load_at_start = report.load_average()
+    git = report.git_rev()  # before this run writes RESULTS.md and the plots
     started = time.perf_counter()
     results: list[ScenarioResult] = []
     failed = False
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    {t.what}: {t.measured} -> {t.verdict.strip('*')}", flush=True)
     total = time.perf_counter() - started
     images = [] if args.no_plots else report.plots(results, out)
-    path = report.write(results, cfg, out, images, total, load_at_start)
+    path = report.write(results, cfg, out, images, total, load_at_start, git)
     raw = [
         {
             "number": r.number,
