@@ -63,7 +63,8 @@ def latency_scaling(cfg: Config) -> ScenarioResult:
         1,
         "Latency-bound scaling",
         f"N = {n} chats ({pages} pages), server latency L = {latency * 1000:.0f} ms, "
-        f"k in {list(ks)}; `search_chats()` with `concurrency=k` (prefetch = k) vs "
+        f"k in {list(ks)}; `search_chats()` with `concurrency=k` (default prefetch: "
+        f"{PREFETCH_PER_SLOT} x k) vs "
         "baseline 1 (sequential), baseline 2 (gather over windows of k) and, for reference, "
         "a raw loop keeping k requests always in flight (aiohttp + json.loads, no decoding, "
         "no order, no retries: what the server and the machine allow). "
@@ -523,7 +524,8 @@ def memory(cfg: Config) -> ScenarioResult:
         4,
         "Memory",
         f"Peak RSS growth of a fresh client process (one per measurement) while streaming "
-        f"N chats with `search_chats()` (concurrency = prefetch = {k}, L = 0) and a consumer "
+        f"N chats with `search_chats()` (concurrency {k}, default prefetch "
+        f"{PREFETCH_PER_SLOT * k}, L = 0) and a consumer "
         "that drops each record. Growth = peak RSS during the stream (kernel high-water mark "
         "reset via /proc/self/clear_refs, plus 2 ms sampling) minus RSS just before it, "
         "after a 20-page warm-up. Contrast: the same with a consumer that keeps every "
