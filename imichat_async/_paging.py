@@ -100,8 +100,7 @@ class Hedger:
         self.quantile = quantile
         self.floor = floor
         self.min_samples = min_samples
-        self.samples = samples
-        self._times: collections.deque[float] = collections.deque()  # in arrival order
+        self._times: collections.deque[float] = collections.deque(maxlen=samples)  # arrival order
         self._ordered: list[float] = []  # the same times, sorted: the quantile is an index
         self._quiet_until = float("-inf")
         self._backing_off = backing_off
@@ -112,8 +111,8 @@ class Hedger:
         """One answer came back after `seconds`; the oldest of a full window is dropped."""
         times = self._times
         ordered = self._ordered
-        if len(times) >= self.samples:
-            del ordered[bisect.bisect_left(ordered, times.popleft())]
+        if len(times) == times.maxlen:  # the append below drops times[0]
+            del ordered[bisect.bisect_left(ordered, times[0])]
         times.append(seconds)
         bisect.insort(ordered, seconds)
 
