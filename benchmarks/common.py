@@ -49,6 +49,8 @@ class Config:
     # 9. sliced export
     s9_chats: int = 4000
     s9_k: int = 16
+    # 10. head-of-line blocking: wall ratios against 1.03-1.10 targets swing +-5 % a repetition
+    s10_runs: int = 7
     # 11. rate-limited tenant
     s12_chats: int = 3000
     s12_k: int = 16
@@ -77,6 +79,7 @@ class Config:
             s6_k=(8,),
             s8_chats=300,
             s9_chats=400,
+            s10_runs=1,
             s12_chats=400,
             s12_limits=(200,),
             s12_clean_chats=400,
