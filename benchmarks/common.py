@@ -6,9 +6,11 @@ import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 PAGE_SIZE = 10
+
+_Run = TypeVar("_Run")
 
 
 @dataclass(frozen=True)
@@ -117,9 +119,7 @@ def summarize(values: Sequence[float]) -> Summary:
     return Summary(tuple(float(v) for v in values))
 
 
-def per_run(
-    runs: Sequence[dict[str, Any]], fn: Callable[[dict[str, Any]], float | None]
-) -> Summary | None:
+def per_run(runs: Sequence[_Run], fn: Callable[[_Run], float | None]) -> Summary | None:
     """A figure computed inside each run (a ratio of two timings of the same run)."""
     values = [v for v in (fn(r) for r in runs) if v is not None]
     return summarize(values) if values else None

@@ -111,11 +111,18 @@ def run(cfg: Config) -> ScenarioResult:
         ("`export_chats` to async callable", "cb"),
     ):
         ok = "yes" if key == "plain" else ("yes" if all(r[f"{key}_ok"] for r in runs) else "**NO**")
+
+        def vs_plain(r: dict[str, float], key: str = key) -> float:
+            return r[key] / r["plain"]
+
+        def vs_ideal(r: dict[str, float], key: str = key) -> float:
+            return r[key] / ideal
+
         table.add(
             name,
             _summarize([r[key] for r in runs]).fmt(3),
-            _fmt(per_run(runs, lambda r, key=key: r[key] / r["plain"])),
-            _fmt(per_run(runs, lambda r, key=key: r[key] / ideal)),
+            _fmt(per_run(runs, vs_plain)),
+            _fmt(per_run(runs, vs_ideal)),
             _summarize([r[f"{key}_req"] for r in runs]).fmt(0),
             ok,
         )

@@ -111,7 +111,7 @@ def run(cfg: Config) -> ScenarioResult:
                     "hedges": c.hedges,
                 }
             runs.append(run)
-    small: list[dict[str, Any]] = [{} for _ in range(cfg.runs)]
+    small: list[dict[tuple[int, bool], dict[str, float]]] = [{} for _ in range(cfg.runs)]
     for pages in (40, 1):  # a tenant of exactly that many pages: the end comes from the total
         with SandboxProcess(pages * 10, latency=latency) as sb:
             for s in small:
@@ -131,8 +131,15 @@ def run(cfg: Config) -> ScenarioResult:
         ],
     )
     for name, _knobs, target in CONDITIONS:
-        ratio = per_run(runs, lambda r, name=name: r[name]["client"] / r[name]["loop"])
-        cpu = per_run(runs, lambda r, name=name: r[name]["cpu_rec"] / r[name]["loop_cpu_rec"])
+
+        def wall_ratio(r: dict[str, dict[str, float]], name: str = name) -> float:
+            return r[name]["client"] / r[name]["loop"]
+
+        def cpu_ratio(r: dict[str, dict[str, float]], name: str = name) -> float:
+            return r[name]["cpu_rec"] / r[name]["loop_cpu_rec"]
+
+        ratio = per_run(runs, wall_ratio)
+        cpu = per_run(runs, cpu_ratio)
         assert ratio is not None and cpu is not None
         table.add(
             name,

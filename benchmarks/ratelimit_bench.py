@@ -104,16 +104,18 @@ def run(cfg: Config) -> ScenarioResult:
         )
         for name, _ in _variants(limit, k):
             rates = [r[name]["rate"] for r in runs if r[name]["rate"] is not None]
+
+            def wall_vs_ideal(r: dict[str, Any], name: str = name, ideal: float = ideal) -> float:
+                return float(r[name]["wall"] / ideal)
+
+            def share_429(r: dict[str, Any], name: str = name) -> float:
+                return float(r[name]["429"] / r[name]["requests"])
+
             table.add(
                 name,
                 summarize([r[name]["wall"] for r in runs]).fmt(2),
-                _fmt(per_run(runs, lambda r, name=name, ideal=ideal: r[name]["wall"] / ideal), 2),
-                _fmt(
-                    per_run(runs, lambda r, name=name: r[name]["429"] / r[name]["requests"]),
-                    1,
-                    100,
-                    " %",
-                ),
+                _fmt(per_run(runs, wall_vs_ideal), 2),
+                _fmt(per_run(runs, share_429), 1, 100, " %"),
                 summarize([r[name]["requests"] for r in runs]).fmt(0),
                 summarize([r[name]["hedges"] for r in runs]).fmt(0),
                 summarize(rates).fmt(0) if rates else "unbounded",
@@ -124,7 +126,11 @@ def run(cfg: Config) -> ScenarioResult:
     fixed = _variants(0, k)[0][0]
     for limit, runs in by_limit.items():
         ideal = pages / limit
-        wall = per_run(runs, lambda r, ideal=ideal: r[learned]["wall"] / ideal)
+
+        def learned_vs_ideal(r: dict[str, Any], ideal: float = ideal) -> float:
+            return float(r[learned]["wall"] / ideal)
+
+        wall = per_run(runs, learned_vs_ideal)
         share = per_run(runs, lambda r: r[learned]["429"] / r[learned]["requests"])
         if wall is None or share is None:
             continue
@@ -180,11 +186,11 @@ def _no_budget(cfg: Config, res: ScenarioResult) -> Table:
         (f"{p:.0%} mixed 2007/3454/502/503/504", {**off, **mixed, "retry_after": None}),
     ]
     modes: list[tuple[str, dict[str, Any]]] = [("fixed", {}), ("learned", {"adaptive": True})]
-    runs: list[dict[str, Any]] = []
+    runs: list[dict[tuple[str, str], dict[str, Any]]] = []
     with SandboxProcess(n, latency=latency) as sb:
         expected = records.decode_page(sb.expected())
         for _ in range(cfg.runs):
-            one: dict[str, Any] = {}
+            one: dict[tuple[str, str], dict[str, Any]] = {}
             for case, knobs in cases:
                 sb.set_faults(**{"latency": latency, "jitter": 0.0, **knobs})
                 for mode, kw in modes:
@@ -203,9 +209,11 @@ def _no_budget(cfg: Config, res: ScenarioResult) -> Table:
     )
     ratios: list[tuple[str, Summary]] = []
     for case, _ in cases:
-        ratio = per_run(
-            runs, lambda r, case=case: r[(case, "learned")]["wall"] / r[(case, "fixed")]["wall"]
-        )
+
+        def learned_vs_fixed(r: dict[tuple[str, str], dict[str, Any]], case: str = case) -> float:
+            return float(r[(case, "learned")]["wall"] / r[(case, "fixed")]["wall"])
+
+        ratio = per_run(runs, learned_vs_fixed)
         assert ratio is not None
         ratios.append((case, ratio))
         table.add(

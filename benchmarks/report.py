@@ -199,8 +199,8 @@ def write(
         lines += ["", f"## {r.number}. {r.title}", "", r.setup, ""]
         if r.error is not None:
             lines += [f"**Error:** `{r.error}`", ""]
-        for t in r.tables:
-            lines += [t.markdown(), ""]
+        for table in r.tables:
+            lines += [table.markdown(), ""]
         if r.targets:
             lines += ["Targets:", ""]
             lines += [f"- {t.what}: {t.measured} — {t.verdict}" for t in r.targets]

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from imichat_async import _records as records
@@ -149,9 +150,25 @@ def latency_scaling(cfg: Config) -> ScenarioResult:
         model = (1 + math.ceil((pages - 1) / k)) * latency
         client = summarize([r[f"client{k}"] for r in runs])
         gather = summarize([r[f"gather{k}"] for r in runs])
-        ratio = per_run(runs, lambda r, k=k, ideal=ideal: r[f"client{k}"] / ideal)
-        vs_gather = per_run(runs, lambda r, k=k: r[f"client{k}"] / r[f"gather{k}"])
-        speedup = per_run(runs, lambda r, k=k: r["seq"] / r[f"client{k}"])
+
+        def client_vs_ideal(r: dict[str, float], k: int = k, ideal: float = ideal) -> float:
+            return r[f"client{k}"] / ideal
+
+        def client_vs_gather(r: dict[str, float], k: int = k) -> float:
+            return r[f"client{k}"] / r[f"gather{k}"]
+
+        def seq_vs_client(r: dict[str, float], k: int = k) -> float:
+            return r["seq"] / r[f"client{k}"]
+
+        def gather_vs_ideal(r: dict[str, float], k: int = k, ideal: float = ideal) -> float:
+            return r[f"gather{k}"] / ideal
+
+        def loop_vs_ideal(r: dict[str, float], k: int = k, ideal: float = ideal) -> float:
+            return r[f"loop{k}"] / ideal
+
+        ratio = per_run(runs, client_vs_ideal)
+        vs_gather = per_run(runs, client_vs_gather)
+        speedup = per_run(runs, seq_vs_client)
         table.add(
             k,
             f"{ideal:.2f}",
@@ -159,9 +176,9 @@ def latency_scaling(cfg: Config) -> ScenarioResult:
             _fmt(ratio, 3),
             f"{model / ideal:.3f}",
             gather.fmt(3),
-            _fmt(per_run(runs, lambda r, k=k, ideal=ideal: r[f"gather{k}"] / ideal), 3),
+            _fmt(per_run(runs, gather_vs_ideal), 3),
             _fmt(vs_gather, 3),
-            _fmt(per_run(runs, lambda r, k=k, ideal=ideal: r[f"loop{k}"] / ideal), 3),
+            _fmt(per_run(runs, loop_vs_ideal), 3),
             _fmt(speedup, 2),
             f"{0.9 * k:.1f}",
             f"{runs[0][f'client_req{k}']} / {runs[0][f'gather_req{k}']}",
@@ -230,14 +247,22 @@ def latency_scaling(cfg: Config) -> ScenarioResult:
         ["k", "client wall (s)", "gather wall (s)", "client / gather"],
     )
     for k in cfg.s1_jitter_ks:
+
+        def jitter_vs_gather(r: dict[str, float], k: int = k) -> float:
+            return r[f"client{k}"] / r[f"gather{k}"]
+
         jt.add(
             k,
             summarize([r[f"client{k}"] for r in jitter_runs]).fmt(3),
             summarize([r[f"gather{k}"] for r in jitter_runs]).fmt(3),
-            _fmt(per_run(jitter_runs, lambda r, k=k: r[f"client{k}"] / r[f"gather{k}"]), 3),
+            _fmt(per_run(jitter_runs, jitter_vs_gather), 3),
         )
     res.tables.append(jt)
-    vs_loop = {k: per_run(runs, lambda r, k=k: r[f"client{k}"] / r[f"loop{k}"]) for k in ks}
+
+    def client_vs_loop(r: dict[str, float], k: int) -> float:
+        return r[f"client{k}"] / r[f"loop{k}"]
+
+    vs_loop = {k: per_run(runs, partial(client_vs_loop, k=k)) for k in ks}
     res.notes.append(
         "Reading the misses. The raw loop (k requests always in flight, no decoding, no "
         "order) is what this server and machine allow; the client's wall time over it: "
@@ -364,11 +389,15 @@ def cpu_throughput(cfg: Config) -> ScenarioResult:
         ["variant", "records/s (wall)", "CPU µs / record", "CPU / record vs raw floor"],
     )
     for name, _ in variants:
+
+        def vs_floor(r: dict[str, tuple[float, float, float]], name: str = name) -> float:
+            return r[name][2] / r[floor][2]
+
         table.add(
             name,
             summarize([n / r[name][0] for r in runs]).fmt(0),
             summarize([r[name][2] for r in runs]).fmt(1, 1e6),
-            _fmt(per_run(runs, lambda r, name=name: r[name][2] / r[floor][2]), 2),
+            _fmt(per_run(runs, vs_floor), 2),
         )
     res.tables.append(table)
     ratio = per_run(runs, lambda r: r[variants[2][0]][2] / r[floor][2])
@@ -469,11 +498,15 @@ def decode_alone(cfg: Config) -> ScenarioResult:
         ["variant", "records/s", "µs / record", "throughput vs json.loads alone"],
     )
     for name, _ in variants:
+
+        def vs_base(r: dict[str, float], name: str = name) -> float:
+            return r[base] / r[name]
+
         table.add(
             name,
             summarize([n / r[name] for r in runs]).fmt(0),
             summarize([r[name] / n for r in runs]).fmt(2, 1e6),
-            _fmt(per_run(runs, lambda r, name=name: r[base] / r[name]), 2),
+            _fmt(per_run(runs, vs_base), 2),
         )
     res.tables.append(table)
     gain = per_run(runs, lambda r: r[variants[4][0]] / r[variants[2][0]])
@@ -651,19 +684,23 @@ def time_to_first(cfg: Config) -> ScenarioResult:
         ("baseline 1 (sequential aiohttp)", "base"),
     ):
         s = summarize([r[key] for r in runs])
+
+        def vs_baseline(r: dict[str, float], key: str = key) -> float:
+            return r[key] / r["base"]
+
         table.add(
             name,
             s.fmt(1, 1000),
             summarize([r[key] - latency for r in runs]).fmt(1, 1000),
-            _fmt(per_run(runs, lambda r, key=key: r[key] / r["base"]), 2),
+            _fmt(per_run(runs, vs_baseline), 2),
         )
     res.tables.append(table)
-    cold = summarize([r["cold"] for r in runs])
+    ttfr = summarize([r["cold"] for r in runs])
     res.targets.append(
         Target(
             f"TTFR <= L + 15 ms = {budget * 1000:.0f} ms (new client)",
-            cold.fmt(1, 1000, " ms"),
-            cold.median <= budget,
+            ttfr.fmt(1, 1000, " ms"),
+            ttfr.median <= budget,
         )
     )
     return res
@@ -823,11 +860,18 @@ def faults(cfg: Config) -> ScenarioResult:
         ],
     )
     for name in [*(v[0] for v in variants), deep]:
+
+        def vs_ideal(r: dict[str, dict[str, float]], name: str = name) -> float:
+            return r[name]["wall"] / ideal
+
+        def vs_clean(r: dict[str, dict[str, float]], name: str = name) -> float:
+            return r[name]["wall"] / r[clean]["wall"]
+
         table.add(
             name,
             summarize([r[name]["wall"] for r in runs]).fmt(3),
-            _fmt(per_run(runs, lambda r, name=name: r[name]["wall"] / ideal), 3),
-            _fmt(per_run(runs, lambda r, name=name: r[name]["wall"] / r[clean]["wall"]), 3),
+            _fmt(per_run(runs, vs_ideal), 3),
+            _fmt(per_run(runs, vs_clean), 3),
             summarize([r[name]["faults"] for r in runs]).fmt(0),
             summarize([r[name]["retries"] for r in runs]).fmt(0),
             summarize([r[name]["requests"] for r in runs]).fmt(0),
@@ -878,10 +922,10 @@ def adaptive(cfg: Config) -> ScenarioResult:
     with SandboxProcess(n, latency=latency, max_in_flight=limit, retry_after=ra) as sb:
         for _ in range(cfg.runs):
             run: dict[str, Any] = {}
-            for name, k, adapt in variants:
+            for name, k, aimd in variants:
                 sb.reset()
                 c = measure.client_run(
-                    sb, k=k, adaptive="concurrency" if adapt else False, max_retries=1000
+                    sb, k=k, adaptive="concurrency" if aimd else False, max_retries=1000
                 )
                 measure.check(name, c.records, n)
                 st = sb.stats()
@@ -906,10 +950,14 @@ def adaptive(cfg: Config) -> ScenarioResult:
         ],
     )
     for name, _, _ in variants:
+
+        def vs_fixed(r: dict[str, dict[str, float]], name: str = name) -> float:
+            return r[name]["wall"] / r[fixed]["wall"]
+
         table.add(
             name,
             summarize([r[name]["wall"] for r in runs]).fmt(3),
-            _fmt(per_run(runs, lambda r, name=name: r[name]["wall"] / r[fixed]["wall"]), 3),
+            _fmt(per_run(runs, vs_fixed), 3),
             summarize([r[name]["429"] for r in runs]).fmt(0),
             summarize([r[name]["retries"] for r in runs]).fmt(0),
             summarize([r[name]["peak"] for r in runs]).fmt(0),
