@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,7 @@ class Loader:
         for i in range(max(updates, inserts)):
             clock.now += 60
             up, ins = int(i < updates), int(i < inserts)
-            _on_loop(self.box, lambda up=up, ins=ins: self.sb.churn(updates=up, inserts=ins))
+            _on_loop(self.box, partial(self.sb.churn, updates=up, inserts=ins))
         clock.now += 1
 
     def rows(self) -> dict[str, tuple[str, int, int]]:

@@ -642,7 +642,7 @@ def _chat(i: int) -> dict[str, Any]:
 
 def make_client(transport: FakeTransport, **kw: Any) -> imi.ImiChatClient:
     client = imi.ImiChatClient(base_url="http://127.0.0.1:9/v3.0", token="t", team_id="team", **kw)
-    client._transport = transport  # type: ignore[assignment]
+    client._transport = transport
     return client
 
 
@@ -762,7 +762,7 @@ async def test_alarm_wakes_at_the_task_or_the_deadline_whichever_first() -> None
     loop.call_later(0.05, soon.set_result, None)
     await alarm.wait(soon, loop.time() + 3600)
     assert soon.done()
-    assert not soon._callbacks  # type: ignore[attr-defined]  # its wake-up was removed
+    assert not soon._callbacks  # its wake-up was removed
     assert alarm_timers(loop) == 1  # re-armed for the hour, once
 
     # The timer armed for an hour must not delay an earlier deadline, and is replaced.
@@ -783,7 +783,7 @@ async def test_alarm_wakes_at_the_task_or_the_deadline_whichever_first() -> None
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
-    assert not never._callbacks  # type: ignore[attr-defined]
+    assert not never._callbacks
     assert alarm_timers(loop) == 1
     alarm.close()
     assert alarm_timers(loop) == 0

@@ -122,4 +122,5 @@ def test_chat_key() -> None:
     """A str or int chat_id keys a record; anything else leaves it without a key."""
     assert plan.chat_key({"chat_id": "a"}) == "a"
     assert plan.chat_key({"chat_id": 7}) == "7"
-    assert [plan.chat_key(r) for r in ({"chat_id": True}, {"chat_id": ""}, {}, [])] == [None] * 4
+    keyless: tuple[object, ...] = ({"chat_id": True}, {"chat_id": ""}, {}, [])
+    assert [plan.chat_key(r) for r in keyless] == [None] * 4

@@ -7,16 +7,17 @@ import subprocess
 import sys
 import textwrap
 from collections import Counter
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, cast
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.util.types import AnyValue
 
 import imichat_async as imi
 from imichat_async import sandbox
@@ -62,6 +63,12 @@ class Telemetry:
         return spans + "\n" + (data.to_json() if data is not None else "")
 
 
+def attributes_of(recorded: ReadableSpan | Event) -> Mapping[str, AnyValue]:
+    """The attributes of a finished span or of an event (the SDK types them as optional)."""
+    assert recorded.attributes is not None
+    return recorded.attributes
+
+
 @pytest.fixture
 def otel() -> Iterator[Telemetry]:
     t = Telemetry()
@@ -96,27 +103,29 @@ async def test_a_503_page_gives_one_search_span_and_a_child_per_attempt(otel: Te
     assert len(attempts) == 6  # 5 pages, page 3 twice
     assert {a.parent.span_id for a in attempts if a.parent} == {search.context.span_id}
     assert all(a.context.trace_id == search.context.trace_id for a in attempts)
-    by_key = {(a.attributes["imichat.page"], a.attributes["imichat.attempt"]): a for a in attempts}
+    by_key = {
+        (attributes_of(a)["imichat.page"], attributes_of(a)["imichat.attempt"]): a for a in attempts
+    }
     assert sorted(by_key) == [(1, 1), (2, 1), (3, 1), (3, 2), (4, 1), (5, 1)]
     failed = by_key[(3, 1)]
-    assert failed.attributes["http.response.status_code"] == 503
-    assert failed.attributes["error.type"] == "503"
+    assert attributes_of(failed)["http.response.status_code"] == 503
+    assert attributes_of(failed)["error.type"] == "503"
     assert failed.status.status_code is StatusCode.ERROR
     for key, span in by_key.items():
         assert span.name == "POST"
-        assert span.attributes["http.request.method"] == "POST"
-        assert span.attributes["url.full"] == f"{sb.base_url}/chats/search?page={key[0]}"
-        assert span.attributes["server.address"] == "127.0.0.1"
-        assert span.attributes["server.port"] == sb.port
+        assert attributes_of(span)["http.request.method"] == "POST"
+        assert attributes_of(span)["url.full"] == f"{sb.base_url}/chats/search?page={key[0]}"
+        assert attributes_of(span)["server.address"] == "127.0.0.1"
+        assert attributes_of(span)["server.port"] == sb.port
         if key != (3, 1):
-            assert span.attributes["http.response.status_code"] == 200
-            assert span.attributes["imichat.status_code"] == 4305
-            assert "error.type" not in span.attributes
-    assert search.attributes["imichat.search.pages"] == 5
-    assert search.attributes["imichat.search.records"] == 45
+            assert attributes_of(span)["http.response.status_code"] == 200
+            assert attributes_of(span)["imichat.status_code"] == 4305
+            assert "error.type" not in attributes_of(span)
+    assert attributes_of(search)["imichat.search.pages"] == 5
+    assert attributes_of(search)["imichat.search.records"] == 45
     assert search.status.status_code is StatusCode.UNSET
     (retry,) = [e for e in search.events if e.name == "imichat.retry"]
-    assert retry.attributes["imichat.page"] == 3
+    assert attributes_of(retry)["imichat.page"] == 3
     assert sb.token not in otel.everything()
 
 
@@ -155,13 +164,13 @@ async def test_token_refresh_is_an_event_and_no_token_is_ever_recorded(otel: Tel
     assert got
     search = otel.search_span()
     assert [e.name for e in search.events].count("imichat.token_refresh") == len(issued) - 1 >= 1
-    expired = [a for a in otel.attempts() if a.attributes.get("imichat.status_code") == 2004]
+    expired = [a for a in otel.attempts() if attributes_of(a).get("imichat.status_code") == 2004]
     assert expired
-    assert all(a.attributes["http.response.status_code"] == 401 for a in expired)
-    pages_retried = {a.attributes["imichat.page"] for a in expired}
+    assert all(attributes_of(a)["http.response.status_code"] == 401 for a in expired)
+    pages_retried = {attributes_of(a)["imichat.page"] for a in expired}
     for page in pages_retried:
-        attempts = [a for a in otel.attempts() if a.attributes["imichat.page"] == page]
-        assert max(a.attributes["imichat.attempt"] for a in attempts) >= 2
+        attempts = [a for a in otel.attempts() if attributes_of(a)["imichat.page"] == page]
+        assert max(cast(int, attributes_of(a)["imichat.attempt"]) for a in attempts) >= 2
     text = otel.everything()
     for secret in [sb.token, *issued]:
         assert secret not in text
@@ -175,7 +184,7 @@ async def test_filters_record_params_and_operators_never_values(otel: Telemetry)
         ):
             pass
     search = otel.search_span()
-    assert list(search.attributes["imichat.search.filters"]) == [
+    assert list(cast(Sequence[str], attributes_of(search)["imichat.search.filters"])) == [
         "email_id:eq",
         "status:not_eq",
     ]
@@ -209,7 +218,7 @@ async def test_break_ends_every_span_and_is_not_an_error(otel: Telemetry) -> Non
     assert probe.open["imichat.search_chats"] == 0
     search = otel.search_span()
     assert search.status.status_code is StatusCode.UNSET
-    assert search.attributes["imichat.search.pages"] == 1
+    assert attributes_of(search)["imichat.search.pages"] == 1
     assert len(otel.attempts()) >= 2  # the prefetched pages were started, then cancelled
 
 
@@ -221,9 +230,9 @@ async def test_a_failed_search_marks_its_span_with_the_error(otel: Telemetry) ->
                 pass
     search = otel.search_span()
     assert search.status.status_code is StatusCode.ERROR
-    assert search.attributes["error.type"] == "InvalidTokenError"
+    assert attributes_of(search)["error.type"] == "InvalidTokenError"
     (attempt,) = otel.attempts()
-    assert attempt.attributes["imichat.status_code"] == 2003
+    assert attributes_of(attempt)["imichat.status_code"] == 2003
 
 
 async def test_no_provider_configured_means_no_wrapping() -> None:
@@ -334,4 +343,4 @@ def test_sync_client_searches_are_traced_with_the_same_parentage(otel: Telemetry
     attempts = otel.attempts()
     assert len(attempts) == 6
     assert {a.parent.span_id for a in attempts if a.parent} == {search.context.span_id}
-    assert search.attributes["imichat.search.records"] == 45
+    assert attributes_of(search)["imichat.search.records"] == 45

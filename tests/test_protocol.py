@@ -24,7 +24,7 @@ KIND_BASE = {
 }
 
 
-def _body(status_code: int | None, description: str | None, response: Any = None) -> bytes:
+def _body(status_code: int | str | None, description: str | None, response: Any = None) -> bytes:
     return json.dumps(
         {"status_code": status_code, "description": description, "response": response}
     ).encode()
@@ -602,7 +602,7 @@ def test_a_json_object_body_is_scanned_without_json_loads(monkeypatch: pytest.Mo
         calls.append(body)
         return loads(body)
 
-    monkeypatch.setattr(protocol.json, "loads", counting_loads)
+    monkeypatch.setattr("imichat_async._protocol.json.loads", counting_loads)
     assert protocol._decode_json(_DOC.encode()) == loads(_DOC)
     assert calls == []
     assert protocol._decode_json(b' {"a":1}') == {"a": 1}

@@ -140,6 +140,7 @@ def test_first_throttle_quarters_the_rate_sent() -> None:
     assert rate.decreases == 1
     clock.advance(0.5)
     rate.feedback(rate.sent(), throttled=False, ok=True)
+    assert rate.rate is not None
     assert 0.25 * 20.0 < rate.rate < 20.0  # concave: fast back towards what was sent
 
 

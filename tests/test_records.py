@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import cattrs
@@ -120,7 +120,8 @@ def test_equal_assets_share_one_record_and_never_mix_up_kinds() -> None:
     named = decode_chat({"chat_id": "g", "asset": {"id": 1, "name": 1}}).asset
     assert named == imi.Asset(1, "1")  # a name of another kind goes through cattrs' str rule
 
-    hook = _records._structure_chat.overrides["asset"].struct_hook.__self__
+    generated = cast(Any, _records._structure_chat)  # cattrs sets `overrides` on its function
+    hook: _records._AssetHook = generated.overrides["asset"].struct_hook.__self__
     decode_page([{"chat_id": str(i), "asset": {"id": i}} for i in range(3000)])
     assert 0 < len(hook.built) <= 1024
     assert decode_chat({"chat_id": "h", "asset": {"id": 5}}).asset == imi.Asset(5, None)

@@ -879,6 +879,7 @@ async def test_a_client_hanging_up_is_not_logged(caplog: pytest.LogCaptureFixtur
     """A client closing its connection while its request waits leaves no log record at all."""
     caplog.set_level(logging.DEBUG, logger="aiohttp")
     async with _WatchedSandbox(chats=5, faults=sandbox.Faults(latency=0.05)) as sb:
+        assert isinstance(sb, _WatchedSandbox)
         payload = json.dumps(body()).encode()
         request = (
             f"POST /v3.0/chats/search?page=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n"

@@ -13,6 +13,7 @@ import pytest
 import imichat_async as imi
 from imichat_async import sandbox
 from imichat_async._retry import RetryPolicy
+from imichat_async._transport import AiohttpTransport
 from imichat_async.sync import ImiChatClient
 from tests.sandbox_thread import ThreadedSandbox
 
@@ -86,7 +87,9 @@ def test_break_streams_and_leaves_nothing_behind(slow_sb: sandbox.Sandbox) -> No
     assert slow_sb.stats.requests_total <= 1 + 4  # streaming: not 30 pages read first
     assert client.limiter.in_flight == 0
     assert tasks_left(client) == []
-    session = client._client._transport._session
+    transport = client._client._transport
+    assert isinstance(transport, AiohttpTransport)
+    session = transport._session
     assert session is not None
     client.close()
     assert session.closed
@@ -112,7 +115,9 @@ def test_a_client_never_closed_is_cleaned_up_when_collected(sb: sandbox.Sandbox)
     threads_before = set(threading.enumerate())
     client = client_for(sb)
     next(client.search_chats())
-    session = client._client._transport._session
+    transport = client._client._transport
+    assert isinstance(transport, AiohttpTransport)
+    session = transport._session
     assert session is not None
     del client
     gc.collect()

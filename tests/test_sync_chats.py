@@ -316,7 +316,11 @@ def test_runs_killed_with_sigkill_finish_on_rerun(tmp_path: Path) -> None:
         for _ in range(5):
             before = _state(state)
             delay = rng.uniform(0.05, 0.8)
-            code = _run_until(argv, env, state, lambda t, _, d=delay: t >= d)
+
+            def due(t: float, _: Any, d: float = delay) -> bool:
+                return t >= d
+
+            code = _run_until(argv, env, state, due)
             after = _state(state)
             assert after is not None or before is None
             if code == -signal.SIGKILL:

@@ -296,7 +296,7 @@ def test_max_retries_disagreeing_with_retry_policy_is_refused(api: Api) -> None:
 
 def test_max_retries_alone_sets_the_count(api: Api) -> None:
     """max_retries without a policy sets the count; neither gives the documented 5."""
-    base = {
+    base: dict[str, Any] = {
         "base_url": BASE,
         "token": TOKEN,
         "team_id": "t",
@@ -603,7 +603,10 @@ async def test_mock_transport_takes_a_plain_handler() -> None:
 async def test_mock_transport_handler_must_return_a_response() -> None:
     """A handler returning something else fails loudly with TypeError, not a retry."""
     client = imi.ImiChatClient(
-        base_url=BASE, token=TOKEN, team_id="t", transport=imi.MockTransport(lambda r: "x")
+        base_url=BASE,
+        token=TOKEN,
+        team_id="t",
+        transport=imi.MockTransport(lambda r: "x"),  # type: ignore[arg-type, return-value]
     )
     with pytest.raises(TypeError, match="RawResponse"):
         await collect(client)

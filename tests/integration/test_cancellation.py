@@ -27,6 +27,7 @@ import imichat_async as imi
 from imichat_async import sandbox
 from imichat_async._query import build_query
 from imichat_async._retry import RetryPolicy
+from imichat_async._transport import AiohttpTransport
 from tests.helpers import assert_no_stray_tasks
 
 try:  # psutil comes with the `bench` extra; without it the socket counts are skipped
@@ -136,7 +137,9 @@ def acquired_connections(client: imi.ImiChatClient) -> int:
     PRIVATE API, on purpose: aiohttp has no public count of acquired connections, so this reads
     the client's session (`_transport._session`) and aiohttp's `BaseConnector._acquired`.
     """
-    session = client._transport._session
+    transport = client._transport
+    assert isinstance(transport, AiohttpTransport)
+    session = transport._session
     if session is None or session.connector is None:
         return 0
     return len(session.connector._acquired)

@@ -294,8 +294,13 @@ async def test_value_filters_from_real_records(sb: sandbox.Sandbox) -> None:
 
 async def test_invalid_query_sends_nothing(sb: sandbox.Sandbox) -> None:
     """A bad param, operator or value raises InvalidQueryError before any request."""
+    invalid: tuple[dict[str, Any], ...] = (
+        {"colour": "red"},
+        {"status__lt": "closed"},
+        {"channel": "fax"},
+    )
     async with client_for(sb) as client:
-        for kwargs in ({"colour": "red"}, {"status__lt": "closed"}, {"channel": "fax"}):
+        for kwargs in invalid:
             with pytest.raises(imi.InvalidQueryError):
                 await ids_of(client.search_chats(**kwargs))
     assert sb.stats.requests_total == 0
