@@ -126,6 +126,17 @@ async def test_sync_refuses_a_paging_keyword_before_any_request(tmp_path: Path, 
     assert os.listdir(tmp_path) == []
 
 
+async def test_filters_given_as_a_generator_are_checked_and_applied(tmp_path: Path) -> None:
+    """The one check reads `filters` once: a generator's filters still narrow the export."""
+    out = tmp_path / "chats.ndjson"
+    async with serve(chats=300, seed=60) as sb, client_for(sb) as client:
+        given = (f for f in [imi.Filter("status", "eq", "closed")])
+        report = await export_chats(client, since=SINCE, until=UNTIL, sink=out, filters=given)
+        closed = [c for c in sb.data if c["status"] == "closed"]
+    assert 0 < report.records < 300
+    assert_exact(ids_of(read_ndjson(out)), closed)
+
+
 @pytest.mark.parametrize("name", sorted(PAGING))
 def test_dlt_source_refuses_a_paging_keyword(name: str) -> None:
     """The dlt source checks its keywords the same way (it already did: kept so)."""

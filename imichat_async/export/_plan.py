@@ -221,9 +221,11 @@ class UserQuery:
         that is not a filter (`limit`, `start_page`, `max_pages`, `prefetch`, `deadline`:
         an export or a sync reads every page itself) is refused, never sent as a filter.
         """
-        given = tuple(filters or ())
+        given: Any = filters  # as the user gave it: build_query refuses a wrong form, named
+        if isinstance(given, Iterable) and not isinstance(given, (str, bytes, Mapping)):
+            given = tuple(given)  # read once: a generator is checked and kept alike
         build_query(params, given, condition)
-        return cls(given, dict(params))
+        return cls(tuple(given or ()), dict(params))
 
     def items(self) -> list[tuple[str, str, Any]]:
         """Every filter as (param, operator, value), keyword or explicit alike."""
