@@ -9,9 +9,10 @@ import click
 
 from .. import ApiError
 from ..export import ExportProgress, export_chats, make_sink
-from ._exit import ApiFailure, api_message, run_resumable
+from ._exit import ApiFailure, UsageFailure, api_message, run_resumable
 from ._progress import ProgressLine
 from ._wiring import (
+    UNVERIFIED,
     Settings,
     concurrency_option,
     echo_err,
@@ -86,7 +87,17 @@ def export(
             param_hint="'-o' / '--output'",
         )
     parsed = parse_filters(filters)
-    ckpt = checkpoint if checkpoint is not None else output + ".checkpoint.json"
+    default_ckpt = output + ".checkpoint.json"
+    ckpt = checkpoint if checkpoint is not None else default_ckpt
+    mistyped = not Path(ckpt).exists() and Path(default_ckpt).exists()
+    if resume and mistyped and Path(default_ckpt).resolve() != Path(ckpt).resolve():
+        # A mistyped --checkpoint would start over and overwrite the partial output that the
+        # real checkpoint points to (the library refuses that too, naming the .part).
+        raise UsageFailure(
+            f"--checkpoint {ckpt} does not exist, but {default_ckpt} (the default "
+            "checkpoint of this output) does: resume with that one (drop --checkpoint), "
+            "or delete it to start over"
+        )
     bar = ProgressLine.for_stderr(settings.quiet)
 
     def show(p: ExportProgress) -> None:
@@ -123,7 +134,7 @@ def export(
             for note in report.notes:
                 click.echo(f"note: {note}", err=True)
         if not report.verified:
-            echo_err(settings, "note: the server sent no totals; slice counts were not verified")
+            echo_err(settings, UNVERIFIED)
         echo_err(settings, f"{report.summary()} output={output}")
 
     def refused(exc: ApiError) -> NoReturn:

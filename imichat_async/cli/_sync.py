@@ -8,6 +8,7 @@ from ..export import DEFAULT_LAG, ExportProgress, make_sink, sync_chats
 from ._exit import run_resumable
 from ._progress import ProgressLine
 from ._wiring import (
+    UNVERIFIED,
     Settings,
     concurrency_option,
     echo_err,
@@ -92,6 +93,8 @@ def sync(
         if not settings.quiet:
             for note in report.notes:
                 click.echo(f"note: {note}", err=True)
+        if not report.verified:
+            echo_err(settings, UNVERIFIED)
         echo_err(settings, f"{report.summary()} output={output}")
 
     def hint() -> str:

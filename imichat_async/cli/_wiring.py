@@ -200,3 +200,9 @@ async def open_client(
 def echo_err(settings: Settings, text: str) -> None:
     if not settings.quiet:
         click.echo(text, err=True)
+
+
+UNVERIFIED = (
+    "warning: not every slice's count matched the server's total (it sent none, or a "
+    "slice stayed short after its re-reads: see the notes); the counts are not verified"
+)

@@ -162,6 +162,7 @@ class SliceReader:
                 self.tally.rereads += 1
             previous = keys
         else:
+            self.tally.verified = False  # kept a read that no other read confirmed
             self.tally.notes.append(
                 f"{where}: too narrow to split and its reads never agreed; kept the last"
             )
@@ -203,6 +204,7 @@ class SliceReader:
                 )
             return False
         if attempt > MAX_REREADS:
+            t.verified = False  # accepted short: its count never matched the total
             t.notes.append(
                 f"{where}: still short after {MAX_REREADS} re-reads: {got} chats of "
                 f"{expected}; kept what was read"

@@ -21,10 +21,11 @@ from typing import IO, Any, ClassVar
 
 from .. import InvalidQueryError
 from ._aio import in_thread
-from ._checkpoint import CheckpointError, fsync_dir
+from ._checkpoint import CheckpointError, fsync_dir, named_on_error
 
 RawRecord = Mapping[str, Any]
 _CHUNK = 1 << 20  # bytes read at a time when counting a partial file
+_HEAD = 1 << 16  # bytes of a log read to tell whether it holds more than a header
 
 
 class Sink(abc.ABC):
@@ -40,7 +41,9 @@ class Sink(abc.ABC):
     kind: ClassVar[str] = "sink"
 
     def describe(self) -> dict[str, Any]:
-        """What identifies this sink in a checkpoint (so a resume writes to the same place)."""
+        """What identifies this sink in a checkpoint (so a resume writes to the same place):
+        its `kind` (and a file's path), never a class's name, so renaming a class (a
+        user's sink, a callable's) keeps a saved state usable."""
         return {"kind": self.kind}
 
     async def open(self, offset: int | None) -> int | None:
@@ -124,19 +127,33 @@ class FileSink(Sink):
                 f"cannot resume: {str(self.temp_path)!r} holds {size} bytes, "
                 f"fewer than the {offset} the checkpoint recorded"
             )
-        f: IO[bytes] = open(self.temp_path, "r+b")  # noqa: SIM115 (kept open)
+        f: IO[bytes] = open(self.temp_path, "r+b")  # noqa: SIM115 (kept open, closed by close)
         self._file = f
         f.truncate(offset)  # drop whatever was written after the last checkpoint
         f.seek(0)
-        records = self.count(f)
+        try:
+            records = self.count(f)
+        except (ValueError, csv.Error) as exc:  # not UTF-8, a CSV field past csv's limit
+            raise CheckpointError(
+                f"cannot resume: the partial output {str(self.temp_path)!r} is damaged "
+                f"({type(exc).__name__}: {exc!s:.200}); delete it and the checkpoint "
+                "to start over"
+            ) from None
         f.seek(offset)
         return records
+
+    def holds_partial(self) -> bool:
+        """Whether an unpublished `.part` holding chats (more than its header) is there."""
+        try:
+            return not self.append and self.temp_path.stat().st_size > len(self.header())
+        except FileNotFoundError:
+            return False
 
     def _open_log(self, offset: int | None) -> None:
         """Append mode: create the log (offset None) or truncate it to `offset` and go on."""
         if offset is None:
-            with contextlib.suppress(FileNotFoundError):
-                if self.path.read_bytes()[:65536] not in (b"", self.header()):
+            with contextlib.suppress(FileNotFoundError), open(self.path, "rb") as head:
+                if head.read(_HEAD) not in (b"", self.header()):
                     raise CheckpointError(
                         f"{str(self.path)!r} exists and is not empty, but the state has no "
                         "record of it: give the state it was written with, or another output"
@@ -166,14 +183,16 @@ class FileSink(Sink):
         if self._file is None:
             raise RuntimeError("sink is not open")
         if records:
-            self._file.write(self.encode(records))
+            with named_on_error(self.temp_path):
+                self._file.write(self.encode(records))
 
     async def sync(self) -> int | None:
         f = self._file
         if f is None:
             raise RuntimeError("sink is not open")
-        f.flush()
-        await in_thread(os.fsync, f.fileno())
+        with named_on_error(self.temp_path):
+            f.flush()
+            await in_thread(os.fsync, f.fileno())
         return f.tell()
 
     async def complete(self) -> None:
@@ -326,10 +345,6 @@ class CallableSink(Sink):
         if not callable(fn):
             raise TypeError("CallableSink takes a callable: fn(chat), async or plain")
         self.fn = fn
-
-    def describe(self) -> dict[str, Any]:
-        name = getattr(self.fn, "__qualname__", type(self.fn).__qualname__)
-        return {"kind": self.kind, "name": str(name)}
 
     async def write(self, records: Sequence[RawRecord]) -> None:
         fn = self.fn

@@ -20,7 +20,7 @@ import attrs
 from .. import Filter, ImiChatClient, InvalidQueryError
 from .._records import CONVERTER as converter
 from . import _plan
-from ._checkpoint import Checkpoint
+from ._checkpoint import Checkpoint, tenant_of
 from ._plan import Intervals, RawRecord, UserQuery, to_dt, to_us
 from ._progress import ExportProgress, Progress, Tally
 from ._runner import Runner
@@ -86,14 +86,19 @@ class _Store:
         self.memory = target if isinstance(target, SyncState) else None
         path = None if isinstance(target, SyncState) else Path(target)
         self.file: Checkpoint[SyncState] = Checkpoint(
-            path, resume=True, state_type=SyncState, version=STATE_VERSION, what="sync"
+            path,
+            resume=True,
+            state_type=SyncState,
+            version=STATE_VERSION,
+            what="sync",
+            noun="state",
         )
 
     def load(self, key: dict[str, Any]) -> SyncState:
         if self.memory is None:
             return self.file.load(key) or SyncState(key=key)
-        if self.memory.key is not None and self.memory.key != key:
-            raise _plan_mismatch(self.memory.key, key)
+        if self.memory.key is not None:
+            self.file.check_key(self.memory.key, key, "the sync state", "use a new state")
         state = copy.deepcopy(self.memory)
         state.key = key
         return state
@@ -105,15 +110,6 @@ class _Store:
         fresh = copy.deepcopy(state)
         for field in attrs.fields(SyncState):
             setattr(self.memory, field.name, getattr(fresh, field.name))
-
-
-def _plan_mismatch(saved: Any, key: dict[str, Any]) -> Exception:
-    from ._checkpoint import CheckpointError
-
-    return CheckpointError(
-        f"the sync state was made for other {Checkpoint.mismatch_hint(saved, key)}; "
-        "use the same arguments, or a new state to start over"
-    )
 
 
 async def sync_chats(
@@ -152,8 +148,7 @@ async def sync_chats(
     `CheckpointError` for a state made with other arguments (or a log that does not
     match it), the client's `ApiError`s. On any failure the state stays consistent.
     """
-    await client.search_pages(filters=filters, raw=True, **params).aclose()  # checks them
-    user = UserQuery(tuple(filters or ()), dict(params))
+    user = UserQuery.checked(filters, params)
     check_user_filters(user)
     since_us = to_us("since", since)
     lag_val = lag_us(lag)
@@ -166,6 +161,7 @@ async def sync_chats(
         "lag_us": lag_val,
         "filters": user.identity(),
         "sink": out.describe(),
+        **tenant_of(client.base_url, client.team_id),
     }
     store = _Store(state)
     st = store.load(key)
