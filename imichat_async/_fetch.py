@@ -72,6 +72,8 @@ class PageFetcher:
         self._hedger: Hedger | None = (
             Hedger(backing_off=self._backing_off, on_sent=self._count_hedge) if hedge else None
         )
+        #: The headers of the last response (any status): the server's `Date` for a sync's T1.
+        self.last_headers: Mapping[str, str] | None = None
         self._warm = False  # a page was answered: token, team and query form are known good
         self._closed = False
         self._transport: Transport = transport
@@ -189,6 +191,7 @@ class PageFetcher:
         started = time.perf_counter()
         try:
             raw = await self._transport.send(request)
+            self.last_headers = raw.headers
             status = raw.status
             throttled = protocol.is_throttle(status, raw.headers)
             return raw
