@@ -645,3 +645,14 @@ async def test_sandbox_clock_offset_moves_its_date_header_and_its_stamps() -> No
             assert parse_date(client.last_headers) == 1_800_000_000 - 90
         made = sb.churn(inserts=1).inserted[0]
     assert _plan.to_us("c", made["created_at"]) == (1_800_000_000 - 90) * S + 250_000
+
+
+def test_cli_a_first_run_out_of_retries_says_nothing_was_written(tmp_path: Path) -> None:
+    """Every request failing (exit 4): no state is left, and the message does not claim one."""
+    log, state = tmp_path / "l.ndjson", tmp_path / "s.json"
+    with ThreadedSandbox(chats=20, seed=5, p_429=1.0, retry_after=0) as sb:
+        argv = ["--quiet", "sync", "--since", SINCE, "--state", str(state), "-o", str(log)]
+        result = CliRunner().invoke(main, argv, env=env_for(sb))
+    assert result.exit_code == 4, result.output
+    assert "nothing was written" in result.output and "state saved" not in result.output
+    assert not state.exists() and not log.exists()
