@@ -154,10 +154,12 @@ async def sync_chats(
     """Append to `sink` every version of every chat created since `since` not yet appended.
 
     - The first run appends the chats created in `[since, T1)`, T1 the instant it
-      started; a later run those whose `created_at` or `updated_at` lies in
-      `[B - lag, T1)`, B the previous completed run's T1. Each version
-      (`chat_id`, `updated_at`) is appended once across all runs, as the server
-      sent it (README: "Incremental sync").
+      started by the server's clock (its `Date` header; this machine's clock when
+      it sends none); a later run those whose `created_at` or `updated_at` lies
+      in `[B - lag, T1)`, B the previous completed run's T1. Each version
+      (`chat_id`, `updated_at`; a digest of the record when it has no
+      `updated_at`) is appended once across all runs, as the server sent it
+      (README: "Incremental sync").
     - `state`: a file (small versioned JSON, replaced atomically after every
       leaf) or a `SyncState` updated in place (the caller persists it, e.g.
       `CONVERTER.unstructure(state)`). An interrupted run (crash, `kill -9`,
@@ -173,7 +175,10 @@ async def sync_chats(
 
     Raises `InvalidQueryError` before any request for bad arguments,
     `CheckpointError` for a state made with other arguments (or a log that does not
-    match it), the client's `ApiError`s. On any failure the state stays consistent.
+    match it: shorter than the state recorded, or longer than a completed run left
+    it), the client's `ApiError`s. On any failure the state stays consistent; a
+    first run that fails before appending anything leaves no state (a caller's
+    `SyncState` is put back as it was) and no log it created.
     """
     await client.search_pages(filters=filters, raw=True, **params).aclose()  # checks them
     user = UserQuery(tuple(filters or ()), dict(params))

@@ -7,7 +7,8 @@ microseconds since the epoch, as in `_plan`.
 Windows (`plan_windows`):
 
 - the first run reads `created_at` in `[since, T1)`, T1 the instant the run
-  started (frozen in the state, so a resumed run reads the same windows);
+  started by the server's clock (frozen in the state, so a resumed run reads
+  the same windows);
 - a later run reads two query families, `created_at` in `[B - lag, T1)` and
   `updated_at` in `[B - lag, T1)` (the latter with `created_at >= since`, so
   the log holds the chats created since `since` and nothing else), B the T1
