@@ -641,8 +641,8 @@ async def test_sandbox_clock_offset_moves_its_date_header_and_its_stamps() -> No
         async with client_for(sb) as client:
             async for _ in client.search_pages(max_pages=1):
                 pass
-            assert client.last_headers is not None
-            assert parse_date(client.last_headers) == 1_800_000_000 - 90
+            assert client._last_headers is not None
+            assert parse_date(client._last_headers) == 1_800_000_000 - 90
         made = sb.churn(inserts=1).inserted[0]
     assert _plan.to_us("c", made["created_at"]) == (1_800_000_000 - 90) * S + 250_000
 

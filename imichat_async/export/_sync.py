@@ -324,7 +324,8 @@ async def _start_clock(
     finally:
         await pages.aclose()
     local = to_us("now", _plan.utcnow())
-    server = protocol.parse_date(client.last_headers or {})
+    # The client's latest answer: the probe's, or (same server) a concurrent search's.
+    server = protocol.parse_date(client._last_headers or {})
     if server is None:
         notes.append("the server sent no usable Date header: T1 is this machine's clock")
         log.warning("sync: no usable Date header; T1 %s from this machine's clock", fmt(local))
