@@ -72,6 +72,9 @@ class PageFetcher:
         self._hedger: Hedger | None = (
             Hedger(backing_off=self._backing_off, on_sent=self._count_hedge) if hedge else None
         )
+        # The headers of the last response (any status), package-internal: the server's
+        # `Date` header gives a sync its T1 (export/_sync.py).
+        self._last_headers: Mapping[str, str] | None = None
         self._warm = False  # a page was answered: token, team and query form are known good
         self._closed = False
         self._transport: Transport = transport
@@ -189,6 +192,7 @@ class PageFetcher:
         started = time.perf_counter()
         try:
             raw = await self._transport.send(request)
+            self._last_headers = raw.headers
             status = raw.status
             throttled = protocol.is_throttle(status, raw.headers)
             return raw

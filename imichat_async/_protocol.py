@@ -13,6 +13,8 @@ into a `PageData` or raises the typed `ApiError` subclass of its class.
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -30,6 +32,7 @@ AUTH_HEADER = "Authorization"  # "Bearer {token}"
 TEAM_HEADER = "teamid"
 TOTAL_HEADER = "X-Total-Count"
 RETRY_AFTER_HEADER = "Retry-After"
+DATE_HEADER = "Date"  # the server's clock (RFC 9110 section 6.6.1)
 MAX_RETRY_AFTER = 300.0  # a Retry-After above five minutes is clamped, not obeyed blindly
 
 ORDER_OPS = ("eq", "lt", "gt", "lte", "gte")
@@ -205,6 +208,25 @@ def parse_retry_after(value: str | None) -> float | None:
     if not math.isfinite(seconds) or seconds < 0:
         return None
     return min(seconds, MAX_RETRY_AFTER)
+
+
+def parse_date(headers: Mapping[str, str]) -> int | None:
+    """The server's clock from a response's `Date` header, in whole seconds since the epoch.
+
+    RFC 9110 section 6.6.1: IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), or the
+    obsolete RFC 850 and asctime forms, always GMT; a header has whole seconds, so
+    the instant is rounded down. None when the header is absent, empty or unreadable.
+    """
+    value = _header(headers, DATE_HEADER)
+    if not value or not value.strip():
+        return None
+    try:
+        at = email.utils.parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if at.tzinfo is None:  # asctime, or "-0000": the RFC says GMT
+        at = at.replace(tzinfo=datetime.timezone.utc)
+    return math.floor(at.timestamp())
 
 
 #: HTTP statuses by which a server says it is overloaded: adaptive concurrency backs off.

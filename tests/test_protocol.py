@@ -607,3 +607,23 @@ def test_a_json_object_body_is_scanned_without_json_loads(monkeypatch: pytest.Mo
     assert calls == []
     assert protocol._decode_json(b' {"a":1}') == {"a": 1}
     assert calls == [b' {"a":1}']
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        # RFC 9110 section 5.6.7's three forms of one instant
+        ({"Date": "Sun, 06 Nov 1994 08:49:37 GMT"}, 784111777),
+        ({"date": "Sunday, 06-Nov-94 08:49:37 GMT"}, 784111777),
+        ({"DATE": "Sun Nov  6 08:49:37 1994"}, 784111777),
+        ({}, None),
+        ({"Date": ""}, None),
+        ({"Date": "yesterday"}, None),
+        ({"Date": "Sun, 31 Feb 1994 08:49:37 GMT"}, None),
+    ],
+)
+def test_parse_date_reads_the_servers_clock_in_whole_seconds(
+    headers: dict[str, str], expected: int | None
+) -> None:
+    """The Date header in any of its three forms, any case; None when absent or unreadable."""
+    assert protocol.parse_date(headers) == expected

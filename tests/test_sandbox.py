@@ -1155,3 +1155,16 @@ def test_command_line_passes_rate_and_churn_knobs(monkeypatch: pytest.MonkeyPatc
     assert (faults.churn_every, faults.churn_updates, faults.churn_inserts) == (7, 3, 2)
     bad = CliRunner().invoke(sandbox_cli.sandbox_command, ["--rate-limit", "0"])
     assert bad.exit_code == 2
+
+
+def test_command_line_passes_the_clock_offset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sandbox --clock-offset -3600` serves a tenant whose clock is an hour behind."""
+    seen: list[Any] = []
+
+    async def fake_serve(*args: Any) -> None:
+        seen.extend(args)
+
+    monkeypatch.setattr(sandbox_cli, "_serve", fake_serve)
+    result = CliRunner().invoke(sandbox_cli.sandbox_command, ["--clock-offset", "-3600"])
+    assert result.exit_code == 0, result.output
+    assert seen[-1] == -3600.0

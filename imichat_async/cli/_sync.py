@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from ..export import DEFAULT_LAG, ExportProgress, make_sink, sync_chats
@@ -98,6 +100,9 @@ def sync(
         echo_err(settings, f"{report.summary()} output={output}")
 
     def hint() -> str:
-        return f"state saved to {state}. Run the same command to finish the run."
+        if Path(state).exists():
+            return f"state saved to {state}. Run the same command to finish the run."
+        # A first run that wrote nothing leaves nothing (issue #23): no state to finish.
+        return "nothing was written yet. Run the same command to start again."
 
     run_resumable(go(), hint)

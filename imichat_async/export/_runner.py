@@ -129,7 +129,8 @@ class SliceReader:
             self.tally.wasted += stats.wasted
         self.tally.pages += 1
         self.tally.fetched += len(items)
-        self.has_total = total is not None
+        if items:  # an empty result yields no page: it says nothing of the header
+            self.has_total = total is not None
         if total is not None:
             s.estimate = total
         self.on_page()

@@ -147,6 +147,21 @@ class Tenant:
         self._changed()
         return new
 
+    def drop_updated_at(self, chat_id: str, missing: bool = False) -> dict[str, Any]:
+        """See `Sandbox.drop_updated_at`; raises `KeyError` for an unknown id."""
+        try:
+            chat, row = self._table.get(chat_id)
+        except KeyError:
+            raise KeyError(f"no chat {chat_id!r} in this sandbox") from None
+        new = dict(chat)
+        if missing:
+            new.pop("updated_at", None)
+        else:
+            new["updated_at"] = None
+        self._table.replace(new, row)
+        self._changed()
+        return new
+
     def _insert_now(self) -> dict[str, Any]:
         """A new chat created now (`updated_at` = `created_at`), where the order puts it."""
         created_us = self._now_us()

@@ -117,6 +117,13 @@ _SECONDS = click.FloatRange(min=0.0)
 )
 @click.option("--token-ttl", type=_SECONDS, default=None, help="Token lifetime, seconds.")
 @click.option(
+    "--clock-offset",
+    type=float,
+    default=0.0,
+    metavar="SECONDS",
+    help="The server's clock this far from this machine's (Date headers, times of changes).",
+)
+@click.option(
     "--token-max-uses",
     type=click.IntRange(min=1),
     default=None,
@@ -129,12 +136,15 @@ def sandbox_command(
     no_total: bool,
     token_ttl: float | None,
     token_max_uses: int | None,
+    clock_offset: float,
     **knobs: Any,
 ) -> None:
     """Serve a simulated IMIchat tenant on 127.0.0.1 until interrupted."""
     faults = Faults(**knobs)
     with contextlib.suppress(KeyboardInterrupt):  # platforms without loop signal handlers
-        asyncio.run(_serve(port, chats, seed, not no_total, faults, token_ttl, token_max_uses))
+        asyncio.run(
+            _serve(port, chats, seed, not no_total, faults, token_ttl, token_max_uses, clock_offset)
+        )
 
 
 async def _serve(
@@ -145,6 +155,7 @@ async def _serve(
     faults: Faults,
     token_ttl: float | None,
     token_max_uses: int | None,
+    clock_offset: float = 0.0,
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -159,6 +170,7 @@ async def _serve(
         token_ttl=token_ttl,
         token_max_uses=token_max_uses,
         port=port,
+        clock_offset=clock_offset,
     ) as sb:
         sys.stdout.write(f"base_url={sb.base_url}\nteam_id={sb.team_id}\ntoken={sb.token}\n")
         sys.stdout.flush()

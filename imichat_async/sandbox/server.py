@@ -49,14 +49,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import json
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import attrs
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from imichat_async._protocol import AUTH_HEADER, SEARCH_PATH, TEAM_HEADER, TOTAL_HEADER
 
@@ -82,7 +84,11 @@ class Sandbox:
     Use `serve(...)` (or `async with Sandbox(...)`). See the module docstring for the routes.
     `clock` (monotonic seconds) drives the rate limit and token lifetimes,
     `wall_clock` (epoch seconds) the `created_at`/`updated_at` of changed
-    chats; tests may pass fakes.
+    chats and every response's `Date` header; tests may pass fakes.
+    `clock_offset` (seconds) sets the server's clock that far from `wall_clock`
+    (its `Date` headers and the times it stamps alike): a server whose clock
+    is skewed from the client's. `date_header=False` sends the `Date` header
+    empty (aiohttp always sends one): a server whose clock a client cannot read.
     """
 
     def __init__(
@@ -97,6 +103,8 @@ class Sandbox:
         port: int = 0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        clock_offset: float = 0.0,
+        date_header: bool = True,
     ) -> None:
         if chats < 0:
             raise ValueError(f"chats must be >= 0, got {chats}")
@@ -107,7 +115,11 @@ class Sandbox:
         self.stats = Stats()
         self._port = port
         self._clock = clock
-        self._tenant = Tenant(chats, seed, wall_clock)
+        self._wall_clock = wall_clock
+        self.clock_offset = clock_offset
+        self.date_header = date_header
+        self._date: tuple[int, str] = (-1, "")  # the last Date header, by its second
+        self._tenant = Tenant(chats, seed, self.now)
         #: Every chat, in served order (the table's own list: read it, do not change it).
         self.data: list[dict[str, Any]] = self._tenant.data
         self._closing = asyncio.Event()
@@ -199,6 +211,25 @@ class Sandbox:
         """Make `token` (default: every token issued so far) answer 2004 from now on."""
         self._tokens.expire(token)
 
+    # -- the server's clock -------------------------------------------------------------------
+
+    def now(self) -> float:
+        """The server's clock (epoch seconds): `wall_clock() + clock_offset`."""
+        return self._wall_clock() + self.clock_offset
+
+    def http_date(self) -> str:
+        """The `Date` header of a response sent now (IMF-fixdate), or "" without `date_header`."""
+        if not self.date_header:
+            return ""
+        second = math.floor(self.now())
+        if self._date[0] != second:
+            self._date = (second, email.utils.formatdate(second, usegmt=True))
+        return self._date[1]
+
+    async def _stamp_date(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Every response's `Date` from the server's own clock (not aiohttp's)."""
+        response.headers[hdrs.DATE] = self.http_date()
+
     # -- data --------------------------------------------------------------------------------
 
     def insert_chats(self, n: int) -> list[dict[str, Any]]:
@@ -225,6 +256,16 @@ class Sandbox:
         new = self._tenant.update_chat(chat_id, status)
         self.stats.updated += 1
         return new
+
+    def drop_updated_at(self, chat_id: str, missing: bool = False) -> dict[str, Any]:
+        """Serve `chat_id` with `updated_at` null (`missing`: without the field), a record quirk
+        the wire contract allows for any optional field; return the record now served.
+
+        The server still filters on the time it holds (as a view that drops a column); a
+        later `update_chat` gives the chat an `updated_at` again. Raises `KeyError` for an
+        unknown id.
+        """
+        return self._tenant.drop_updated_at(chat_id, missing)
 
     def churn(self, updates: int = 0, inserts: int = 0) -> Churn:
         """Change the data as a live tenant does: `updates` new versions, then `inserts` new chats.
@@ -402,6 +443,7 @@ def make_app(sandbox: Sandbox | None = None, **kwargs: Any) -> web.Application:
     sb = sandbox if sandbox is not None else Sandbox(**kwargs)
     app = web.Application()
     app[SANDBOX_KEY] = sb
+    app.on_response_prepare.append(sb._stamp_date)
     app.router.add_route("*", API_ROOT + SEARCH_PATH, sb.handle_search)
     app.router.add_route("*", API_ROOT + TOKEN_PATH, sb.handle_token)
     # Last, so only a path no route above matches reaches it (the router indexes plain paths).
@@ -420,6 +462,8 @@ async def serve(
     port: int = 0,
     clock: Callable[[], float] = time.monotonic,
     wall_clock: Callable[[], float] = time.time,
+    clock_offset: float = 0.0,
+    date_header: bool = True,
     **fault_knobs: Any,
 ) -> AsyncIterator[Sandbox]:
     """Serve a `Sandbox` on 127.0.0.1 for the duration of the block.
@@ -447,6 +491,8 @@ async def serve(
         port=port,
         clock=clock,
         wall_clock=wall_clock,
+        clock_offset=clock_offset,
+        date_header=date_header,
     )
     async with sb:
         yield sb
