@@ -149,15 +149,20 @@ class FileSink(Sink):
         except FileNotFoundError:
             return False
 
+    def check_unrecorded_log(self) -> None:
+        """Append mode, no state yet: refuse a log that already holds records (reading only
+        its head), so that nothing of someone else's is overwritten."""
+        with contextlib.suppress(FileNotFoundError), open(self.path, "rb") as head:
+            if head.read(_HEAD) not in (b"", self.header()):
+                raise CheckpointError(
+                    f"{str(self.path)!r} exists and is not empty, but the state has no "
+                    "record of it: give the state it was written with, or another output"
+                )
+
     def _open_log(self, offset: int | None) -> None:
         """Append mode: create the log (offset None) or truncate it to `offset` and go on."""
         if offset is None:
-            with contextlib.suppress(FileNotFoundError), open(self.path, "rb") as head:
-                if head.read(_HEAD) not in (b"", self.header()):
-                    raise CheckpointError(
-                        f"{str(self.path)!r} exists and is not empty, but the state has no "
-                        "record of it: give the state it was written with, or another output"
-                    )
+            self.check_unrecorded_log()
             f: IO[bytes] = open(self.path, "wb")  # noqa: SIM115 (kept open)
             f.write(self.header())
         else:

@@ -199,6 +199,8 @@ async def sync_chats(
     first = st.bound is None
     log_path = out.path if isinstance(out, FileSink) else None
     log_existed = log_path is not None and await in_thread(log_path.exists)
+    if isinstance(out, FileSink) and st.offset is None:
+        await in_thread(out.check_unrecorded_log)  # before any request, as the others
     if log_path is not None and st.run is None and st.offset is not None:
         await in_thread(_check_completed_log, log_path, st.offset)
     tally = Tally(notes=[])
