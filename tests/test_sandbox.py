@@ -221,12 +221,13 @@ async def test_wrong_team_is_2010(session: aiohttp.ClientSession) -> None:
 
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
 async def test_other_methods_are_2099(session: aiohttp.ClientSession, method: str) -> None:
-    """Any method but POST on the search path answers 2099 (HTTP 405)."""
+    """Any method but POST on the search path answers 2099 (HTTP 405), with `Allow: POST`."""
     async with (
         sandbox.serve(chats=5) as sb,
         session.request(method, sb.search_url, headers=headers(sb)) as resp,
     ):
         assert_error(resp.status, await resp.json(), 2099)
+        assert resp.headers["Allow"] == "POST"  # RFC 9110: a 405 lists the allowed methods
 
 
 @pytest.mark.parametrize(
@@ -737,15 +738,17 @@ async def test_expire_token_by_hand(session: aiohttp.ClientSession) -> None:
 
 
 async def test_token_endpoint(session: aiohttp.ClientSession) -> None:
-    """POST to token_url issues a working token; other methods answer 2099."""
+    """POST to token_url issues a working token; other methods answer 2099 with `Allow: POST`."""
     async with sandbox.serve(chats=20, token_ttl=60) as sb:
         async with session.post(sb.token_url) as resp:
             doc = await resp.json()
         assert resp.status == 200 and doc["expires_in"] == 60
         assert (await post(session, sb, 1, hdrs=headers(sb, doc["access_token"])))[0] == 200
         assert sb.stats.tokens_issued == 1
-        async with session.get(sb.token_url) as resp:
-            assert_error(resp.status, await resp.json(), 2099)
+        for method in ("GET", "PUT", "DELETE"):
+            async with session.request(method, sb.token_url) as resp:
+                assert_error(resp.status, await resp.json(), 2099)
+                assert resp.headers["Allow"] == "POST"
 
 
 # -- stats, app, command line ------------------------------------------------------------------
@@ -839,12 +842,13 @@ async def test_body_over_the_limit_is_3115_json(session: aiohttp.ClientSession) 
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("POST", "/v3.0/chats"), ("GET", "/"), ("POST", "/v3.0/chats/search/x"), ("PUT", "/v2/a")],
+    [("POST", "/v3.0/chats"), ("GET", "/v3.0/"), ("POST", "/v3.0/chats/search/x")],
 )
-async def test_unknown_path_is_404_json(
+async def test_unknown_path_under_the_api_is_404_json(
     session: aiohttp.ClientSession, method: str, path: str
 ) -> None:
-    """An unknown path answers HTTP 404 with {"status_code", "description", "response": null}."""
+    """An unknown path under /v3.0/ answers HTTP 404 with {"status_code", "description",
+    "response": null}: the API's own answer."""
     async with sandbox.serve(chats=5) as sb:
         url = f"http://127.0.0.1:{sb.port}{path}"
         async with session.request(method, url, headers=headers(sb)) as resp:
@@ -857,6 +861,25 @@ async def test_unknown_path_is_404_json(
             "response": None,
         }
         assert sb.stats.requests_total == 0  # not the search path
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/chats/search"), ("GET", "/"), ("PUT", "/v2/a"), ("POST", "/v3.0")],
+)
+async def test_path_outside_the_api_is_a_plain_404(
+    session: aiohttp.ClientSession, method: str, path: str
+) -> None:
+    """A path outside /v3.0/ (a base URL without /v3.0) answers the front server's HTML 404,
+    without the vendor's JSON body (issue #25)."""
+    async with sandbox.serve(chats=5) as sb:
+        url = f"http://127.0.0.1:{sb.port}{path}"
+        async with session.request(method, url, headers=headers(sb)) as resp:
+            assert resp.status == 404
+            assert resp.content_type == "text/html"
+            text = await resp.text()
+        assert "404 Not Found" in text and "status_code" not in text
+        assert sb.stats.errors_by_code[404] == 1 and sb.stats.requests_total == 0
 
 
 class _WatchedSandbox(sandbox.Sandbox):
