@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from click.testing import CliRunner, Result
 from imichat_async import ImiChatClient, cli
 from imichat_async.cli import _wiring
 from imichat_async.sandbox import Sandbox
+from imichat_async.sandbox import cli as sandbox_cli
 
 from .sandbox_thread import ThreadedSandbox, env_for
 from .test_export import _checkpoint
@@ -343,6 +345,64 @@ def test_sandbox_command_is_mounted() -> None:
     result = invoke(["sandbox", "--help"])
     assert result.exit_code == 0
     assert "--port" in result.stdout and "--p-429" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["demo", "--token", "abc"], "--token"),
+        (["--base-url", "http://127.0.0.1:9/v3.0", "demo"], "--base-url"),
+        (["demo", "--team-id", "t"], "--team-id"),
+        (["--sandbox", "demo"], "--sandbox"),
+        (
+            ["demo", "--sandbox-chats", "10", "--sandbox-faults", "0.5"],
+            "--sandbox-chats, --sandbox-faults",
+        ),
+        (["--sandbox-latency", "0.1", "demo"], "--sandbox-latency"),
+    ],
+)
+def test_demo_refuses_the_options_it_would_ignore(args: list[str], named: str) -> None:
+    """`demo` runs its own sandbox: credentials and --sandbox* exit 2, naming them (issue #25)."""
+    result = invoke([*args, "--chats", "10", "--latency", "0"])
+    assert result.exit_code == 2, result.output
+    assert f"{named} given to demo" in result.stderr and "--chats" in result.stderr
+    assert result.stdout == ""
+
+
+def test_demo_ignores_credentials_from_the_environment() -> None:
+    """IMICHAT_* in the environment are not options given to demo: nothing is refused."""
+    env = {"IMICHAT_BASE_URL": "http://127.0.0.1:9/v3.0", "IMICHAT_TOKEN": "t"}
+    result = invoke(["demo", "--chats", "10", "--latency", "0", "--faults", "0"], env)
+    assert result.exit_code == 0, result.output
+
+
+def test_demo_quiet_prints_the_chats_only() -> None:
+    """`demo -q`: the chats table on stdout; no sandbox line, summary or next steps (issue #25)."""
+    result = invoke(["demo", "-q", "--chats", "30", "--latency", "0", "--show", "3"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("chat_id") and len(lines) == 1 + 3
+    assert "records=" not in result.output and "sandbox:" not in result.output
+    assert result.stderr == ""
+
+
+def test_sandbox_settings_are_ready_to_export() -> None:
+    """`sandbox` prints its settings also as IMICHAT_* lines, the variables the CLI reads:
+    exported as printed, they point `search` at the sandbox (issue #25)."""
+    names = (_wiring.ENV_BASE_URL, _wiring.ENV_TEAM_ID, _wiring.ENV_TOKEN)
+    assert names == sandbox_cli.ENV_NAMES
+    with ThreadedSandbox(chats=12, seed=5) as sb:
+        lines = sandbox_cli.settings_text(sb.base_url, sb.team_id, sb.token).splitlines()
+        assert lines[:3] == [
+            f"base_url={sb.base_url}",
+            f"team_id={sb.team_id}",
+            f"token={sb.token}",
+        ]
+        env = dict(shlex.split(line)[0].split("=", 1) for line in lines[3:])
+        assert env == dict(zip(names, (sb.base_url, sb.team_id, sb.token), strict=True))
+        result = invoke(["search", "-q"], env)
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 1 + 12
 
 
 def test_help_lists_commands_and_exit_codes() -> None:

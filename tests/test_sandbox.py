@@ -775,7 +775,8 @@ def test_make_app_builds_an_application() -> None:
 
 @pytest.mark.slow
 async def test_command_line_serves_and_stops_on_sigterm() -> None:
-    """`python -m imichat_async.sandbox` prints base_url, team_id, token; SIGTERM stops it."""
+    """`python -m imichat_async.sandbox` prints base_url, team_id, token, then the same as
+    IMICHAT_* lines; SIGTERM stops it."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -792,9 +793,14 @@ async def test_command_line_serves_and_stops_on_sigterm() -> None:
     )
     try:
         assert proc.stdout is not None
-        lines = [(await asyncio.wait_for(proc.stdout.readline(), 20)).decode() for _ in range(3)]
+        lines = [(await asyncio.wait_for(proc.stdout.readline(), 20)).decode() for _ in range(6)]
         info = dict(line.strip().split("=", 1) for line in lines)
         assert info["base_url"].startswith("http://127.0.0.1:")
+        assert (info["IMICHAT_BASE_URL"], info["IMICHAT_TEAM_ID"], info["IMICHAT_TOKEN"]) == (
+            info["base_url"],
+            info["team_id"],
+            info["token"],
+        )
         hdrs = {"Authorization": f"Bearer {info['token']}", "teamid": info["team_id"]}
         async with aiohttp.ClientSession(headers=hdrs) as s:
             url = info["base_url"] + "/chats/search"
