@@ -72,7 +72,6 @@ class PageFetcher:
         self._hedger: Hedger | None = (
             Hedger(backing_off=self._backing_off, on_sent=self._count_hedge) if hedge else None
         )
-        self._warm = False  # a page was answered: token, team and query form are known good
         self._closed = False
         self._transport: Transport = transport
         self._retrying = make_retrying(policy, sleep=sleep, on_retry=self._count_retry)
@@ -139,7 +138,6 @@ class PageFetcher:
                 await self._auth.refresh(token)
                 continue
             self._auth.mark_served(token)
-            self._warm = True
             self.stats.pages += 1
             self.stats.records += len(data.records)
             return data

@@ -123,7 +123,7 @@ class ImiChatClient:
         return _chats(self.search_pages(**kwargs))
 
     def search_pages(self, **kwargs: Any) -> Iterator[ChatPage[Any]]:
-        """Like `search_chats`, one `ChatPage(chats, page)` at a time."""
+        """Like `search_chats`, one `ChatPage` (`number`, `items`, `total`, `last`) at a time."""
         client = self._client
         pages: AsyncGenerator[ChatPage[Any], None] = self._portal.call(
             functools.partial(client.search_pages, **kwargs)
@@ -135,7 +135,7 @@ class ImiChatClient:
 def _chats(pages: Iterator[ChatPage[Any]]) -> Iterator[Chat]:
     with contextlib.closing(pages):  # type: ignore[type-var]  # a generator has close()
         for page in pages:
-            yield from page.chats
+            yield from page.items
 
 
 def _pages(

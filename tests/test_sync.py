@@ -62,11 +62,11 @@ def test_search_chats_from_plain_code_returns_every_chat_in_order(sb: sandbox.Sa
 
 
 def test_search_pages_yields_numbered_pages(sb: sandbox.Sandbox) -> None:
-    """search_pages: ChatPage(chats, page) for pages 1..10 of 95 chats."""
+    """search_pages: ChatPage(number, items) for pages 1..10 of 95 chats."""
     with client_for(sb) as client:
         pages = list(client.search_pages(max_pages=20))
-    assert [p.page for p in pages] == list(range(1, 11))
-    assert [len(p.chats) for p in pages] == [10] * 9 + [5]
+    assert [p.number for p in pages] == list(range(1, 11))
+    assert [len(p.items) for p in pages] == [10] * 9 + [5]
 
 
 async def test_works_from_inside_a_running_event_loop(sb: sandbox.Sandbox) -> None:

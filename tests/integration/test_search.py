@@ -325,8 +325,8 @@ async def test_search_pages_yields_numbered_pages(sb: sandbox.Sandbox) -> None:
     """search_pages hands out (chats, page) in order; start_page and max_pages bound it."""
     async with client_for(sb, concurrency=4) as client:
         pages = [p async for p in client.search_pages(start_page=3, max_pages=4)]
-    assert [p.page for p in pages] == [3, 4, 5, 6]
-    assert [c.chat_id for p in pages for c in p.chats] == [c["chat_id"] for c in sb.data[20:60]]
+    assert [p.number for p in pages] == [3, 4, 5, 6]
+    assert [c.chat_id for p in pages for c in p.items] == [c["chat_id"] for c in sb.data[20:60]]
     assert sb.stats.requests_total == 4
 
 
