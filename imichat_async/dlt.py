@@ -44,6 +44,11 @@ flattens them itself (`asset` becomes `asset__id`, `asset__name`; `tag`, a
 list, the child table `chats__tag`; `other_details` one column per key).
 Hints fix what inference cannot: `created_at`/`updated_at` are timestamps,
 `asset__id` text (the server sends an int or a string; `123` loads as "123").
+A null `asset`, `other_details` or `tag` (the contract allows it) is left out
+of the row dlt gets: dlt flattens these into other columns and tables, so a
+null one would be a column of its own that never gets data (dlt warns of it
+on the first load, and never makes it); left out, its columns are NULL all
+the same. A type hint instead would make those columns, always empty.
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ __all__ = ["HANDOFF_SIZE", "chats_source"]
 HANDOFF_SIZE = 1000  # chats handed to dlt but not yet taken: the sync waits beyond this
 _BATCH = 500  # the most chats dlt takes in one hop between threads
 _END = object()  # the sync finished (or failed): nothing more will come
+#: The fields dlt flattens into columns of their own (`asset__id`) or a child table (`tag`).
+_NESTED = ("asset", "other_details", "tag")
 
 
 def chats_source(
@@ -179,7 +186,7 @@ class DltHandoff:
 
     async def __call__(self, chat: RawRecord) -> None:
         await self._slots.acquire()
-        self._queue.put_nowait(chat)
+        self._queue.put_nowait(_without_null_objects(chat))
 
     def finish(self) -> None:
         self._queue.put_nowait(_END)
@@ -196,6 +203,13 @@ class DltHandoff:
             item = self._queue.get_nowait()
         self._queue.put_nowait(_END)  # stays finished for the next take
         return out
+
+
+def _without_null_objects(chat: RawRecord) -> RawRecord:
+    """`chat`, or a copy without its null `_NESTED` fields (see the module docstring)."""
+    if all(chat.get(name, ()) is not None for name in _NESTED):
+        return chat
+    return {k: v for k, v in chat.items() if v is not None or k not in _NESTED}
 
 
 async def _result(task: asyncio.Task[SyncReport]) -> SyncReport:
