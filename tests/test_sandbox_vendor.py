@@ -7,27 +7,13 @@ would make that comparison (and every integration test) blind to it.
 
 from __future__ import annotations
 
-import ast
 import pkgutil
 from pathlib import Path
 
 import imichat_async.sandbox
 from imichat_async import _protocol as client
 from imichat_async.sandbox import vendor
-
-
-def _imports(path: Path, package: str) -> set[str]:
-    """The absolute names of the modules `path` (a module of `package`) imports."""
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
-            full = ".".join(part for part in (base, node.module) if part)
-            names.add(full)  # and each name imported from it, which may be a module
-            names.update(f"{full}.{alias.name}" for alias in node.names)
-    return names
+from tests.helpers import imported_modules
 
 
 def test_sandbox_imports_nothing_of_the_client() -> None:
@@ -39,7 +25,7 @@ def test_sandbox_imports_nothing_of_the_client() -> None:
     outside = {
         (path.name, name)
         for path in [root / "__init__.py", *modules]
-        for name in _imports(path, package)
+        for name in imported_modules(path, package)
         if name.split(".")[0] == "imichat_async" and not name.startswith(package)
     }
     assert outside == set()
@@ -48,8 +34,8 @@ def test_sandbox_imports_nothing_of_the_client() -> None:
 def test_import_check_sees_the_client_protocol() -> None:
     """The check above sees relative imports: the client's of its table, the sandbox's own."""
     here = Path(client.__file__).parent
-    assert "imichat_async._protocol" in _imports(here / "_fetch.py", "imichat_async")
-    assert "imichat_async.sandbox.vendor" in _imports(
+    assert "imichat_async._protocol" in imported_modules(here / "_fetch.py", "imichat_async")
+    assert "imichat_async.sandbox.vendor" in imported_modules(
         here / "sandbox" / "query.py", "imichat_async.sandbox"
     )
 

@@ -188,3 +188,20 @@ def test_a_closed_client_refuses_to_search(sb: sandbox.Sandbox) -> None:
     with pytest.raises(imi.ImiChatError, match="closed"):
         client.search_chats()
     assert "token" in repr(client) and sb.token not in repr(client)
+
+
+def test_run_drives_async_code_with_the_async_client(sb: sandbox.Sandbox) -> None:
+    """`run(coro)` runs async code using `async_client` on the client's own loop and returns
+    its result; once closed, it refuses (and closes the coroutine: no warning) (issue #25)."""
+    client = client_for(sb)
+
+    async def first_ids() -> list[str]:
+        async for page in client.async_client.search_pages(raw=True, max_pages=1):
+            return [chat["chat_id"] for chat in page.items]
+        return []
+
+    with client:
+        assert client.run(first_ids()) == [c["chat_id"] for c in sb.data[:10]]
+        assert client.limiter.in_flight == 0 and client.limiter.peak >= 1
+    with pytest.raises(imi.ImiChatError, match="closed"):
+        client.run(first_ids())

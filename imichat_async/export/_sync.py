@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 
 from .. import Filter, ImiChatClient, InvalidQueryError
+from .._query import build_query
 from .._records import CONVERTER as converter
 from . import _plan
 from ._checkpoint import Checkpoint
@@ -116,6 +117,23 @@ def _plan_mismatch(saved: Any, key: dict[str, Any]) -> Exception:
     )
 
 
+def check_sync_arguments(
+    *,
+    since: datetime | date | str,
+    lag: float = DEFAULT_LAG,
+    filters: Iterable[Filter | tuple[str, str, Any]] | None = None,
+    **params: Any,
+) -> None:
+    """Raise `InvalidQueryError` for the arguments `sync_chats` would refuse (a bad filter,
+    a filter on `created_at`/`updated_at`, `since`, `lag`), without a client or a request:
+    for a caller that takes them long before the sync runs (the dlt source)."""
+    filter_list = tuple(filters or ())
+    build_query(params, filter_list)
+    check_user_filters(UserQuery(filter_list, dict(params)))
+    to_us("since", since)
+    lag_us(lag)
+
+
 async def sync_chats(
     client: ImiChatClient,
     *,
@@ -137,7 +155,7 @@ async def sync_chats(
       sent it (README: "Incremental sync").
     - `state`: a file (small versioned JSON, replaced atomically after every
       leaf) or a `SyncState` updated in place (the caller persists it, e.g.
-      `CONVERTER.unstructure(state)`). An interrupted run (crash, `kill -9`,
+      `state_to_json(state)`). An interrupted run (crash, `kill -9`,
       cancellation) is finished by the next call with the same arguments,
       same T1; B advances only when a run completes.
     - `sink`: a path (appended to: `.csv` means CSV, else NDJSON), a file
@@ -253,6 +271,13 @@ async def sync_chats(
 
 
 def state_from_json(raw: Any) -> SyncState:
-    """A `SyncState` from its JSON form (`CONVERTER.unstructure(state)`), e.g. kept by dlt."""
+    """A `SyncState` from its JSON form (`state_to_json(state)`), e.g. kept by dlt."""
     state: SyncState = converter.structure(raw, SyncState)
     return state
+
+
+def state_to_json(state: SyncState) -> dict[str, Any]:
+    """The JSON form of a `SyncState` (plain dicts, lists, strings and numbers), to persist
+    where the caller keeps it (a dlt resource's state); `state_from_json` reads it back."""
+    raw: dict[str, Any] = converter.unstructure(state)
+    return raw
