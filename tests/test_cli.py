@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -418,18 +421,26 @@ class _Tty(io.StringIO):
         return True
 
 
-def test_progress_line_shows_records_rate_retries_and_eta() -> None:
-    """The progress line shows records of the total, pages/s, retries and the ETA."""
+def test_progress_line_shows_records_rate_retries_and_eta(monkeypatch: pytest.MonkeyPatch) -> None:
+    """click's bar on the terminal stream: records of the total, percentage, ETA, pages/s,
+    retries; a total that comes late or grows; the line ended on close (issue #25)."""
+    clock = itertools.count(0.0, 5.0)  # click's own clock (for its ETA): 5 s a reading
+    monkeypatch.setattr("click._termui_impl.time", types.SimpleNamespace(time=clock.__next__))
     stream = _Tty()
     bar = cli.ProgressLine(stream, enabled=True, interval=0.0)
+    bar.update(records=10, total=None, pages=1, retries=0, elapsed=1.0)
+    assert "]  records 10  1.0 pages/s, 0 retries" in stream.getvalue()
+    assert "%" not in stream.getvalue()  # no total yet: no percentage, no ETA
     bar.update(records=250, total=1000, pages=25, retries=3, elapsed=5.0)
-    text = stream.getvalue()
-    assert text.startswith("\r\x1b[K[######")
-    assert "250/1,000 records" in text and "25%" in text
-    assert "5.0 pages/s" in text and "3 retries" in text and "ETA 15s" in text
+    last = stream.getvalue().rsplit("\r", 1)[-1]
+    assert "[######" + "-" * 18 + "]  records 250/1000   25%  " in last
+    assert last.endswith("  5.0 pages/s, 3 retries")
+    assert re.search(r"%  \d\d:\d\d:\d\d  5.0 pages/s", last)  # click's ETA
+    bar.update(records=1000, total=1500, pages=100, retries=3, elapsed=9.0)
+    assert "1000/1500   66%" in stream.getvalue().rsplit("\r", 1)[-1]
     bar.close()
-    assert stream.getvalue().endswith("\r\x1b[K")
-    assert "ETA ?" in bar.render(records=10, total=None, pages=1, retries=0, elapsed=1.0)
+    assert stream.getvalue().endswith("\n")  # the summary starts on a line of its own
+    bar.close()  # idempotent
 
 
 def test_progress_line_is_silent_when_disabled() -> None:
