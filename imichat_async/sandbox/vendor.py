@@ -28,25 +28,29 @@ CONDITIONS = ("and", "or")
 
 # -- vendor page: "Supported Params and Operators" --------------------------------------------
 
-_ORDERED = ("eq", "lt", "gt", "lte", "gte")
-
-#: Each param and its operators, in the page's order.
+#: The table as the page prints it: a param, its operators.
+_PARAMS_AND_OPERATORS = """
+status                  eq,not_eq
+created_at              eq,lt,gt,lte,gte
+updated_at              eq,lt,gt,lte,gte
+channel                 eq
+tag                     eq
+assignee                eq
+facebook_psid           eq
+twitter_id              eq
+email_id                eq
+mobile                  eq
+livechat_id             eq
+abc_user_id             eq
+whatsapp_mobile_number  eq
+intent                  eq
+group                   eq
+"""
+#: Each param and its operators, in the page's order (`intent`, `group`: "Applicable to
+#: ABC channel").
 OPERATORS: Mapping[str, tuple[str, ...]] = {
-    "status": ("eq", "not_eq"),
-    "created_at": _ORDERED,
-    "updated_at": _ORDERED,
-    "channel": ("eq",),
-    "tag": ("eq",),
-    "assignee": ("eq",),
-    "facebook_psid": ("eq",),
-    "twitter_id": ("eq",),
-    "email_id": ("eq",),
-    "mobile": ("eq",),
-    "livechat_id": ("eq",),
-    "abc_user_id": ("eq",),
-    "whatsapp_mobile_number": ("eq",),
-    "intent": ("eq",),  # "Applicable to ABC channel"
-    "group": ("eq",),  # "Applicable to ABC channel"
+    param: tuple(ops.split(","))
+    for param, ops in (row.split() for row in _PARAMS_AND_OPERATORS.strip().splitlines())
 }
 #: Params whose value is a datetime ("datetime - UTC Format").
 DATETIMES = frozenset({"created_at", "updated_at"})
@@ -78,25 +82,32 @@ class Code(NamedTuple):
     description: str
 
 
+#: The table as the page prints it: status_code, HTTP status, description. The page breaks
+#: 3114's description over two lines; on the wire it is one sentence.
+_RESPONSE_CODES = """
+4305 200 The list of chats retrieved successfully
+2002 400 Invalid header param - could not find mandatory header parameters
+2003 400 Invalid Access Token
+2004 401 Access Token expired
+2007 500 Internal Server Error
+2010 404 Could not find details of team based on the teamid passed in the header
+2099 405 Method not allowed
+3114 400 Request body not provided. Check Content-Type header
+3115 400 Request is invalid
+3445 400 Provided filtration parameter: <param_name> is not valid
+3446 400 Provided operator for filtration parameter: <param_name> is not valid
+3447 400 Provided condition is not valid
+3451 400 Search query request format is not valid
+4303 400 Invalid input value:'{0}' provided for filtration parameter:'{1}'
+3454 500 Chat list could not be retrieved
+"""
 SUCCESS = 4305
 #: status_code -> its row, in the page's order.
 CODES: Mapping[int, Code] = {
-    4305: Code(200, "The list of chats retrieved successfully"),
-    2002: Code(400, "Invalid header param - could not find mandatory header parameters"),
-    2003: Code(400, "Invalid Access Token"),
-    2004: Code(401, "Access Token expired"),
-    2007: Code(500, "Internal Server Error"),
-    2010: Code(404, "Could not find details of team based on the teamid passed in the header"),
-    2099: Code(405, "Method not allowed"),
-    # The page breaks this one over two lines; on the wire it is one sentence.
-    3114: Code(400, "Request body not provided. Check Content-Type header"),
-    3115: Code(400, "Request is invalid"),
-    3445: Code(400, "Provided filtration parameter: <param_name> is not valid"),
-    3446: Code(400, "Provided operator for filtration parameter: <param_name> is not valid"),
-    3447: Code(400, "Provided condition is not valid"),
-    3451: Code(400, "Search query request format is not valid"),
-    4303: Code(400, "Invalid input value:'{0}' provided for filtration parameter:'{1}'"),
-    3454: Code(500, "Chat list could not be retrieved"),
+    int(code): Code(int(http_status), description)
+    for code, http_status, description in (
+        row.split(" ", 2) for row in _RESPONSE_CODES.strip().splitlines()
+    )
 }
 
 
