@@ -46,7 +46,8 @@ The server never binds anything but 127.0.0.1.
 This module is the aiohttp side: the app, its handlers, the order of the
 checks and `serve()`. `Sandbox` composes the parts, each in its own module:
 `_tenant` (the chats and their changes), `_tokens`, `_gateway` (the rate
-limit), `_injection` (the faults) and `_replies` (every answer but a page).
+limit), `_injection` (the faults), `_replies` (every answer but a page) and
+`vendor` (its own copy of the vendor's table: it imports nothing of the client).
 """
 
 from __future__ import annotations
