@@ -126,9 +126,6 @@ class ImiChatClient(PageFetcher):
         )
         self.concurrency = concurrency
         self.timeout = timeout
-        # Start a warm client's searches with a whole window, not page 1 alone: measured, and
-        # left off (README, "Choices"): it sends pages past the end of every small search.
-        self._speculative_start = False
         self._telemetry = _otel.Telemetry(tracer_provider, meter_provider)
 
     def __repr__(self) -> str:
@@ -293,7 +290,6 @@ class ImiChatClient(PageFetcher):
             start_page=start_page,
             max_pages=max_pages,
             stats=stats,
-            first_alone=not (self._warm and self._speculative_start),
             hedger=self._hedger,
         )
 

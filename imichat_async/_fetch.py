@@ -75,7 +75,6 @@ class PageFetcher:
         # The headers of the last response (any status), package-internal: the server's
         # `Date` header gives a sync its T1 (export/_sync.py).
         self._last_headers: Mapping[str, str] | None = None
-        self._warm = False  # a page was answered: token, team and query form are known good
         self._closed = False
         self._transport: Transport = transport
         self._retrying = make_retrying(policy, sleep=sleep, on_retry=self._count_retry)
@@ -142,7 +141,6 @@ class PageFetcher:
                 await self._auth.refresh(token)
                 continue
             self._auth.mark_served(token)
-            self._warm = True
             self.stats.pages += 1
             self.stats.records += len(data.records)
             return data

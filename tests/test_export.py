@@ -680,9 +680,11 @@ def test_export_package_all_lists_its_public_names() -> None:
             "Sink",
             "SyncReport",
             "SyncState",
+            "check_sync_arguments",
             "export_chats",
             "make_sink",
             "state_from_json",
+            "state_to_json",
             "sync_chats",
         ]
     )

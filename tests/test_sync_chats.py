@@ -22,7 +22,15 @@ import imichat_async as imi
 from imichat_async._protocol import parse_date
 from imichat_async._retry import RetryPolicy
 from imichat_async.cli import main
-from imichat_async.export import CheckpointError, SyncState, _plan, sync_chats
+from imichat_async.export import (
+    CheckpointError,
+    SyncState,
+    _plan,
+    check_sync_arguments,
+    state_from_json,
+    state_to_json,
+    sync_chats,
+)
 from imichat_async.export._syncplan import (
     SyncRun,
     VersionRange,
@@ -656,3 +664,24 @@ def test_cli_a_first_run_out_of_retries_says_nothing_was_written(tmp_path: Path)
     assert result.exit_code == 4, result.output
     assert "nothing was written" in result.output and "state saved" not in result.output
     assert not state.exists() and not log.exists()
+
+
+def test_sync_arguments_are_checked_without_a_client() -> None:
+    """`check_sync_arguments` refuses what `sync_chats` would, with no client (issue #25)."""
+    check_sync_arguments(since="2024-01-01", lag=0, status="closed")
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"since": "2024-01-01", "created_at__gte": "2024-02-01"}, "created_at__gte"),
+        ({"since": "someday"}, "since"),
+        ({"since": "2024-01-01", "lag": -1}, "lag"),
+        ({"since": "2024-01-01", "filters": [("stauts", "eq", "x")]}, "stauts"),
+    ]
+    for bad, match in cases:
+        with pytest.raises(imi.InvalidQueryError, match=match):
+            check_sync_arguments(**bad)
+
+
+def test_state_to_json_is_plain_json_read_back_by_state_from_json() -> None:
+    """A state's JSON form survives `json.dumps` and comes back equal (issue #25)."""
+    state = SyncState()
+    raw = state_to_json(state)
+    assert state_from_json(json.loads(json.dumps(raw))) == state

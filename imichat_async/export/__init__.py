@@ -67,7 +67,7 @@ from ._checkpoint import CheckpointError
 from ._export import export_chats
 from ._progress import ExportProgress, ExportReport
 from ._sinks import CSV_COLUMNS, CallableSink, CsvSink, FileSink, NdjsonSink, Sink, make_sink
-from ._sync import SyncReport, state_from_json, sync_chats
+from ._sync import SyncReport, check_sync_arguments, state_from_json, state_to_json, sync_chats
 from ._syncplan import DEFAULT_LAG, SyncState
 
 __all__ = [
@@ -83,8 +83,10 @@ __all__ = [
     "Sink",
     "SyncReport",
     "SyncState",
+    "check_sync_arguments",
     "export_chats",
     "make_sink",
     "state_from_json",
+    "state_to_json",
     "sync_chats",
 ]

@@ -17,10 +17,11 @@ however long the export. A plan whose records may come up in several slices
 called under the commit lock before each write.
 
 Atomic leaves (`atomic=True`, a sync): a slice is read as ONE page, the only
-read that is a snapshot of the server at one instant. A page that is not
-complete (fewer than a page of records, or a total within the page) means
-"maybe more": the slice is split by time (into pieces from the total when
-the server sends one) and its children are read the same way. A slice one
+read that is a snapshot of the server at one instant. A short page (fewer
+than a page of records, or a total within the page) holds the whole slice:
+it is done. A full page means "maybe more": the slice is split by time (into
+pieces from the total when the server sends one) and its children are read
+the same way. A slice one
 microsecond wide that still fills a page cannot be split: it is paged whole,
 again and again, until two reads in a row give the same records
 (`MAX_REREADS` at most; a note says when they never agreed).

@@ -137,6 +137,21 @@ class _Store:
             setattr(self.memory, field.name, getattr(fresh, field.name))
 
 
+def check_sync_arguments(
+    *,
+    since: datetime | date | str,
+    lag: float = DEFAULT_LAG,
+    filters: Iterable[Filter | tuple[str, str, Any]] | None = None,
+    **params: Any,
+) -> None:
+    """Raise `InvalidQueryError` for the arguments `sync_chats` would refuse (a bad filter,
+    a filter on `created_at`/`updated_at`, `since`, `lag`), without a client or a request:
+    for a caller that takes them long before the sync runs (the dlt source)."""
+    check_user_filters(UserQuery.checked(filters, params))
+    to_us("since", since)
+    lag_us(lag)
+
+
 async def sync_chats(
     client: ImiChatClient,
     *,
@@ -160,7 +175,7 @@ async def sync_chats(
       (README: "Incremental sync").
     - `state`: a file (small versioned JSON, replaced atomically after every
       leaf) or a `SyncState` updated in place (the caller persists it, e.g.
-      `CONVERTER.unstructure(state)`). An interrupted run (crash, `kill -9`,
+      `state_to_json(state)`). An interrupted run (crash, `kill -9`,
       cancellation) is finished by the next call with the same arguments,
       same T1; B advances only when a run completes.
     - `sink`: a path (appended to: `.csv` means CSV, else NDJSON), a file
@@ -370,6 +385,13 @@ def _unlink(path: Path) -> None:
 
 
 def state_from_json(raw: Any) -> SyncState:
-    """A `SyncState` from its JSON form (`CONVERTER.unstructure(state)`), e.g. kept by dlt."""
+    """A `SyncState` from its JSON form (`state_to_json(state)`), e.g. kept by dlt."""
     state: SyncState = converter.structure(raw, SyncState)
     return state
+
+
+def state_to_json(state: SyncState) -> dict[str, Any]:
+    """The JSON form of a `SyncState` (plain dicts, lists, strings and numbers), to persist
+    where the caller keeps it (a dlt resource's state); `state_from_json` reads it back."""
+    raw: dict[str, Any] = converter.unstructure(state)
+    return raw

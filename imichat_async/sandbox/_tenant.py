@@ -20,13 +20,10 @@ from typing import Any
 
 import attrs
 
-from imichat_async._protocol import PAGE_SIZE, STATUS_TABLE, SUCCESS_CODE
-
 from .data import AGENTS, END_US, ChatFactory, Row, Table, format_us, row_of
 from .query import Query, make_query, select
+from .vendor import PAGE_SIZE, STATUSES, SUCCESS, describe
 
-#: The statuses `churn` moves chats between (the vendor's four).
-STATUSES = ("queued", "picked", "onhold", "closed")
 HOT_SHARE = 0.8  # share of churn updates that hit the hot set
 HOT_SIZE = 20  # the most chats in the hot set
 _BODY_CACHE_SIZE = 20_000  # serialized pages kept (about 5 KB each)
@@ -84,8 +81,8 @@ class Tenant:
         if body is None:
             start = (page - 1) * PAGE_SIZE
             doc = {
-                "status_code": SUCCESS_CODE,
-                "description": STATUS_TABLE[SUCCESS_CODE].description,
+                "status_code": SUCCESS,
+                "description": describe(SUCCESS),
                 "response": results[start : start + PAGE_SIZE],
             }
             body = json.dumps(doc, separators=(",", ":")).encode()

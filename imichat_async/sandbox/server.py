@@ -12,9 +12,13 @@ Routes, under `{base_url}` = `http://127.0.0.1:{port}/v3.0`:
   filtering for real, 10 chats a page, `X-Total-Count` unless disabled;
   then the `Faults` (latency, 5xx, 429, resets, hangs, throttling, inserts).
 - `POST /oauth/token`: a fresh token, `{"access_token", "token_type", "expires_in"}`.
-- Any other path: HTTP 404 with the vendor's JSON form and a `status_code`
-  of 404 (no row of the vendor's table fits an unknown path):
-  `{"status_code": 404, "description": "No such resource: POST /x", "response": null}`.
+- Another method on either path: 2099 (HTTP 405) with `Allow: POST` (RFC 9110).
+- Any other path under `/v3.0/`: the API's own 404, in the vendor's JSON form
+  with a `status_code` of 404 (no row of the vendor's table fits an unknown path):
+  `{"status_code": 404, "description": "No such resource: POST /v3.0/x", "response": null}`.
+- Any path outside `/v3.0/` (a base URL without `/v3.0`): the front server's
+  plain HTML 404, without the vendor's JSON, as a real tenant's host answers;
+  the client then says to check `base_url`.
 
 Order of checks on the search path: the rate limit (429, a gateway's answer,
 before anything else), method (2099), headers (2002), token (2003), team
@@ -42,7 +46,8 @@ The server never binds anything but 127.0.0.1.
 This module is the aiohttp side: the app, its handlers, the order of the
 checks and `serve()`. `Sandbox` composes the parts, each in its own module:
 `_tenant` (the chats and their changes), `_tokens`, `_gateway` (the rate
-limit), `_injection` (the faults) and `_replies` (every answer but a page).
+limit), `_injection` (the faults), `_replies` (every answer but a page) and
+`vendor` (its own copy of the vendor's table: it imports nothing of the client).
 """
 
 from __future__ import annotations
@@ -60,8 +65,6 @@ from typing import Any
 import attrs
 from aiohttp import hdrs, web
 
-from imichat_async._protocol import AUTH_HEADER, SEARCH_PATH, TEAM_HEADER, TOTAL_HEADER
-
 from . import _replies
 from ._gateway import TokenBucket
 from ._injection import Injector
@@ -69,11 +72,11 @@ from ._tenant import Churn, Tenant
 from ._tokens import Tokens
 from .faults import Faults, Stats
 from .query import Query, QueryError, parse_body
+from .vendor import API_ROOT, AUTH_HEADER, SEARCH_PATH, TEAM_HEADER, TOTAL_HEADER
 
 __all__ = ["SANDBOX_KEY", "Churn", "Sandbox", "make_app", "serve"]
 
 HOST = "127.0.0.1"
-API_ROOT = "/v3.0"
 TOKEN_PATH = "/oauth/token"
 MAX_PAGE = 2**63 - 1  # the largest page a 64-bit server integer holds
 
@@ -369,14 +372,17 @@ class Sandbox:
     async def handle_token(self, request: web.Request) -> web.Response:
         """POST: issue a token; no authentication."""
         if request.method != "POST":
-            return _replies.vendor_error(self.stats, 2099)
+            return _replies.method_not_allowed(self.stats)
         token = await self.new_token()
         return web.json_response(
             {"access_token": token, "token_type": "Bearer", "expires_in": self._tokens.expires_in}
         )
 
     async def handle_unknown(self, request: web.Request) -> web.Response:
-        """Any other path: 404 in the vendor's JSON form (not aiohttp's plain text)."""
+        """Any other path: under the API root, the API's 404 in the vendor's JSON form;
+        elsewhere, the front server's HTML 404 (no vendor body: the client's base_url hint)."""
+        if not request.path.startswith(API_ROOT + "/"):
+            return _replies.not_found(self.stats)
         description = f"No such resource: {request.method} {request.path}"
         return _replies.error_response(self.stats, 404, 404, description)
 
@@ -390,7 +396,7 @@ def _check_auth(
     """The refusal of a search that fails authentication (2099, 2002, 2003, 2010, 2004, in
     that order), or None after counting a use of its token."""
     if request.method != "POST":
-        return _replies.vendor_error(stats, 2099)
+        return _replies.method_not_allowed(stats)
     auth = request.headers.get(AUTH_HEADER)
     team = request.headers.get(TEAM_HEADER)
     if not auth or not team:

@@ -325,6 +325,22 @@ async def test_search_pages_yields_numbered_pages(sb: sandbox.Sandbox) -> None:
     """search_pages hands out (chats, page) in order; start_page and max_pages bound it."""
     async with client_for(sb, concurrency=4) as client:
         pages = [p async for p in client.search_pages(start_page=3, max_pages=4)]
-    assert [p.page for p in pages] == [3, 4, 5, 6]
-    assert [c.chat_id for p in pages for c in p.chats] == [c["chat_id"] for c in sb.data[20:60]]
+    assert [p.number for p in pages] == [3, 4, 5, 6]
+    assert [c.chat_id for p in pages for c in p.items] == [c["chat_id"] for c in sb.data[20:60]]
     assert sb.stats.requests_total == 4
+
+
+async def test_base_url_without_the_api_root_gets_the_base_url_hint(sb: sandbox.Sandbox) -> None:
+    """A base URL without /v3.0 meets the front server's plain 404: the error says to check
+    base_url, as the README promises (issue #25)."""
+    root = sb.base_url.removesuffix("/v3.0")
+    assert root != sb.base_url
+    client = imi.ImiChatClient(
+        base_url=root, token=sb.token, team_id=sb.team_id, retry_policy=NO_WAIT
+    )
+    async with client:
+        with pytest.raises(imi.UnexpectedResponseError) as info:
+            await ids_of(client.search_chats())
+    assert info.value.http_status == 404 and info.value.status_code is None
+    assert "is base_url the tenant's v3.0 root" in str(info.value)
+    assert sb.stats.requests_total == 0  # never reached the search path
