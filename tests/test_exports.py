@@ -77,6 +77,7 @@ PUBLIC_NAMES = [
     "PagingStats",
     "PreparedRequest",
     "RateLimitedError",
+    "RawChat",
     "RawResponse",
     "ResponseTooLargeError",
     "RetryPolicy",

@@ -82,7 +82,10 @@ class Sandbox:
     Use `serve(...)` (or `async with Sandbox(...)`). See the module docstring for the routes.
     `clock` (monotonic seconds) drives the rate limit and token lifetimes,
     `wall_clock` (epoch seconds) the `created_at`/`updated_at` of changed
-    chats; tests may pass fakes.
+    chats; tests may pass fakes. `json_style` is how success bodies are
+    serialized: "compact" (the default; ASCII, other characters escaped),
+    "spaced" (", " and ": ", characters as UTF-8) or "pretty" (indented: a
+    record spans lines).
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class Sandbox:
         port: int = 0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        json_style: str = "compact",
     ) -> None:
         if chats < 0:
             raise ValueError(f"chats must be >= 0, got {chats}")
@@ -107,7 +111,7 @@ class Sandbox:
         self.stats = Stats()
         self._port = port
         self._clock = clock
-        self._tenant = Tenant(chats, seed, wall_clock)
+        self._tenant = Tenant(chats, seed, wall_clock, json_style)
         #: Every chat, in served order (the table's own list: read it, do not change it).
         self.data: list[dict[str, Any]] = self._tenant.data
         self._closing = asyncio.Event()
@@ -420,6 +424,7 @@ async def serve(
     port: int = 0,
     clock: Callable[[], float] = time.monotonic,
     wall_clock: Callable[[], float] = time.time,
+    json_style: str = "compact",
     **fault_knobs: Any,
 ) -> AsyncIterator[Sandbox]:
     """Serve a `Sandbox` on 127.0.0.1 for the duration of the block.
@@ -447,6 +452,7 @@ async def serve(
         port=port,
         clock=clock,
         wall_clock=wall_clock,
+        json_style=json_style,
     )
     async with sb:
         yield sb
