@@ -117,6 +117,19 @@ async def test_ndjson_lines_are_the_bytes_the_server_sent(tmp_path: Path, style:
     assert any(b"\\u00e9" in line for line in lines) == (style == "compact")
 
 
+def test_ndjson_encode_writes_raw_bytes_and_one_line_per_record(tmp_path: Path) -> None:
+    """Records as sent are written as their bytes; a plain mapping, or a text with a line
+    break in it, as compact UTF-8 JSON: always one line per record."""
+    sink = NdjsonSink(tmp_path / "x.ndjson")
+    spaced = imi.RawChat({"chat_id": "a", "n": 1}, b'{ "chat_id" : "a", "n" : 1 }')
+    broken = imi.RawChat({"chat_id": "b"}, b'{"chat_id":\r\n"b"}')
+    plain = {"chat_id": "c", "note": "caf\u00e9"}
+    assert sink.encode([spaced, spaced]) == b'{ "chat_id" : "a", "n" : 1 }\n' * 2
+    assert sink.encode([spaced, broken, plain]) == (
+        b'{ "chat_id" : "a", "n" : 1 }\n{"chat_id":"b"}\n{"chat_id":"c","note":"caf\xc3\xa9"}\n'
+    )
+
+
 async def test_csv_export_equals_sandbox_data(tmp_path: Path) -> None:
     """A CSV export of 5,200 chats has one row per chat; nested fields are JSON, nothing lost."""
     out = tmp_path / "chats.csv"
