@@ -170,7 +170,7 @@ class PageData:
     body: bytes = attrs.field(default=b"", repr=False, eq=False)
 
 
-class RawChat(dict):  # type: ignore[type-arg]  # dict[str, Any]: subscripted bases need 3.9+ typing
+class RawChat(dict[str, Any]):
     """One chat object as the server sent it: its parsed JSON object (a `dict`, so every
     mapping use of it works), and `raw`, the exact bytes of its JSON text in the page body.
 

@@ -651,6 +651,14 @@ def test_raw_records_of_a_body_msgspec_refuses_are_compact_json() -> None:
     assert [r.raw for r in got] == [text.encode() for text in compact]
 
 
+def test_raw_records_of_a_body_with_response_twice_are_the_last_ones() -> None:
+    """A body naming `response` twice: the records and their texts are both the last one's
+    (as `json.loads` reads it), never one's objects with the other's bytes."""
+    body = b'{"status_code":4305,"response":[{"a":1}],"response":[{"b": 2}]}'
+    got = protocol.raw_records(protocol.parse_response(200, {}, body, page=1))
+    assert got == [{"b": 2}] and [r.raw for r in got] == [b'{"b": 2}']
+
+
 def test_raw_chat_pickles_and_copies_with_its_bytes() -> None:
     import copy
     import pickle
