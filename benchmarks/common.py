@@ -24,8 +24,8 @@ class Config:
     s1_chats: int = 4000
     s1_ks: tuple[int, ...] = (1, 4, 16, 64)
     s1_jitter_ks: tuple[int, ...] = (16, 64)
-    # 2. CPU-bound throughput
-    s2_chats: int = 20_000
+    # 2. CPU-bound throughput (#24: N = 50,000)
+    s2_chats: int = 50_000
     s2_k: int = 8
     s2_runs: int = 15  # CPU time on a shared 2-core VM swings +-30 % between repetitions
     # 3. decode alone
@@ -51,6 +51,8 @@ class Config:
     # 9. sliced export
     s9_chats: int = 4000
     s9_k: int = 16
+    s9_cpu_chats: int = 200_000  # the CPU comparison at L = 0 (#24)
+    s9_cpu_k: int = 8
     # 10. head-of-line blocking: wall ratios against 1.03-1.10 targets swing +-5 % a repetition
     s10_runs: int = 7
     # 11. rate-limited tenant
@@ -81,6 +83,7 @@ class Config:
             s6_k=(8,),
             s8_chats=300,
             s9_chats=400,
+            s9_cpu_chats=3000,
             s10_runs=1,
             s12_chats=400,
             s12_limits=(200,),

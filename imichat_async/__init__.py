@@ -42,7 +42,7 @@ from ._errors import (
 )
 from ._fetch import ClientStats
 from ._paging import PagingStats
-from ._protocol import PreparedRequest
+from ._protocol import PreparedRequest, RawChat
 from ._query import Filter
 from ._records import Asset, Channel, Chat, ChatStatus
 from ._results import ChatPage
@@ -88,6 +88,7 @@ __all__ = [
     "PagingStats",
     "PreparedRequest",
     "RateLimitedError",
+    "RawChat",
     "RawResponse",
     "ResponseTooLargeError",
     "RetryPolicy",

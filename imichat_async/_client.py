@@ -42,7 +42,7 @@ from ._transport import AiohttpTransport, Transport
 __all__ = ["ChatPage", "ClientStats", "ImiChatClient"]
 
 PREFETCH_PER_SLOT = 4  # default prefetch = 4 x concurrency: see README, "Choices"
-RawRecord = Mapping[str, Any]
+RawRecord = Mapping[str, Any]  # with raw=True, a `RawChat`: a dict carrying its bytes as sent
 
 
 class ImiChatClient(PageFetcher):
@@ -254,8 +254,9 @@ class ImiChatClient(PageFetcher):
         Filters and paging arguments as for `search_chats`, checked here, at the
         call (`InvalidQueryError` before any request). `limit` stops after that
         many items in all, requesting no page beyond them. With `raw=True` the
-        items are the JSON objects exactly as the server sent them (for exports
-        that keep them as sent); otherwise `Chat` records. `stats`, a
+        items are the JSON objects exactly as the server sent them, as
+        `RawChat`s (dicts whose `raw` is the record's bytes as received: the
+        NDJSON export writes those); otherwise `Chat` records. `stats`, a
         `PagingStats`, is filled as the search goes: pages requested and
         yielded, pages requested past the end (`wasted`), the total.
         """
@@ -299,4 +300,4 @@ class ImiChatClient(PageFetcher):
 
     @staticmethod
     def _raw(data: protocol.PageData, n: int) -> Page[RawRecord]:
-        return Page(n, data.records, data.total)
+        return Page(n, protocol.raw_records(data), data.total)

@@ -80,6 +80,7 @@ PUBLIC_NAMES = [
     "PagingStats",
     "PreparedRequest",
     "RateLimitedError",
+    "RawChat",
     "RawResponse",
     "ResponseTooLargeError",
     "RetryPolicy",

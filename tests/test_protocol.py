@@ -592,9 +592,9 @@ def test_decode_json_reads_what_json_loads_reads(body: bytes) -> None:
     assert type(got) is type(expected)
 
 
-def test_a_json_object_body_is_scanned_without_json_loads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The common body, a UTF-8 JSON object, skips `json.loads`' encoding sniff and wrapper
-    (the reason `_decode_json` exists); anything else still goes through it."""
+def test_a_body_msgspec_reads_skips_json_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The common body, UTF-8 JSON, is read by msgspec alone (the reason `_decode_json`
+    exists); a body msgspec refuses (here a BOM) still goes through `json.loads`."""
     calls: list[bytes] = []
     loads = json.loads
 
@@ -604,9 +604,70 @@ def test_a_json_object_body_is_scanned_without_json_loads(monkeypatch: pytest.Mo
 
     monkeypatch.setattr("imichat_async._protocol.json.loads", counting_loads)
     assert protocol._decode_json(_DOC.encode()) == loads(_DOC)
+    assert protocol._decode_json(b' {"a":1} ') == {"a": 1}
     assert calls == []
-    assert protocol._decode_json(b' {"a":1}') == {"a": 1}
-    assert calls == [b' {"a":1}']
+    bom = b"\xef\xbb\xbf" + _DOC.encode()
+    assert protocol._decode_json(bom) == loads(_DOC)
+    assert calls == [bom]
+
+
+# -- records as sent ---------------------------------------------------------------------------
+
+_ODD_RECORDS = [
+    '{"chat_id":"c-1","tag":["\\u00e9","\\u2713"]}',  # escapes, as an ASCII server sends them
+    '{ "chat_id" : "c-2" ,\t"note": "caf\u00e9 \u2713 \U0001f600" }',  # spaces, UTF-8 as is
+    '{"chat_id":"c-3","q":"\\"quoted\\" \\\\ back\\/slash \\n \\t \\ud83d\\ude00"}',
+    '{"chat_id":"c-4","n":1.50e+2,"big":123456789012345678901234567890,"z":-0.0}',
+    '{"chat_id":"c-5","nested":{"a":[1,{"b":null}],"c":true}}',
+]
+
+
+def _success_body(records: list[str], sep: str = ",") -> bytes:
+    return (
+        '{"status_code": 4305, "description": "ok",\n "response": [ ' + sep.join(records) + " ]}"
+    ).encode()
+
+
+@pytest.mark.parametrize("sep", [",", " ,\n  ", "\r\n,\t"])
+def test_raw_records_are_the_bytes_the_server_sent(sep: str) -> None:
+    """Each record's `raw` is its JSON text exactly as in the body (whitespace, escapes and
+    UTF-8 kept); the record itself is the dict `json.loads` reads from that text."""
+    body = _success_body(_ODD_RECORDS, sep)
+    data = protocol.parse_response(200, {}, body, page=1)
+    got = protocol.raw_records(data)
+    assert [r.raw for r in got] == [t.encode() for t in _ODD_RECORDS]
+    assert got == [json.loads(t) for t in _ODD_RECORDS]
+    assert all(type(r) is protocol.RawChat and isinstance(r, dict) for r in got)
+
+
+def test_raw_records_of_a_body_msgspec_refuses_are_compact_json() -> None:
+    """A body only `json.loads` reads (a BOM here) has no slices: `raw` is compact UTF-8 JSON."""
+    body = b"\xef\xbb\xbf" + _success_body(_ODD_RECORDS)
+    got = protocol.raw_records(protocol.parse_response(200, {}, body, page=1))
+    assert got == [json.loads(t) for t in _ODD_RECORDS]
+    compact = [
+        json.dumps(json.loads(t), ensure_ascii=False, separators=(",", ":")) for t in _ODD_RECORDS
+    ]
+    assert [r.raw for r in got] == [text.encode() for text in compact]
+
+
+def test_raw_records_of_a_body_with_response_twice_are_the_last_ones() -> None:
+    """A body naming `response` twice: the records and their texts are both the last one's
+    (as `json.loads` reads it), never one's objects with the other's bytes."""
+    body = b'{"status_code":4305,"response":[{"a":1}],"response":[{"b": 2}]}'
+    got = protocol.raw_records(protocol.parse_response(200, {}, body, page=1))
+    assert got == [{"b": 2}] and [r.raw for r in got] == [b'{"b": 2}']
+
+
+def test_raw_chat_pickles_and_copies_with_its_bytes() -> None:
+    import copy
+    import pickle
+
+    chat = protocol.RawChat({"chat_id": "c-1"}, b'{"chat_id": "c-1"}')
+    for clone in (pickle.loads(pickle.dumps(chat)), copy.deepcopy(chat), copy.copy(chat)):
+        assert clone == {"chat_id": "c-1"} and clone.raw == chat.raw
+        assert type(clone) is protocol.RawChat
+    assert json.loads(json.dumps(chat)) == chat  # a dict to every JSON encoder
 
 
 @pytest.mark.parametrize(

@@ -167,6 +167,28 @@ async def test_runs_with_changes_between_and_during_runs_keep_the_log_exact(
         assert sb.stats.updated > 80  # the busy chats changed again and again
 
 
+async def test_the_log_holds_each_version_as_the_bytes_the_server_sent(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Each line the sync appends is the record's JSON text byte for byte as the server
+    sent it (spaced, UTF-8 characters as they are), across runs and changes."""
+    log, state = tmp_path / "log.ndjson", tmp_path / "state.json"
+    async with serve(chats=300, seed=4, wall_clock=clock, json_style="spaced") as sb:
+        for chat in sb.data[::5]:  # before the first request: no body is cached yet
+            chat["other_details"] = {"note": 'caf\u00e9 \u2713 \U0001f600 "q" \\ \n'}
+        versions = Versions(sb)
+        args: dict[str, Any] = {"since": SINCE, "state": state, "sink": log}
+        async with client_for(sb) as client:
+            await sync_chats(client, **args)
+            sb.churn(updates=20, inserts=3)
+            clock.now += 60
+            await sync_chats(client, **args)
+    lines = log.read_bytes().split(b"\n")
+    assert lines.pop() == b""
+    sent = {json.dumps(c, ensure_ascii=False).encode() for c in versions.known.values()}
+    assert len(lines) > 200 and set(lines) <= sent
+
+
 async def test_a_run_with_nothing_changed_appends_nothing_in_three_requests(
     tmp_path: Path, clock: FakeClock
 ) -> None:

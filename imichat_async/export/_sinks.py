@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
-from .. import InvalidQueryError
+from .. import InvalidQueryError, RawChat
 from ._aio import in_thread
 from ._checkpoint import CheckpointError, fsync_dir, named_on_error
 
@@ -223,17 +223,33 @@ class FileSink(Sink):
                 self.temp_path.unlink()
 
 
-def _json_line(record: RawRecord) -> str:
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+def _json_text(record: RawRecord) -> bytes:
+    """The record's text as the server sent it (`RawChat.raw`), else compact JSON, UTF-8.
+
+    A text spanning lines (a server that pretty-prints) is written compact: one line.
+    """
+    if isinstance(record, RawChat):
+        raw = record.raw
+        if b"\n" not in raw and b"\r" not in raw:
+            return raw
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 class NdjsonSink(FileSink):
-    """One JSON object per line, exactly the object the server sent (key order kept, UTF-8)."""
+    """One JSON object per line: the bytes of the record's JSON text exactly as the server
+    sent them (a `RawChat`, what searches with `raw=True` give); any other mapping as its
+    compact JSON, UTF-8. A record the server sent over several lines is written compact.
+    """
 
     kind = "ndjson"
 
     def encode(self, records: Sequence[RawRecord]) -> bytes:
-        return "".join(map(_json_line, records)).encode()
+        texts = [r.raw for r in records if r.__class__ is RawChat]
+        if len(texts) == len(records):  # the common case: every record as sent, joined
+            out = b"\n".join(texts) + b"\n"
+            if out.count(b"\n") == len(texts) and b"\r" not in out:
+                return out
+        return b"\n".join(map(_json_text, records)) + b"\n"
 
     def count(self, f: IO[bytes]) -> int:
         # Every record is one line; JSON text holds no raw newline.

@@ -29,6 +29,12 @@ HOT_SIZE = 20  # the most chats in the hot set
 _BODY_CACHE_SIZE = 20_000  # serialized pages kept (about 5 KB each)
 _CACHE_SIZE = 128
 _MS = 1000
+#: How a success body is serialized (`Sandbox(json_style=)`): json.dumps' keywords.
+JSON_STYLES: dict[str, dict[str, Any]] = {
+    "compact": {"separators": (",", ":")},  # ASCII only: other characters as \u escapes
+    "spaced": {"ensure_ascii": False},  # ", " and ": ", characters as they are (UTF-8)
+    "pretty": {"ensure_ascii": False, "indent": 2},  # every record over several lines
+}
 
 
 @attrs.frozen
@@ -49,7 +55,12 @@ class Tenant:
     changed now.
     """
 
-    def __init__(self, chats: int, seed: int, wall_clock: Callable[[], float]) -> None:
+    def __init__(
+        self, chats: int, seed: int, wall_clock: Callable[[], float], json_style: str = "compact"
+    ) -> None:
+        if json_style not in JSON_STYLES:
+            raise ValueError(f"json_style must be one of {sorted(JSON_STYLES)}, got {json_style!r}")
+        self._json = JSON_STYLES[json_style]
         self._wall_clock = wall_clock
         self._factory = ChatFactory(seed)
         self._table = Table(*self._factory.generate(chats))
@@ -85,7 +96,7 @@ class Tenant:
                 "description": describe(SUCCESS),
                 "response": results[start : start + PAGE_SIZE],
             }
-            body = json.dumps(doc, separators=(",", ":")).encode()
+            body = json.dumps(doc, **self._json).encode()
             if len(self._bodies) >= _BODY_CACHE_SIZE:
                 self._bodies.clear()
             self._bodies[(query, page)] = body

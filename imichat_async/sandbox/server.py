@@ -92,6 +92,9 @@ class Sandbox:
     (its `Date` headers and the times it stamps alike): a server whose clock
     is skewed from the client's. `date_header=False` sends the `Date` header
     empty (aiohttp always sends one): a server whose clock a client cannot read.
+    `json_style` is how success bodies are serialized: "compact" (the default;
+    ASCII, other characters escaped), "spaced" (", " and ": ", characters as
+    UTF-8) or "pretty" (indented: a record spans lines).
     """
 
     def __init__(
@@ -108,6 +111,7 @@ class Sandbox:
         wall_clock: Callable[[], float] = time.time,
         clock_offset: float = 0.0,
         date_header: bool = True,
+        json_style: str = "compact",
     ) -> None:
         if chats < 0:
             raise ValueError(f"chats must be >= 0, got {chats}")
@@ -122,7 +126,7 @@ class Sandbox:
         self.clock_offset = clock_offset
         self.date_header = date_header
         self._date: tuple[int, str] = (-1, "")  # the last Date header, by its second
-        self._tenant = Tenant(chats, seed, self.now)
+        self._tenant = Tenant(chats, seed, self.now, json_style)
         #: Every chat, in served order (the table's own list: read it, do not change it).
         self.data: list[dict[str, Any]] = self._tenant.data
         self._closing = asyncio.Event()
@@ -470,6 +474,7 @@ async def serve(
     wall_clock: Callable[[], float] = time.time,
     clock_offset: float = 0.0,
     date_header: bool = True,
+    json_style: str = "compact",
     **fault_knobs: Any,
 ) -> AsyncIterator[Sandbox]:
     """Serve a `Sandbox` on 127.0.0.1 for the duration of the block.
@@ -499,6 +504,7 @@ async def serve(
         wall_clock=wall_clock,
         clock_offset=clock_offset,
         date_header=date_header,
+        json_style=json_style,
     )
     async with sb:
         yield sb
