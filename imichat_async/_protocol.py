@@ -296,11 +296,12 @@ def parse_response(
 ) -> PageData:
     """Classify one response: return its page, or raise the error of its class.
 
-    Raises a `TransientError` subclass (2007, 3454, HTTP 429/5xx, a 500 without
-    the vendor's JSON body), `TokenExpiredError` (2004), or a permanent `ApiError`
-    subclass. A 200 whose body is not the contract's success document, or an
-    error body whose `status_code` is unknown or not an integer (outside HTTP
-    429/502/503/504), raises `UnexpectedResponseError` rather than crashing.
+    Raises a `TransientError` subclass (2007, 3454, HTTP 429/502/503/504 whatever
+    the body's code, a 500 without the vendor's JSON body), `TokenExpiredError`
+    (2004), or a permanent `ApiError` subclass. A 200 whose body is not the
+    contract's success document, or an error body whose `status_code` is unknown
+    or not an integer (outside HTTP 429/502/503/504), raises
+    `UnexpectedResponseError` rather than crashing.
     """
     doc = _decode_json(body)
     if http_status == 200 and isinstance(doc, dict) and doc.get("status_code") == SUCCESS_CODE:
@@ -318,10 +319,10 @@ def parse_response(
 
     code, description, unclassified = _error_from_body(http_status, doc)
     row = STATUS_TABLE.get(code) if code is not None else None
-    if row is not None and row.error is not None:
-        cls: type[e.ApiError] = row.error
-    elif http_status in TRANSIENT_HTTP:
-        cls = TRANSIENT_HTTP[http_status]
+    if http_status in TRANSIENT_HTTP:  # the contract's table: transient whatever the body says
+        cls: type[e.ApiError] = TRANSIENT_HTTP[http_status]
+    elif row is not None and row.error is not None:
+        cls = row.error
     elif unclassified and http_status != 200:
         cls = e.UnexpectedResponseError  # a vendor body we cannot read: not retried blindly
     elif http_status == 500:

@@ -179,7 +179,7 @@ TRANSIENT_REPLIES: list[tuple[str, Callable[[], Reply], type[e.TransientError]]]
         for r in TRANSIENT_ROWS
     ],
     ("429", lambda: http(429), e.RateLimitedError),
-    ("429-json", lambda: api_error({**row(2007), "http_status": 429}), e.InternalServerError),
+    ("429-json", lambda: api_error({**row(2007), "http_status": 429}), e.RateLimitedError),
     ("502-html", lambda: http(502, GATEWAY_HTML), e.GatewayError),
     ("503-empty", lambda: http(503), e.GatewayError),
     ("504-html", lambda: http(504, GATEWAY_HTML), e.GatewayError),
