@@ -194,6 +194,19 @@ def last_page(total: int) -> int:
     return math.ceil(total / PAGE_SIZE)
 
 
+def ends_search(page: int, count: int, total: int | None) -> bool:
+    """Whether the search ends at `page`, which held `count` records.
+
+    The contract promises at most 10 records a page, not exactly 10. With a
+    total (`X-Total-Count`): the total's last page ends it, or an empty page
+    before it (the data shrank meanwhile); a short page before it does not.
+    Without a total: a short page (a page past the last one is empty).
+    """
+    if total is not None:
+        return count == 0 or page >= last_page(total)
+    return count < PAGE_SIZE
+
+
 def parse_retry_after(value: str | None) -> float | None:
     """Seconds from a Retry-After header (delta-seconds form), clamped; None if absent or odd."""
     if value is None:

@@ -26,6 +26,8 @@ from imichat_async._transport import RawResponse
 from tests.helpers import assert_no_stray_tasks
 
 PAGE_SIZE = 10
+#: The wire's end-of-data rule, as the client gives it to the engine.
+RULE: dict[str, Any] = {"last_page": protocol.last_page, "ends": protocol.ends_search}
 
 
 class VirtualClock:
@@ -106,7 +108,7 @@ class Fetcher:
 
 
 def run(fetcher: Fetcher, prefetch: int, stats: PagingStats, **kw: Any) -> Any:
-    return iterate_pages(fetcher.fetch, page_size=PAGE_SIZE, prefetch=prefetch, stats=stats, **kw)
+    return iterate_pages(fetcher.fetch, **RULE, prefetch=prefetch, stats=stats, **kw)
 
 
 async def test_slow_head_keeps_every_slot_busy_within_the_window() -> None:
@@ -375,9 +377,7 @@ class Script:
 
 
 def script_run(script: Script, stats: PagingStats, **kw: Any) -> Any:
-    return iterate_pages(
-        script.fetch, page_size=PAGE_SIZE, prefetch=8, stats=stats, hedger=hedger(0.5), **kw
-    )
+    return iterate_pages(script.fetch, **RULE, prefetch=8, stats=stats, hedger=hedger(0.5), **kw)
 
 
 async def test_overdue_first_page_is_hedged(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -555,7 +555,7 @@ async def test_second_cancel_during_cleanup_still_awaits_every_task() -> None:
             running -= 1
 
     async def consumer() -> None:
-        async with aclosing(iterate_pages(fetch, page_size=10, prefetch=4)) as it:
+        async with aclosing(iterate_pages(fetch, **RULE, prefetch=4)) as it:
             async for _ in it:
                 pass
 
@@ -581,7 +581,7 @@ async def test_cancel_during_cleanup_after_break_is_not_lost() -> None:
     went_on: list[bool] = []
 
     async def consumer() -> None:
-        async with aclosing(iterate_pages(script.fetch, page_size=10, prefetch=4)) as it:
+        async with aclosing(iterate_pages(script.fetch, **RULE, prefetch=4)) as it:
             async for _ in it:
                 await spin(3)  # pages 2..4 start
                 break

@@ -533,6 +533,30 @@ def test_last_page(total: int, last: int) -> None:
 
 
 @pytest.mark.parametrize(
+    ("page", "count", "total", "ends"),
+    [
+        # with a total: its last page, or an empty page; a short page before it does not end
+        (1, 10, 35, False),
+        (2, 4, 35, False),
+        (3, 10, 35, False),
+        (4, 5, 35, True),
+        (4, 10, 40, True),
+        (2, 0, 35, True),
+        (1, 0, 0, True),
+        (5, 3, 35, True),
+        # without one: a short page
+        (1, 10, None, False),
+        (2, 9, None, True),
+        (2, 4, None, True),
+        (3, 0, None, True),
+    ],
+)
+def test_ends_search(page: int, count: int, total: int | None, ends: bool) -> None:
+    """The end-of-data rule: at most 10 records a page, not exactly 10 (wire contract)."""
+    assert protocol.ends_search(page, count, total) is ends
+
+
+@pytest.mark.parametrize(
     ("host", "loopback"),
     [
         ("localhost", True),
