@@ -87,6 +87,7 @@ class PageFetcher:
         seconds have passed since its first request.
         """
         search = object()  # this search's queue at the limiter: its lowest page goes first
+        self._auth.rearm()  # a token the callable handed back expired spoils one search only
         if deadline is None:
 
             async def fetch(n: int) -> Page[Any]:

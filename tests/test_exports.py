@@ -84,6 +84,7 @@ PUBLIC_NAMES = [
     "TLSError",
     "TeamNotFoundError",
     "TokenExpiredError",
+    "TokenProviderError",
     "TransientError",
     "Transport",
     "UnexpectedResponseError",
@@ -137,6 +138,7 @@ def test_row_classes_are_distinct() -> None:
         ("InvalidFilterValueError", ["BadRequestError"]),
         ("DecodeError", ["ImiChatError"]),
         ("SearchTimeoutError", ["ImiChatError", "TimeoutError"]),
+        ("TokenProviderError", ["ImiChatError"]),
         ("ConfigurationError", ["ImiChatError", "ValueError"]),
     ],
 )
