@@ -30,9 +30,10 @@ window is full.
   consumer holds; however many pages there are.
 - Hedging (with a `Hedger`): a head page outstanding longer than the
   hedger's delay, while the window can do nothing else, gets one duplicate
-  `fetch` of the same page; the first answer is used, the other cancelled, so
-  a record is never duplicated nor dropped. At most `HEDGE_BUDGET` of the
-  pages requested (at least one) per run.
+  `fetch` of the same page; the first answer is used, the other cancelled
+  (with `HEDGE_LOST`: a fetch may finish the request it has on the wire, and
+  keep its slot till then), so a record is never duplicated nor dropped. At
+  most `HEDGE_BUDGET` of the pages requested (at least one) per run.
 - Leaving early (break, exception, cancellation, `aclose()`) cancels every
   task in flight and waits for them, in a `finally`, even through a second
   cancellation; no `yield` happens inside a task group or timeout block
@@ -55,6 +56,17 @@ T = TypeVar("T")
 log = logging.getLogger("imichat_async")
 
 HEDGE_BUDGET = 0.05  # duplicate requests per page requested, per run (at least one allowed)
+#: The message of the cancellation that ends a hedge race's loser (see `hedge_lost`).
+HEDGE_LOST = "imichat_async: hedge race lost"
+
+
+def hedge_lost(exc: BaseException) -> bool:
+    """Whether `exc` is the cancellation of a hedge race's loser (not a search ending).
+
+    The fetch it cancels may finish the request it has on the wire before it
+    stops: the server works on it until it answers, and counts it in flight.
+    """
+    return isinstance(exc, asyncio.CancelledError) and exc.args == (HEDGE_LOST,)
 
 
 @attrs.frozen
@@ -233,7 +245,7 @@ async def iterate_pages(
             for t in (task, hedge):  # the original first when both are done
                 if t in done and not t.cancelled() and t.exception() is None:
                     for loser in pair:
-                        loser.cancel()
+                        loser.cancel(HEDGE_LOST)
                     if t is hedge:
                         st.hedges_won += 1
                     return t.result()

@@ -21,7 +21,14 @@ import pytest
 import imichat_async as imi
 from imichat_async import _protocol as protocol
 from imichat_async._limiter import Limiter
-from imichat_async._paging import Hedger, Page, PagingStats, _Alarm, iterate_pages
+from imichat_async._paging import (
+    Hedger,
+    Page,
+    PagingStats,
+    _Alarm,
+    hedge_lost,
+    iterate_pages,
+)
 from imichat_async._transport import RawResponse
 from tests.helpers import assert_no_stray_tasks
 
@@ -74,6 +81,7 @@ class Fetcher:
         self.events: list[tuple[str, int]] = []  # ("ask", page) and ("grant", page)
         self.busy_at_release: list[tuple[int, int]] = []  # (in flight, waiting) after each
         self.cancelled: list[int] = []
+        self.hedge_lost: list[bool] = []  # per cancellation: a hedge race's loser?
         self.answered: list[int] = []
 
     def release(self, *pages: int) -> None:
@@ -99,8 +107,9 @@ class Fetcher:
                 items = list(range(start, min(start + PAGE_SIZE, self.n_items)))
                 self.answered.append(n)
                 return Page(n, items, self.n_items if self.total else None)
-            except asyncio.CancelledError:
+            except asyncio.CancelledError as exc:
                 self.cancelled.append(n)
+                self.hedge_lost.append(hedge_lost(exc))
                 raise
             finally:
                 self.limiter.release(epoch)
@@ -194,6 +203,7 @@ async def test_hedge_only_past_the_delay_and_the_loser_is_cancelled(
         assert fetcher.attempts[2] == 2
         await spin()
         assert fetcher.cancelled == [2]  # the original, still held, lost and was cancelled
+        assert fetcher.hedge_lost == [True]  # told so: it may finish a request on the wire
         got.append(page.number)
         items.extend(page.items)
         async for page in it:
