@@ -749,7 +749,9 @@ def mocked() -> Any:
 def _key(host: str, port: int, ssl: bool = False) -> Any:
     from aiohttp.client_reqrep import ConnectionKey
 
-    return ConnectionKey(host, port, ssl, ssl, None, None, None, None)
+    # By keyword: aiohttp 3.14 added a field (server_hostname) the lowest supported lacks.
+    unset: dict[str, Any] = dict.fromkeys(("proxy", "proxy_auth", "proxy_headers_hash"))
+    return ConnectionKey(host=host, port=port, is_ssl=ssl, ssl=ssl, **unset)
 
 
 AIOHTTP_FAILURES: list[tuple[str, Callable[[], BaseException], type[Exception], str]] = [
