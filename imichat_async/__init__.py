@@ -37,6 +37,7 @@ from ._errors import (
     TeamNotFoundError,
     TLSError,
     TokenExpiredError,
+    TokenProviderError,
     TransientError,
     UnexpectedResponseError,
 )
@@ -96,6 +97,7 @@ __all__ = [
     "TLSError",
     "TeamNotFoundError",
     "TokenExpiredError",
+    "TokenProviderError",
     "TransientError",
     "Transport",
     "UnexpectedResponseError",

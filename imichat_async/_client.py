@@ -286,7 +286,8 @@ class ImiChatClient(PageFetcher):
         check_paging(window, start_page, max_pages, deadline)
         return iterate_pages(
             self.page_fetch(query.body(), convert, deadline),
-            page_size=protocol.PAGE_SIZE,
+            last_page=protocol.last_page,
+            ends=protocol.ends_search,
             prefetch=window,
             start_page=start_page,
             max_pages=max_pages,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -23,7 +24,7 @@ from . import _protocol as protocol
 from ._auth import STATIC_TOKEN_EXPIRED, TokenProvider, TokenSource
 from ._errors import ApiError, ImiChatError, SearchTimeoutError, TokenExpiredError
 from ._limiter import Limiter
-from ._paging import Hedger, Page
+from ._paging import Hedger, Page, hedge_lost
 from ._retry import RetryPolicy, call_with_retries, make_retrying
 from ._transport import RawResponse, Transport
 
@@ -89,6 +90,7 @@ class PageFetcher:
         seconds have passed since its first request.
         """
         search = object()  # this search's queue at the limiter: its lowest page goes first
+        self._auth.rearm()  # a token the callable handed back expired spoils one search only
         if deadline is None:
 
             async def fetch(n: int) -> Page[Any]:
@@ -105,7 +107,13 @@ class PageFetcher:
             if left <= 0:
                 raise SearchTimeoutError(f"search deadline of {deadline}s passed at page {n}")
             try:
-                data = await asyncio.wait_for(self._fetch(body, n, search), left)
+                if sys.version_info >= (3, 11):
+                    # In this task, not wait_for's inner one: a hedge race's cancellation
+                    # reaches `_send` with its message (see `_exchange`).
+                    async with asyncio.timeout(left):
+                        data = await self._fetch(body, n, search)
+                else:
+                    data = await asyncio.wait_for(self._fetch(body, n, search), left)
             except asyncio.TimeoutError:
                 raise SearchTimeoutError(
                     f"search deadline of {deadline}s passed at page {n}"
@@ -189,7 +197,10 @@ class PageFetcher:
         throttled = False
         started = time.perf_counter()
         try:
-            raw = await self._transport.send(request)
+            if self._hedger is None:
+                raw = await self._transport.send(request)
+            else:
+                raw = await self._exchange(request)
             self._last_headers = raw.headers
             status = raw.status
             throttled = protocol.is_throttle(status, raw.headers)
@@ -205,6 +216,33 @@ class PageFetcher:
                     hedger.record(time.perf_counter() - started)
                 elif overloaded:
                     hedger.overloaded()
+
+    async def _exchange(self, request: protocol.PreparedRequest) -> RawResponse:
+        """`transport.send(request)`, finished when a hedge race is lost with it on the wire.
+
+        The server works on a request until it answers, and a tenant counts it in
+        flight until then, aborted or not: a loser (`hedge_lost`) waits for its
+        answer, discarded, keeping its slot, so that the server never sees more
+        than `concurrency` of this client's requests. The race was decided: the
+        search goes on meanwhile. Any other cancellation (the search ends, a
+        second one during that wait) aborts the request at once, as before.
+        """
+        send = asyncio.ensure_future(self._transport.send(request))
+        try:
+            return await asyncio.shield(send)
+        except asyncio.CancelledError as exc:
+            if not hedge_lost(exc):
+                send.cancel()
+            # Wait until it stopped, so no request outlives its page; a second
+            # cancellation meanwhile cancels it too and is raised once it stopped.
+            try:
+                await send  # a loser's answer, or the transport's own error: discarded
+            except Exception:
+                pass
+            except asyncio.CancelledError:
+                if not send.done():
+                    raise
+            raise
 
     def _headers_for(self, token: str) -> Mapping[str, str]:
         cached = self._headers

@@ -251,6 +251,19 @@ def last_page(total: int) -> int:
     return math.ceil(total / PAGE_SIZE)
 
 
+def ends_search(page: int, count: int, total: int | None) -> bool:
+    """Whether the search ends at `page`, which held `count` records.
+
+    The contract promises at most 10 records a page, not exactly 10. With a
+    total (`X-Total-Count`): the total's last page ends it, or an empty page
+    before it (the data shrank meanwhile); a short page before it does not.
+    Without a total: a short page (a page past the last one is empty).
+    """
+    if total is not None:
+        return count == 0 or page >= last_page(total)
+    return count < PAGE_SIZE
+
+
 def parse_retry_after(value: str | None) -> float | None:
     """Seconds from a Retry-After header (delta-seconds form), clamped; None if absent or odd."""
     if value is None:
@@ -387,11 +400,12 @@ def parse_response(
 ) -> PageData:
     """Classify one response: return its page, or raise the error of its class.
 
-    Raises a `TransientError` subclass (2007, 3454, HTTP 429/5xx, a 500 without
-    the vendor's JSON body), `TokenExpiredError` (2004), or a permanent `ApiError`
-    subclass. A 200 whose body is not the contract's success document, or an
-    error body whose `status_code` is unknown or not an integer (outside HTTP
-    429/502/503/504), raises `UnexpectedResponseError` rather than crashing.
+    Raises a `TransientError` subclass (2007, 3454, HTTP 429/502/503/504 whatever
+    the body's code, a 500 without the vendor's JSON body), `TokenExpiredError`
+    (2004), or a permanent `ApiError` subclass. A 200 whose body is not the
+    contract's success document, or an error body whose `status_code` is unknown
+    or not an integer (outside HTTP 429/502/503/504), raises
+    `UnexpectedResponseError` rather than crashing.
     """
     doc = _decode_json(body)
     if http_status == 200 and isinstance(doc, dict) and doc.get("status_code") == SUCCESS_CODE:
@@ -409,10 +423,10 @@ def parse_response(
 
     code, description, unclassified = _error_from_body(http_status, doc)
     row = STATUS_TABLE.get(code) if code is not None else None
-    if row is not None and row.error is not None:
-        cls: type[e.ApiError] = row.error
-    elif http_status in TRANSIENT_HTTP:
-        cls = TRANSIENT_HTTP[http_status]
+    if http_status in TRANSIENT_HTTP:  # the contract's table: transient whatever the body says
+        cls: type[e.ApiError] = TRANSIENT_HTTP[http_status]
+    elif row is not None and row.error is not None:
+        cls = row.error
     elif unclassified and http_status != 200:
         cls = e.UnexpectedResponseError  # a vendor body we cannot read: not retried blindly
     elif http_status == 500:

@@ -88,6 +88,7 @@ PUBLIC_NAMES = [
     "TLSError",
     "TeamNotFoundError",
     "TokenExpiredError",
+    "TokenProviderError",
     "TransientError",
     "Transport",
     "UnexpectedResponseError",
@@ -141,6 +142,7 @@ def test_row_classes_are_distinct() -> None:
         ("InvalidFilterValueError", ["BadRequestError"]),
         ("DecodeError", ["ImiChatError"]),
         ("SearchTimeoutError", ["ImiChatError", "TimeoutError"]),
+        ("TokenProviderError", ["ImiChatError"]),
         ("ConfigurationError", ["ImiChatError", "ValueError"]),
     ],
 )

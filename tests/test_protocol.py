@@ -195,6 +195,36 @@ def test_gateway_status_wins_over_an_odd_status_code(status: int, status_code: A
     assert info.value.retry_after == 2.0
 
 
+#: The wire contract's error classes table, literally: its transient row's HTTP statuses
+#: ("HTTP 429/502/503/504") and the vendor codes of every row.
+CONTRACT_TRANSIENT_HTTP = (429, 502, 503, 504)
+CONTRACT_TRANSIENT_CODES = (2007, 3454)
+CONTRACT_TOKEN_EXPIRED_CODES = (2004,)
+CONTRACT_PERMANENT_CODES = (2002, 2003, 2010, 2099, 3114, 3115, 3445, 3446, 3447, 3451, 4303)
+
+
+@pytest.mark.parametrize("status", CONTRACT_TRANSIENT_HTTP)
+@pytest.mark.parametrize(
+    "status_code",
+    CONTRACT_TRANSIENT_CODES + CONTRACT_TOKEN_EXPIRED_CODES + CONTRACT_PERMANENT_CODES,
+)
+def test_gateway_status_is_transient_whatever_vendor_code(status: int, status_code: int) -> None:
+    """HTTP 429/502/503/504 are transient whatever vendor code the body carries (a 503 with
+    3115, a 429 with 2003): retried, Retry-After kept, the body's code and text reported."""
+    with pytest.raises(e.ApiError) as info:
+        protocol.parse_response(status, {"Retry-After": "2"}, _body(status_code, "odd"), page=4)
+    err = info.value
+    assert type(err) is (e.RateLimitedError if status == 429 else e.GatewayError)
+    assert isinstance(err, e.TransientError)
+    assert (err.http_status, err.status_code, err.description, err.page) == (
+        status,
+        status_code,
+        "odd",
+        4,
+    )
+    assert err.retry_after == 2.0
+
+
 def test_unknown_status_code_is_unexpected_response() -> None:
     """A status_code outside the vendor's table raises UnexpectedResponseError, keeping it."""
     with pytest.raises(e.UnexpectedResponseError) as info:
@@ -500,6 +530,30 @@ def test_prepared_request_repr_hides_token() -> None:
 def test_last_page(total: int, last: int) -> None:
     """last_page(total) is ceil(total / 10)."""
     assert protocol.last_page(total) == last
+
+
+@pytest.mark.parametrize(
+    ("page", "count", "total", "ends"),
+    [
+        # with a total: its last page, or an empty page; a short page before it does not end
+        (1, 10, 35, False),
+        (2, 4, 35, False),
+        (3, 10, 35, False),
+        (4, 5, 35, True),
+        (4, 10, 40, True),
+        (2, 0, 35, True),
+        (1, 0, 0, True),
+        (5, 3, 35, True),
+        # without one: a short page
+        (1, 10, None, False),
+        (2, 9, None, True),
+        (2, 4, None, True),
+        (3, 0, None, True),
+    ],
+)
+def test_ends_search(page: int, count: int, total: int | None, ends: bool) -> None:
+    """The end-of-data rule: at most 10 records a page, not exactly 10 (wire contract)."""
+    assert protocol.ends_search(page, count, total) is ends
 
 
 @pytest.mark.parametrize(
