@@ -25,6 +25,7 @@ from ._errors import ApiError, ImiChatError, SearchTimeoutError, TokenExpiredErr
 from ._limiter import Limiter
 from ._paging import Hedger, Page
 from ._retry import RetryPolicy, call_with_retries, make_retrying
+from ._sched import Flow
 from ._transport import RawResponse, Transport
 
 log = logging.getLogger("imichat_async")
@@ -82,11 +83,16 @@ class PageFetcher:
         body: bytes,
         convert: Callable[[protocol.PageData, int], Page[Any]],
         deadline: float | None,
+        search: Flow[Any] | None = None,
     ) -> Callable[[int], Awaitable[Page[Any]]]:
         """The engine's `fetch(n)` for one search: `SearchTimeoutError` once `deadline`
         seconds have passed since its first request.
+
+        `search` is its place at the limiter (`Limiter.flow`), sized from the server's
+        total as soon as a page tells it; a new one (interactive) if not given.
         """
-        search = object()  # this search's queue at the limiter: its lowest page goes first
+        if search is None:
+            search = self._limiter.flow()
         if deadline is None:
 
             async def fetch(n: int) -> Page[Any]:
@@ -112,7 +118,9 @@ class PageFetcher:
 
         return fetch_until
 
-    async def _fetch(self, body: bytes, page: int, search: object = None) -> protocol.PageData:
+    async def _fetch(
+        self, body: bytes, page: int, search: Flow[Any] | None = None
+    ) -> protocol.PageData:
         refreshes = 0  # bounded, so a page can't cycle through tokens forever
         refused = 0  # tokens in a row that expired before they ever served a page
         while True:
@@ -142,6 +150,8 @@ class PageFetcher:
             self._warm = True
             self.stats.pages += 1
             self.stats.records += len(data.records)
+            if search is not None and data.total is not None:
+                search.ends_at(protocol.last_page(data.total))  # its pages left, for the limiter
             return data
 
     @_otel.attempt_scope
@@ -177,7 +187,7 @@ class PageFetcher:
         """One attempt under the client-wide limiter, fed back what the server said.
 
         `search` and the page number order the waiters: a search's lowest page
-        first, searches in turn.
+        first, the search with the fewest pages left first (`_sched`).
         """
         if self._closed:
             raise ImiChatError("the client is closed")

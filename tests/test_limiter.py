@@ -102,8 +102,9 @@ async def test_cancel_just_after_grant_gives_the_slot_back() -> None:
     with pytest.raises(asyncio.CancelledError):
         await waiter
     assert limiter.in_flight == 0
-    assert await asyncio.wait_for(limiter.acquire(), 1) == 0  # the slot is free again
-    limiter.release(0)
+    ticket = await asyncio.wait_for(limiter.acquire(), 1)  # the slot is free again
+    assert (ticket.epoch, limiter.in_flight) == (0, 1)
+    limiter.release(ticket)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -242,7 +243,7 @@ async def test_cancelled_ranked_waiter_leaves_its_queue() -> None:
     await asyncio.gather(tasks[2], tasks[3])
     assert order == [2, 3]
     assert limiter.in_flight == 0
-    assert await asyncio.wait_for(limiter.acquire("s", 0), 1) == 0
+    limiter.release(await asyncio.wait_for(limiter.acquire("s", 0), 1))
 
 
 # -- the send rate, waited for before a slot --------------------------------------------------
@@ -325,15 +326,16 @@ async def test_cancel_while_waiting_for_the_rate_leaks_nothing() -> None:
 async def test_throttled_release_lowers_a_learned_rate() -> None:
     """`release(throttled=True)` reaches the adaptive send rate; `overloaded` alone does not."""
     t = FakeTime()
-    limiter = Limiter(4, send_rate=SendRate(adaptive=True, clock=t), sleep=t.sleep)
+    rate = SendRate(adaptive=True, clock=t)
+    limiter = Limiter(4, send_rate=rate, sleep=t.sleep)
     for _ in range(10):
         t.now += 0.01
         limiter.release(await limiter.acquire(), ok=True)
     limiter.release(await limiter.acquire(), overloaded=True)  # a bare 503: not a throttle
-    assert limiter.rate is not None and limiter.rate.rate is None
+    assert limiter.rate is rate and rate.rate is None
     limiter.release(await limiter.acquire(), overloaded=True, throttled=True)
-    assert limiter.rate.decreases == 1
-    assert limiter.rate.rate is not None
+    assert rate.decreases == 1
+    assert rate.rate is not None
     assert limiter.limit == 4  # the concurrency bound stays where it was
 
 
@@ -532,16 +534,16 @@ def test_rate_limit_builds_a_fixed_send_rate() -> None:
 async def test_release_tells_a_learned_rate_only_what_was_accepted() -> None:
     """ok=True counts as accepted for the learned rate; a plain release (5xx) counts as nothing."""
     t = FakeTime()
-    limiter = Limiter(4, send_rate=SendRate(adaptive=True, clock=t), sleep=t.sleep)
-    assert limiter.rate is not None
+    rate = SendRate(adaptive=True, clock=t)
+    limiter = Limiter(4, send_rate=rate, sleep=t.sleep)
     for _ in range(3):
         t.now += 0.1
         limiter.release(await limiter.acquire())
-    assert limiter.rate.accepted.rate(t.now) == 0.0
+    assert rate.accepted.rate(t.now) == 0.0
     for _ in range(3):
         t.now += 0.1
         limiter.release(await limiter.acquire(), ok=True)
-    assert limiter.rate.accepted.rate(t.now) > 0.0
+    assert rate.accepted.rate(t.now) > 0.0
 
 
 async def test_token_freed_during_the_wait_goes_to_the_head_not_a_newcomer() -> None:
