@@ -65,7 +65,7 @@ class Limiter:
             raise ValueError("adapt the rate or the concurrency, not both")
         self.slots = Slots(limit, adaptive=adaptive, min_limit=min_limit)
         self.gate = RateGate(SendRate(rate_limit) if rate_limit is not None else send_rate, sleep)
-        self.sched: Scheduler[Waiter] = Scheduler()
+        self.sched: Scheduler[Waiter] = Scheduler(horizon=limit)
 
     # -- read by stats, the fetch path's hedging rule, tests -----------------------------------
 

@@ -10,11 +10,14 @@ this order when a slot (and a token) is free:
   from the first page's total; a `max_pages` cap sizes it from the start):
   its pages left are that size less the requests granted to it. A search
   not sized yet is ranked by the requests it has had (least attained
-  service), and never ahead of the typical search (the median size of the
-  last `TYPICAL_OF` searches sized): a new search waits behind the started
-  ones that will finish sooner, so equal searches finish one after the
-  other instead of all near the end; before any search is sized, the least
-  served goes first.
+  service), but never ahead of the typical search: the median size of the
+  last `TYPICAL_OF` searches sized, capped at the `horizon` (the client's
+  concurrency: a search with no more pages left than that needs one round of
+  all the slots, and a newcomer put before it would not finish sooner). So a
+  new search waits behind the started ones that will finish sooner, and
+  equal searches finish one after the other instead of all near the end,
+  while a new search still goes before a long one. Before any search is
+  sized, the least served goes first.
 - Background searches (`priority="background"`: exports, syncs) come after
   every interactive one, and among themselves in the same order.
 - Aging: while more than one search waits, one grant in `SHARE` goes to the
@@ -134,17 +137,18 @@ class Flow(Generic[T]):
 class Scheduler(Generic[T]):
     """Queues of items (the limiter's waiters) per search, popped in the order above."""
 
-    def __init__(self, *, share: int = SHARE) -> None:
+    def __init__(self, *, share: int = SHARE, horizon: int | None = None) -> None:
         if share < 2:
             raise ValueError("share must be at least 2")
         self.share = share
+        self.horizon = horizon  # the rank of a new search is never above this (None: no cap)
         self._waiting: dict[Flow[T], None] = {}  # searches with items queued, in no order
         self._groups: dict[Hashable, Flow[T]] = {}  # flows of plain groups, while they wait
         self._arrivals = itertools.count()
         self._turn = 0  # grants made while several searches waited, since the last aging turn
         self._recent: collections.deque[int] = collections.deque(maxlen=TYPICAL_OF)
         self._sorted: list[int] = []  # the same sizes, sorted: the median is an index
-        self.typical = 0  # the median size of the searches sized lately (0: none yet)
+        self.typical = 0  # the median size of the searches sized lately, capped (0: none yet)
         self.aged = 0  # grants made by the aging turn
 
     def flow(
@@ -236,4 +240,5 @@ class Scheduler(Generic[T]):
             del ordered[bisect.bisect_left(ordered, recent[0])]
         recent.append(pages)
         bisect.insort(ordered, pages)
-        self.typical = ordered[(len(ordered) - 1) // 2]
+        median = ordered[(len(ordered) - 1) // 2]
+        self.typical = median if self.horizon is None else min(median, self.horizon)

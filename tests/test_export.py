@@ -29,6 +29,7 @@ from imichat_async.export import (
     NdjsonSink,
     _plan,
     export_chats,
+    sync_chats,
 )
 from imichat_async.sandbox import END, Sandbox, serve
 
@@ -89,6 +90,27 @@ async def test_ndjson_export_equals_sandbox_data(tmp_path: Path) -> None:
     assert report.slices >= 8 and not report.resumed and report.output == out
     assert not (tmp_path / "chats.ndjson.part").exists()
     await assert_no_stray_tasks()
+
+
+async def test_export_and_sync_read_at_background_priority(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every page an export or a sync reads is asked for at background priority."""
+    async with serve(chats=300, seed=1) as sb, client_for(sb, concurrency=4) as client:
+        asked: list[Any] = []
+        search_pages = client.search_pages
+
+        def spy(**kwargs: Any) -> Any:
+            if "prefetch" in kwargs:  # a read (the first call only checks the arguments)
+                asked.append(kwargs.get("priority"))
+            return search_pages(**kwargs)
+
+        monkeypatch.setattr(client, "search_pages", spy)
+        await export_chats(client, since=SINCE, until=UNTIL, sink=NdjsonSink(tmp_path / "e"))
+        exported = len(asked)
+        await sync_chats(client, since=SINCE, state=tmp_path / "s.json", sink=tmp_path / "log")
+    assert 0 < exported < len(asked)
+    assert set(asked) == {"background"}
 
 
 async def test_csv_export_equals_sandbox_data(tmp_path: Path) -> None:

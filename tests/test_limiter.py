@@ -1,14 +1,21 @@
-"""The client-wide limiter: fixed bound, cancellation safety, adaptive AIMD."""
+"""The client-wide limiter: fixed bound, cancellation safety, adaptive AIMD, send rate, and
+the order of service between searches (fewest pages left first, aging, priority)."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import statistics
+from collections.abc import Coroutine
+from typing import Any
 
 import pytest
 
+from imichat_async._gate import SendRateLike
 from imichat_async._limiter import Limiter
 from imichat_async._rate import SendRate
+from imichat_async._sched import SHARE, Flow, Priority, Scheduler
+from imichat_async._slots import Slots
 from tests.helpers import assert_no_stray_tasks
 
 
@@ -599,3 +606,254 @@ async def test_keeper_granted_before_it_sleeps_hands_the_wait_on() -> None:
     limiter.release(b.result())
     limiter.release(c.result())
     assert limiter.waiting == 0 and limiter.in_flight == 0
+
+
+# -- the order between searches: fewest pages left first, aging, priority (issue 26) ---------
+
+
+class Rounds:
+    """A fake server answering every request granted in a round at the round's end.
+
+    Time goes in rounds of one latency L, driven by the test (`tick`): no wall time.
+    """
+
+    def __init__(self, limiter: Limiter) -> None:
+        self.limiter = limiter
+        self.round = 0
+        self._end: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.grants: list[tuple[str, int, int]] = []  # (search, page, round granted)
+
+    async def request(self, name: str, flow: Flow[Any], page: int) -> None:
+        ticket = await self.limiter.acquire(flow, page)
+        try:
+            self.grants.append((name, page, self.round))
+            await self._end
+        finally:
+            self.limiter.release(ticket, ok=True)
+
+    async def at(self, round_: int) -> None:
+        while self.round < round_:
+            await self._end
+
+    async def tick(self) -> None:
+        """Let everything queue, then answer the round's requests (their slots go on at once)."""
+        await _turns(30)
+        end, self._end = self._end, asyncio.get_running_loop().create_future()
+        self.round += 1
+        end.set_result(None)
+        await _turns(30)
+
+    async def search(
+        self,
+        name: str,
+        pages: int,
+        *,
+        start: int = 0,
+        window: int = 16,
+        priority: Priority = "interactive",
+    ) -> int:
+        """As the paging engine does: page 1 alone, its total sizes the search, then the
+        rest within `window`; returns the round the search ended in."""
+        await self.at(start)
+        flow = self.limiter.flow(priority)
+        await self.request(name, flow, 1)
+        flow.ends_at(pages)  # the first page's total: that many pages
+        ahead = asyncio.Semaphore(window)
+
+        async def page(n: int) -> None:
+            async with ahead:
+                await self.request(name, flow, n)
+
+        await asyncio.gather(*(page(n) for n in range(2, pages + 1)))
+        return self.round
+
+    async def run(self, searches: list[Coroutine[Any, Any, int]], rounds: int = 400) -> list[int]:
+        """Each search's last round, once all are done."""
+        tasks = [asyncio.ensure_future(s) for s in searches]
+        for _ in range(rounds):
+            if all(t.done() for t in tasks):
+                break
+            await self.tick()
+        assert all(t.done() for t in tasks), "searches left unfinished"
+        assert self.limiter.in_flight == 0 and self.limiter.waiting == 0
+        return [t.result() for t in tasks]
+
+
+async def test_equal_searches_finish_one_after_the_other() -> None:
+    """Sized searches of equal length, all pages waiting: each is served to its end before
+    the next starts (round-robin served them a page each, so they all ended together)."""
+    limiter = Limiter(1)
+    flows = [limiter.flow(cap=3) for _ in range(3)]
+    asks: list[tuple[object, float | None]] = [
+        (flows[i], page) for page in (1, 2, 3) for i in range(3)
+    ]
+    order = await _grant_order(limiter, asks)
+    assert [asks[i] for i in order] == [(f, page) for f in flows for page in (1, 2, 3)]
+
+
+async def test_equal_searches_through_a_fake_server_end_in_turn() -> None:
+    """12 searches of 3 pages on 4 slots, page 1 alone then the rest: they end in the order
+    they came, the median by round 6 of 9 (a page each in turn: every one near round 9)."""
+    limiter = Limiter(4)
+    rounds = Rounds(limiter)
+    ends = await rounds.run([rounds.search(f"s{i}", 3) for i in range(12)])
+    assert ends == sorted(ends)
+    assert statistics.median(ends) <= 6
+    assert max(ends) <= 10  # 36 pages on 4 slots: 9 rounds at best, one slot idle at most
+
+
+async def test_small_searches_beside_a_big_one_finish_first() -> None:
+    """8 small searches arriving beside a big one (sized: 60 pages) end within a few rounds,
+    in turn, well before it; the big one still ends as early as the slots allow."""
+    limiter = Limiter(4)
+    rounds = Rounds(limiter)
+    smalls = [rounds.search(f"s{i}", 3, start=2) for i in range(8)]
+    big, *ends = await rounds.run([rounds.search("big", 60), *smalls])
+    assert statistics.median(ends) <= 2 + 5  # round-robin with the big one: round 2 + 10
+    assert max(ends) <= 2 + 9
+    assert big >= max(ends)
+    assert big <= (60 + 24) // 4 + 2  # every slot busy: the work of all, in rounds, and a little
+
+
+async def test_a_big_search_keeps_its_share_beside_a_stream_of_small_ones() -> None:
+    """A stream of small searches (3 new ones each round, 9 pages for 4 slots) beside a big one:
+    the big one still gets at least 1 grant in `SHARE` while it waits, never starved."""
+    limiter = Limiter(4)
+    rounds = Rounds(limiter)
+    big = asyncio.ensure_future(rounds.search("big", 200))
+    stream = [
+        asyncio.ensure_future(rounds.search(f"s{r}.{i}", 3, start=r))
+        for r in range(1, 41)
+        for i in range(3)
+    ]
+    for _ in range(40):
+        await rounds.tick()
+    granted = [name for name, _, r in rounds.grants if 1 <= r <= 40]
+    assert len(granted) == 40 * 4  # every slot busy every round
+    assert granted.count("big") >= len(granted) // SHARE
+    assert limiter.sched.aged >= 40 * 4 // SHARE - 1
+    for t in [big, *stream]:
+        t.cancel()
+    await asyncio.gather(big, *stream, return_exceptions=True)
+    assert limiter.in_flight == 0 and limiter.waiting == 0
+
+
+async def test_background_yields_to_interactive_but_ages() -> None:
+    """A background search (shorter) waits behind an interactive one, but for one grant in
+    `SHARE`: the aging turn goes to the search served last, the background one."""
+    limiter = Limiter(1)
+    background = limiter.flow("background", cap=5)
+    interactive = limiter.flow(cap=40)
+    asks: list[tuple[object, float | None]] = [
+        *((background, page) for page in range(1, 6)),
+        *((interactive, page) for page in range(1, 41)),
+    ]
+    order = await _grant_order(limiter, asks)
+    kinds = ["b" if asks[i][0] is background else "i" for i in order]
+    assert kinds[: 2 * SHARE] == (["i"] * (SHARE - 1) + ["b"]) * 2
+    assert kinds.count("b") == 5
+
+
+async def test_a_search_not_sized_yet_waits_behind_started_ones_but_not_a_long_one() -> None:
+    """A new search is ranked as the typical one (median size, capped at the concurrency):
+    behind a search with fewer pages left, before one with more."""
+    limiter = Limiter(1)
+    for _ in range(3):
+        limiter.flow(cap=3)  # three searches of 3 pages sized: typical 3
+    started, fresh, long = limiter.flow(cap=3), limiter.flow(), limiter.flow(cap=50)
+    assert limiter.sched.typical == 1  # capped at the concurrency
+    limiter.sched.horizon = None
+    limiter.sched.flow(cap=3)
+    assert limiter.sched.typical == 3
+    limiter.sched.granted(started)  # its page 1 went: 2 left
+    asks: list[tuple[object, float | None]] = [(long, 2), (fresh, 1), (started, 2)]
+    assert await _grant_order(limiter, asks) == [2, 1, 0]
+
+
+async def test_searches_not_sized_are_served_least_served_first() -> None:
+    """Before any search is sized, the one that has had fewest requests goes first."""
+    limiter = Limiter(1)
+    a, b = limiter.flow(), limiter.flow()
+    for _ in range(3):
+        limiter.sched.granted(a)
+    asks: list[tuple[object, float | None]] = [(a, 4), (a, 5), (b, 1), (b, 2), (b, 3), (b, 4)]
+    assert await _grant_order(limiter, asks) == [2, 3, 4, 0, 5, 1]
+
+
+def test_scheduler_typical_size_is_the_capped_median_of_recent_sizes() -> None:
+    """The rank of a new search: the median of the sizes seen, at most the horizon."""
+    sched: Scheduler[int] = Scheduler(horizon=16)
+    for pages in (3, 200, 3, 5):
+        sched.flow().ends_at(pages)
+    assert sched.typical == 3
+    for _ in range(5):
+        sched.flow(cap=100)
+    assert sched.typical == 16
+    flow = sched.flow(first=11, cap=5)
+    flow.ends_at(12)  # pages 11 and 12
+    assert (flow.pages, flow.left) == (2, 2)
+    flow.ends_at(40)  # more, but the cap stays
+    assert flow.pages == 5
+
+
+def test_scheduler_priority_is_checked() -> None:
+    """Only "interactive" and "background" are priorities."""
+    with pytest.raises(ValueError, match="priority"):
+        Scheduler[int]().flow("urgent")  # type: ignore[arg-type]
+
+
+def test_slots_alone_bound_and_adapt() -> None:
+    """`Slots` without a limiter: free until the limit, AIMD halving once per epoch."""
+    slots = Slots(4, adaptive=True)
+    epochs = [slots.take() for _ in range(4)]
+    assert not slots.free() and slots.peak == 4
+    for epoch in epochs:
+        slots.release(epoch, overloaded=True)
+    assert (slots.limit, slots.decreases, slots.in_flight) == (2, 1, 0)
+
+
+class DuckRate:
+    """A send rate that is not a `SendRate` (as a shared one would be): the protocol alone."""
+
+    adaptive = True
+
+    def __init__(self) -> None:
+        self.tokens = 1
+        self.feedbacks: list[tuple[int, bool, bool]] = []
+        self._seq = 0
+
+    @property
+    def rate(self) -> float | None:
+        return 10.0
+
+    def delay(self) -> float:
+        if self.tokens > 0:
+            self.tokens -= 1
+            return 0.0
+        return 0.1
+
+    def sent(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def feedback(self, ticket: int, *, throttled: bool, ok: bool) -> None:
+        self.feedbacks.append((ticket, throttled, ok))
+
+
+async def test_any_send_rate_like_object_gates_the_limiter() -> None:
+    """A duck-typed rate plugs in: its token gates a grant, its ticket comes back with feedback."""
+    t = FakeTime()
+    duck = DuckRate()
+    rate: SendRateLike = duck  # type-checks against the protocol
+    limiter = Limiter(4, send_rate=rate, sleep=t.sleep)
+    first = await limiter.acquire()
+    waiter = asyncio.ensure_future(limiter.acquire())
+    await _turns()
+    assert not waiter.done() and limiter.in_flight == 1  # no token: no slot taken
+    duck.tokens = 1
+    await _turns()
+    second = await asyncio.wait_for(waiter, 1)
+    limiter.release(first, ok=True)
+    limiter.release(second, overloaded=True, ok=True, throttled=True)
+    assert duck.feedbacks == [(1, False, True), (2, True, False)]
+    assert (first.sent, second.sent) == (1, 2)

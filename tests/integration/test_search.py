@@ -328,3 +328,24 @@ async def test_search_pages_yields_numbered_pages(sb: sandbox.Sandbox) -> None:
     assert [p.page for p in pages] == [3, 4, 5, 6]
     assert [c.chat_id for p in pages for c in p.chats] == [c["chat_id"] for c in sb.data[20:60]]
     assert sb.stats.requests_total == 4
+
+
+async def test_priority_is_checked_at_the_call(sb: sandbox.Sandbox) -> None:
+    """`priority` other than "interactive" or "background" raises before any request."""
+    async with client_for(sb) as client:
+        calls: list[Any] = [client.search_chats, client.search_pages]
+        for call in calls:
+            with pytest.raises(imi.InvalidQueryError, match="priority"):
+                call(priority="urgent")
+        await ids_of(client.search_chats(priority="background", max_pages=2))
+    assert sb.stats.requests_total == 2
+
+
+async def test_a_search_is_sized_for_the_limiter_from_its_total(sb: sandbox.Sandbox) -> None:
+    """The fetch path tells the limiter each search's pages from the first total: the
+    typical size (a new search's rank) is their median, capped at the concurrency."""
+    async with client_for(sb, concurrency=16) as client:
+        await ids_of(client.search_chats())  # 124 pages
+        assert client.limiter.sched.typical == 16
+        await ids_of(client.search_chats(start_page=120))  # pages 120..124
+        assert client.limiter.sched.typical == 5
