@@ -22,10 +22,13 @@ import asyncio
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
-from ._gate import RateGate, SendRateLike, Waiter
+from . import _gate, _sched, _slots
+from ._gate import SendRateLike, Waiter
 from ._rate import SendRate
-from ._sched import Flow, Priority, Scheduler
-from ._slots import Slots
+from ._sched import Flow, Priority
+
+# The parts are reached through their modules (`_slots.Slots`), so that a mutant of one
+# (scripts/mutation.py) is the one a limiter built in the tests uses.
 
 __all__ = ["Limiter", "Ticket"]
 
@@ -63,9 +66,11 @@ class Limiter:
             raise ValueError("give rate_limit or send_rate, not both")
         if send_rate is not None and send_rate.adaptive and adaptive:
             raise ValueError("adapt the rate or the concurrency, not both")
-        self.slots = Slots(limit, adaptive=adaptive, min_limit=min_limit)
-        self.gate = RateGate(SendRate(rate_limit) if rate_limit is not None else send_rate, sleep)
-        self.sched: Scheduler[Waiter] = Scheduler(horizon=limit)
+        self.slots = _slots.Slots(limit, adaptive=adaptive, min_limit=min_limit)
+        self.gate = _gate.RateGate(
+            SendRate(rate_limit) if rate_limit is not None else send_rate, sleep
+        )
+        self.sched: _sched.Scheduler[Waiter] = _sched.Scheduler(horizon=limit)
 
     # -- read by stats, the fetch path's hedging rule, tests -----------------------------------
 
@@ -138,7 +143,7 @@ class Limiter:
             sched.granted(group)
             return Ticket(slots.take(), gate.sent())
         loop = asyncio.get_running_loop()
-        waiter = Waiter(loop.create_future())
+        waiter = _gate.Waiter(loop.create_future())
         flow, entry = sched.push(group, rank, waiter)
         self._wake()  # a slot may be free, the token not yet: someone must keep time
         try:

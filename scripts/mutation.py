@@ -52,6 +52,10 @@ PACKAGE = "imichat_async"
 #: module -> its unit test files, where they are not just `tests/test_MODULE.py`.
 TESTS: dict[str, list[str]] = {
     "paging": ["tests/test_paging.py", "tests/test_engine.py"],
+    # The limiter's parts (issue 25) are tested through it and alone, in one file.
+    "sched": ["tests/test_limiter.py"],
+    "slots": ["tests/test_limiter.py"],
+    "gate": ["tests/test_limiter.py"],
 }
 
 #: module -> {mutant key: why it is equivalent}. Keys as printed by `--list`.
