@@ -243,7 +243,8 @@ class PageFetcher:
         limiter = self._limiter
         if limiter.rate is not None and limiter.rate.rate is not None:
             return True
-        return limiter.adaptive and limiter.limit < limiter.max_limit
+        slots = limiter.slots
+        return slots.adaptive and slots.limit < slots.max_limit
 
 
 def _ms(started: float) -> float:

@@ -72,7 +72,7 @@ class Limiter:
         )
         self.sched: _sched.Scheduler[Waiter] = _sched.Scheduler(horizon=limit)
 
-    # -- read by stats, the fetch path's hedging rule, tests -----------------------------------
+    # -- read by stats, the fetch path's hedging rule and tests (the parts have the rest) -----
 
     @property
     def rate(self) -> SendRateLike | None:
@@ -80,20 +80,8 @@ class Limiter:
         return self.gate.rate
 
     @property
-    def adaptive(self) -> bool:
-        return self.slots.adaptive
-
-    @property
-    def max_limit(self) -> int:
-        return self.slots.max_limit
-
-    @property
-    def min_limit(self) -> int:
-        return self.slots.min_limit
-
-    @property
     def limit(self) -> int:
-        """Slots currently allowed (below `max_limit` while adapting down)."""
+        """Slots currently allowed (below `slots.max_limit` while adapting down)."""
         return self.slots.limit
 
     @property
@@ -101,24 +89,27 @@ class Limiter:
         return self.slots.in_flight
 
     @property
+    def waiting(self) -> int:
+        """Requests queued for a slot or a token."""
+        return len(self.sched)
+
+    @property
+    def decreases(self) -> int:
+        """Halvings of adaptive concurrency so far."""
+        return self.slots.decreases
+
+    @property
     def peak(self) -> int:
+        """The most requests in flight at once (a test may reset it to 0)."""
         return self.slots.peak
 
     @peak.setter
     def peak(self, value: int) -> None:
         self.slots.peak = value
 
-    @property
-    def decreases(self) -> int:
-        return self.slots.decreases
-
-    @property
-    def waiting(self) -> int:
-        """Requests queued for a slot or a token."""
-        return len(self.sched)
-
     def __repr__(self) -> str:
-        return f"<Limiter in_flight={self.in_flight} limit={self.limit}/{self.max_limit}>"
+        slots = self.slots
+        return f"<Limiter in_flight={slots.in_flight} limit={slots.limit}/{slots.max_limit}>"
 
     # -- granting ---------------------------------------------------------------------------
 

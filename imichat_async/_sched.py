@@ -40,10 +40,10 @@ with a concurrency in the tens): no heap to keep in order while sizes change.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import heapq
 import itertools
+import statistics
 from collections.abc import Hashable
 from typing import Generic, Literal, TypeVar
 
@@ -147,7 +147,6 @@ class Scheduler(Generic[T]):
         self._arrivals = itertools.count()
         self._turn = 0  # grants made while several searches waited, since the last aging turn
         self._recent: collections.deque[int] = collections.deque(maxlen=TYPICAL_OF)
-        self._sorted: list[int] = []  # the same sizes, sorted: the median is an index
         self.typical = 0  # the median size of the searches sized lately, capped (0: none yet)
         self.aged = 0  # grants made by the aging turn
 
@@ -234,11 +233,7 @@ class Scheduler(Generic[T]):
         return self._best()
 
     def _sizes_seen(self, pages: int) -> None:
-        recent = self._recent
-        ordered = self._sorted
-        if len(recent) == recent.maxlen:  # the append below drops recent[0]
-            del ordered[bisect.bisect_left(ordered, recent[0])]
-        recent.append(pages)
-        bisect.insort(ordered, pages)
-        median = ordered[(len(ordered) - 1) // 2]
+        """A search was sized: the typical size again (once a search, 64 numbers sorted)."""
+        self._recent.append(pages)
+        median = statistics.median_low(self._recent)
         self.typical = median if self.horizon is None else min(median, self.horizon)

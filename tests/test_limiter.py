@@ -478,7 +478,7 @@ async def test_fresh_limiter_stats_and_repr() -> None:
 async def test_min_limit_is_the_floor_of_halvings(limit: int, min_limit: int, floor: int) -> None:
     """Halvings stop at min_limit, itself kept within 1..limit (0 would stall every request)."""
     limiter = Limiter(limit, adaptive=True, min_limit=min_limit)
-    assert limiter.min_limit == floor
+    assert limiter.slots.min_limit == floor
     for _ in range(6):
         limiter.release(await limiter.acquire(), overloaded=True)
     assert limiter.limit == floor
