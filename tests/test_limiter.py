@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from imichat_async._gate import SendRateLike
+from imichat_async._gate import MAX_KEEP, RateGate, SendRateLike, Waiter
 from imichat_async._limiter import Limiter
 from imichat_async._rate import SendRate
-from imichat_async._sched import SHARE, Flow, Priority, Scheduler
+from imichat_async._sched import SHARE, TYPICAL_OF, Flow, Priority, Scheduler
 from imichat_async._slots import Slots
 from tests.helpers import assert_no_stray_tasks
 
@@ -810,6 +810,39 @@ def test_slots_alone_bound_and_adapt() -> None:
     for epoch in epochs:
         slots.release(epoch, overloaded=True)
     assert (slots.limit, slots.decreases, slots.in_flight) == (2, 1, 0)
+    assert repr(slots) == "<Slots in_flight=0 limit=2/4>"
+    slots.release(slots.take())  # neither overloaded nor ok (a 5xx): no change
+    assert slots.limit == 2
+    for _ in range(3):
+        slots.release(slots.take(), overloaded=True)
+    assert slots.limit == 1  # the default floor
+
+
+def test_fixed_slots_are_the_default_and_ignore_feedback() -> None:
+    """`Slots(n)` is fixed: overloads and successes leave the limit at n."""
+    slots = Slots(3)
+    slots.release(slots.take(), overloaded=True)
+    slots.release(slots.take(), ok=True)
+    assert (slots.limit, slots.decreases) == (3, 0)
+
+
+async def test_rate_gate_alone_keeper_and_feedback() -> None:
+    """`RateGate`: one keeper at a time, told to sleep at most MAX_KEEP; feedback needs both a
+    rate and a ticket; without a rate, a token is always there."""
+    loop = asyncio.get_running_loop()
+    assert RateGate(None).delay() <= 0
+    RateGate(None).feedback(1, throttled=True, ok=False)  # no rate: nothing to tell
+    duck = DuckRate()
+    gate = RateGate(duck)
+    gate.feedback(None, throttled=True, ok=False)  # no ticket: nothing to tell
+    assert duck.feedbacks == []
+    first, second = Waiter(loop.create_future()), Waiter(loop.create_future())
+    gate.appoint(first, 1.0)
+    gate.appoint(second, 1.0)
+    assert gate.keeper is first and first.fut.result() == MAX_KEEP
+    assert not second.fut.done()
+    assert not gate.relieve(second)
+    assert gate.relieve(first) and gate.keeper is None
 
 
 class DuckRate:
@@ -857,3 +890,99 @@ async def test_any_send_rate_like_object_gates_the_limiter() -> None:
     limiter.release(second, overloaded=True, ok=True, throttled=True)
     assert duck.feedbacks == [(1, False, True), (2, True, False)]
     assert (first.sent, second.sent) == (1, 2)
+
+
+# -- the scheduler alone (pinned by mutation testing: scripts/mutation.py sched) -------------
+
+
+def test_flow_sizes_from_its_first_page_and_cap() -> None:
+    """A flow's size: pages from its first (1 by default) to the last, at least 1, within its cap;
+    pages left never below 0 (retries and hedges are granted too)."""
+    sched: Scheduler[int] = Scheduler()
+    flow = sched.flow()
+    assert (flow.pages, flow.left, flow.background) == (None, None, False)
+    flow.ends_at(3)
+    assert (flow.pages, flow.left) == (3, 3)
+    for _ in range(5):
+        sched.granted(flow)
+    assert flow.left == 0
+    empty = sched.flow()
+    empty.ends_at(0)  # a total of 0: the first page only
+    assert empty.pages == 1
+    assert sched.flow(cap=0).pages == 1
+    background = sched.flow("background")
+    assert background.background
+    assert repr(background) == "<Flow background pages=None granted=0 waiting=0>"
+    assert repr(flow) == "<Flow interactive pages=3 granted=5 waiting=0>"
+
+
+def test_scheduler_arguments_and_empty_pop() -> None:
+    """share below 2 is refused (every grant would be the aging turn); nothing to pop raises."""
+    with pytest.raises(ValueError, match="share must be at least 2"):
+        Scheduler[int](share=1)
+    sched: Scheduler[int] = Scheduler(share=2)
+    with pytest.raises(IndexError, match="nothing waits"):
+        sched.pop()
+
+
+def test_scheduler_remove_says_whether_it_was_there() -> None:
+    """`remove` takes a queued item out (True) and knows one already popped (False)."""
+    sched: Scheduler[str] = Scheduler()
+    flow = sched.flow()
+    _, a = sched.push(flow, 1, "a")
+    _, b = sched.push(flow, 2, "b")
+    assert sched.remove(flow, b) and len(sched) == 1
+    assert sched.pop() == "a"
+    assert not sched.remove(flow, a) and not sched
+
+
+def test_over_granted_search_goes_before_one_with_a_page_left() -> None:
+    """Pages left are never negative: a search granted past its size (a retry) ranks at 0,
+    before an earlier search with 1 left."""
+    sched: Scheduler[str] = Scheduler()
+    one, over = sched.flow(cap=2), sched.flow(cap=1)
+    sched.granted(one)
+    for _ in range(3):
+        sched.granted(over)
+    sched.push(one, 2, "one")
+    sched.push(over, 1, "over")
+    assert sched.pop() == "over"
+
+
+def test_nothing_sized_means_the_least_served_first() -> None:
+    """Before any size is known the typical size is 0: 0 requests had beats 1."""
+    sched: Scheduler[str] = Scheduler()
+    a, b = sched.flow(), sched.flow()
+    sched.granted(a)
+    sched.push(a, 2, "a")
+    sched.push(b, 1, "b")
+    assert sched.pop() == "b"
+
+
+def test_typical_size_forgets_old_searches() -> None:
+    """The typical size is the median of the last `TYPICAL_OF` sizes, not of all."""
+    assert TYPICAL_OF == 64  # README, "Choices"
+    sched: Scheduler[int] = Scheduler()
+    for _ in range(TYPICAL_OF):
+        sched.flow(cap=2)
+    for _ in range(TYPICAL_OF):
+        sched.flow(cap=100)
+    assert sched.typical == 100
+
+
+def test_aging_turn_counts_only_grants_with_several_searches_waiting() -> None:
+    """Grants to a search alone do not bring the aging turn nearer; with two waiting, the
+    `SHARE`-th grant goes to the search served last, counted once in `aged`."""
+    assert SHARE == 16  # the share documented in README, "Choices"
+    sched: Scheduler[str] = Scheduler()
+    alone = sched.flow()
+    for i in range(SHARE):
+        sched.push(alone, i, "alone")
+    assert [sched.pop() for _ in range(SHARE)] == ["alone"] * SHARE
+    short, long = sched.flow(cap=50), sched.flow(cap=100)
+    for i in range(SHARE):
+        sched.push(short, i, "short")
+        sched.push(long, i, "long")
+    got = [sched.pop() for _ in range(SHARE)]
+    assert got == ["short"] * (SHARE - 1) + ["long"]
+    assert sched.aged == 1
