@@ -171,6 +171,10 @@ EQUIVALENT: dict[str, dict[str, str]] = {
             "the result is only read for its truth, and None is false as False is"
         ),
     },
+    "limiter": {
+        "<module>: 'Limiter' -> ''": "`__all__` of a private module: read by no import here",
+        "<module>: 'Ticket' -> ''": "`__all__` of a private module: read by no import here",
+    },
 }
 
 

@@ -976,9 +976,9 @@ def test_aging_turn_counts_only_grants_with_several_searches_waiting() -> None:
     assert SHARE == 16  # the share documented in README, "Choices"
     sched: Scheduler[str] = Scheduler()
     alone = sched.flow()
-    for i in range(SHARE):
+    for i in range(SHARE - 1):
         sched.push(alone, i, "alone")
-    assert [sched.pop() for _ in range(SHARE)] == ["alone"] * SHARE
+    assert [sched.pop() for _ in range(SHARE - 1)] == ["alone"] * (SHARE - 1)
     short, long = sched.flow(cap=50), sched.flow(cap=100)
     for i in range(SHARE):
         sched.push(short, i, "short")
@@ -986,3 +986,22 @@ def test_aging_turn_counts_only_grants_with_several_searches_waiting() -> None:
     got = [sched.pop() for _ in range(SHARE)]
     assert got == ["short"] * (SHARE - 1) + ["long"]
     assert sched.aged == 1
+
+
+async def test_limiter_flows_tickets_and_peak() -> None:
+    """`Limiter.flow` passes its first page and cap on; a ticket shows both parts; `peak` can
+    be reset between runs (as the cancellation tests do)."""
+    limiter = Limiter(2)
+    default, later = limiter.flow(), limiter.flow(first=11)
+    default.ends_at(3)
+    later.ends_at(12)
+    assert (default.pages, later.pages) == (3, 2)
+    bare = Flow(limiter.sched, 0)  # a flow's own defaults: interactive, from page 1
+    bare.ends_at(2)
+    assert (bare.background, bare.pages) == (False, 2)
+    ticket = await limiter.acquire(default, 1)
+    assert repr(ticket) == "Ticket(epoch=0, sent=None)"
+    limiter.release(ticket)
+    assert limiter.peak == 1
+    limiter.peak = 0
+    assert limiter.peak == 0
