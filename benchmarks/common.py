@@ -60,6 +60,11 @@ class Config:
     s12_k: int = 16
     s12_limits: tuple[int, ...] = (50, 100, 400)
     s12_clean_chats: int = 4000
+    # 13. latency for services: A (searches alone), B (beside a big one)
+    s13_k: int = 16
+    s13_searches: int = 100
+    s13_small: int = 50
+    s13_big_pages: int = 200
 
     @classmethod
     def full(cls, runs: int = 3) -> Config:
@@ -88,6 +93,9 @@ class Config:
             s12_chats=400,
             s12_limits=(200,),
             s12_clean_chats=400,
+            s13_searches=20,
+            s13_small=10,
+            s13_big_pages=40,
         )
 
 

@@ -1051,6 +1051,15 @@ def ratelimit(cfg: Config) -> ScenarioResult:
     return ratelimit_bench.run(cfg)
 
 
+# -- 13. latency for services ------------------------------------------------------------------
+
+
+def services(cfg: Config) -> ScenarioResult:
+    from . import services_bench
+
+    return services_bench.run(cfg)
+
+
 SCENARIOS: dict[int, Callable[[Config], ScenarioResult]] = {
     1: latency_scaling,
     2: cpu_throughput,
@@ -1064,6 +1073,7 @@ SCENARIOS: dict[int, Callable[[Config], ScenarioResult]] = {
     10: head_of_line,
     11: sync,
     12: ratelimit,
+    13: services,
 }
 
 TITLES = {
@@ -1079,8 +1089,14 @@ TITLES = {
     10: "Head-of-line blocking",
     11: "Incremental sync after 1 % changed vs a full export",
     12: "Rate-limited tenant",
+    13: "Latency for services",
 }
 
-ALIASES = {"hol": [10], "sync": [11], "ratelimit": [12]}  # `--only hol`, `--only sync`, ...
+ALIASES = {
+    "hol": [10],
+    "sync": [11],
+    "ratelimit": [12],
+    "services": [13],
+}  # `--only hol`, `--only sync`, ...
 
 __all__ = ["ALIASES", "SCENARIOS", "TITLES"]

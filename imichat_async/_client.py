@@ -24,6 +24,7 @@ from ._config import (
     check_client_args,
     check_int,
     check_paging,
+    check_priority,
     check_transport,
     limiter_for,
 )
@@ -37,6 +38,7 @@ from ._query import Filter, Query, build_query
 from ._records import Chat, decode_page
 from ._results import ChatPage, chats_of, numbered_pages
 from ._retry import RetryPolicy
+from ._sched import Priority
 from ._transport import AiohttpTransport, Transport
 
 __all__ = ["ChatPage", "ClientStats", "ImiChatClient"]
@@ -172,6 +174,7 @@ class ImiChatClient(PageFetcher):
         start_page: int = 1,
         max_pages: int | None = None,
         deadline: float | None = None,
+        priority: Priority = "interactive",
         **params: Any,
     ) -> AsyncGenerator[Chat, None]:
         """An async generator of every matching `Chat`, in page order (see README: Guarantees).
@@ -180,11 +183,14 @@ class ImiChatClient(PageFetcher):
         value or argument (so before any request). While iterating:
         `ApiError` subclasses for errors of the API, `DecodeError` for a
         record that cannot be decoded, `SearchTimeoutError` when `deadline`
-        seconds pass first.
+        seconds pass first. `priority="background"` lets the client's interactive
+        searches go first (README: "Choices where the contract leaves room").
         """
         query = build_query(params, filters, condition)
         return chats_of(
-            self._pages(query, self._decoded, prefetch, start_page, max_pages, deadline)
+            self._pages(
+                query, self._decoded, prefetch, start_page, max_pages, deadline, priority=priority
+            )
         )
 
     @overload
@@ -198,6 +204,7 @@ class ImiChatClient(PageFetcher):
         max_pages: int | None = ...,
         limit: int | None = ...,
         deadline: float | None = ...,
+        priority: Priority = ...,
         raw: Literal[False] = ...,
         stats: PagingStats | None = ...,
         **params: Any,
@@ -214,6 +221,7 @@ class ImiChatClient(PageFetcher):
         max_pages: int | None = ...,
         limit: int | None = ...,
         deadline: float | None = ...,
+        priority: Priority = ...,
         raw: Literal[True],
         stats: PagingStats | None = ...,
         **params: Any,
@@ -230,6 +238,7 @@ class ImiChatClient(PageFetcher):
         max_pages: int | None = ...,
         limit: int | None = ...,
         deadline: float | None = ...,
+        priority: Priority = ...,
         raw: bool = ...,
         stats: PagingStats | None = ...,
         **params: Any,
@@ -245,6 +254,7 @@ class ImiChatClient(PageFetcher):
         max_pages: int | None = None,
         limit: int | None = None,
         deadline: float | None = None,
+        priority: Priority = "interactive",
         raw: bool = False,
         stats: PagingStats | None = None,
         **params: Any,
@@ -258,7 +268,8 @@ class ImiChatClient(PageFetcher):
         `RawChat`s (dicts whose `raw` is the record's bytes as received: the
         NDJSON export writes those); otherwise `Chat` records. `stats`, a
         `PagingStats`, is filled as the search goes: pages requested and
-        yielded, pages requested past the end (`wasted`), the total.
+        yielded, pages requested past the end (`wasted`), the total. `priority`
+        as for `search_chats`.
         """
         query = build_query(params, filters, condition)
         if limit is not None:
@@ -267,7 +278,9 @@ class ImiChatClient(PageFetcher):
             max_pages = needed if max_pages is None else min(max_pages, needed)
         st = stats if stats is not None else PagingStats()
         convert = self._raw if raw else self._decoded
-        pages = self._pages(query, convert, prefetch, start_page, max_pages, deadline, st)
+        pages = self._pages(
+            query, convert, prefetch, start_page, max_pages, deadline, st, priority=priority
+        )
         return numbered_pages(pages, st, limit)
 
     @_otel.search_scope
@@ -280,12 +293,16 @@ class ImiChatClient(PageFetcher):
         max_pages: int | None,
         deadline: float | None,
         stats: PagingStats | None = None,
+        *,
+        priority: Priority = "interactive",
     ) -> AsyncGenerator[Page[Any], None]:
         """Check the paging arguments now, before any request; the pages come lazily."""
         window = PREFETCH_PER_SLOT * self.concurrency if prefetch is None else prefetch
         check_paging(window, start_page, max_pages, deadline)
+        check_priority(priority)
+        search = self._limiter.flow(priority, first=start_page, cap=max_pages)
         return iterate_pages(
-            self.page_fetch(query.body(), convert, deadline),
+            self.page_fetch(query.body(), convert, deadline, search),
             last_page=protocol.last_page,
             ends=protocol.ends_search,
             prefetch=window,

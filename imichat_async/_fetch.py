@@ -26,6 +26,7 @@ from ._errors import ApiError, ImiChatError, SearchTimeoutError, TokenExpiredErr
 from ._limiter import Limiter
 from ._paging import Hedger, Page, hedge_lost
 from ._retry import RetryPolicy, call_with_retries, make_retrying
+from ._sched import Flow
 from ._transport import RawResponse, Transport
 
 log = logging.getLogger("imichat_async")
@@ -85,11 +86,16 @@ class PageFetcher:
         body: bytes,
         convert: Callable[[protocol.PageData, int], Page[Any]],
         deadline: float | None,
+        search: Flow[Any] | None = None,
     ) -> Callable[[int], Awaitable[Page[Any]]]:
         """The engine's `fetch(n)` for one search: `SearchTimeoutError` once `deadline`
         seconds have passed since its first request.
+
+        `search` is its place at the limiter (`Limiter.flow`), sized from the server's
+        total as soon as a page tells it; a new one (interactive) if not given.
         """
-        search = object()  # this search's queue at the limiter: its lowest page goes first
+        if search is None:
+            search = self._limiter.flow()
         self._auth.rearm()  # a token the callable handed back expired spoils one search only
         if deadline is None:
 
@@ -122,7 +128,9 @@ class PageFetcher:
 
         return fetch_until
 
-    async def _fetch(self, body: bytes, page: int, search: object = None) -> protocol.PageData:
+    async def _fetch(
+        self, body: bytes, page: int, search: Flow[Any] | None = None
+    ) -> protocol.PageData:
         refreshes = 0  # bounded, so a page can't cycle through tokens forever
         refused = 0  # tokens in a row that expired before they ever served a page
         while True:
@@ -151,6 +159,8 @@ class PageFetcher:
             self._auth.mark_served(token)
             self.stats.pages += 1
             self.stats.records += len(data.records)
+            if search is not None and data.total is not None:
+                search.ends_at(protocol.last_page(data.total))  # its pages left, for the limiter
             return data
 
     @_otel.attempt_scope
@@ -186,12 +196,12 @@ class PageFetcher:
         """One attempt under the client-wide limiter, fed back what the server said.
 
         `search` and the page number order the waiters: a search's lowest page
-        first, searches in turn.
+        first, the search with the fewest pages left first (`_sched`).
         """
         if self._closed:
             raise ImiChatError("the client is closed")
         limiter = self._limiter
-        epoch = await limiter.acquire(search, request.page)
+        ticket = await limiter.acquire(search, request.page)
         _otel.slot_acquired()
         status = 0
         throttled = False
@@ -209,7 +219,7 @@ class PageFetcher:
             # Overloaded (429/503), fine (< 500), or neither (5xx, no answer); throttled
             # (429, 503 + Retry-After) lowers a learned send rate.
             overloaded = status in protocol.OVERLOAD_STATUSES
-            limiter.release(epoch, overloaded=overloaded, ok=0 < status < 500, throttled=throttled)
+            limiter.release(ticket, overloaded=overloaded, ok=0 < status < 500, throttled=throttled)
             hedger = self._hedger
             if hedger is not None:
                 if status == 200:
@@ -273,7 +283,8 @@ class PageFetcher:
         limiter = self._limiter
         if limiter.rate is not None and limiter.rate.rate is not None:
             return True
-        return limiter.adaptive and limiter.limit < limiter.max_limit
+        slots = limiter.slots
+        return slots.adaptive and slots.limit < slots.max_limit
 
 
 def _ms(started: float) -> float:

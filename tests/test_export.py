@@ -29,6 +29,7 @@ from imichat_async.export import (
     NdjsonSink,
     _plan,
     export_chats,
+    sync_chats,
 )
 from imichat_async.sandbox import END, Sandbox, serve
 
@@ -128,6 +129,27 @@ def test_ndjson_encode_writes_raw_bytes_and_one_line_per_record(tmp_path: Path) 
     assert sink.encode([spaced, broken, plain]) == (
         b'{ "chat_id" : "a", "n" : 1 }\n{"chat_id":"b"}\n{"chat_id":"c","note":"caf\xc3\xa9"}\n'
     )
+
+
+async def test_export_and_sync_read_at_background_priority(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every page an export or a sync reads is asked for at background priority."""
+    async with serve(chats=300, seed=1) as sb, client_for(sb, concurrency=4) as client:
+        asked: list[Any] = []
+        search_pages = client.search_pages
+
+        def spy(**kwargs: Any) -> Any:
+            if "prefetch" in kwargs:  # a read (the first call only checks the arguments)
+                asked.append(kwargs.get("priority"))
+            return search_pages(**kwargs)
+
+        monkeypatch.setattr(client, "search_pages", spy)
+        await export_chats(client, since=SINCE, until=UNTIL, sink=NdjsonSink(tmp_path / "e"))
+        exported = len(asked)
+        await sync_chats(client, since=SINCE, state=tmp_path / "s.json", sink=tmp_path / "log")
+    assert 0 < exported < len(asked)
+    assert set(asked) == {"background"}
 
 
 async def test_csv_export_equals_sandbox_data(tmp_path: Path) -> None:

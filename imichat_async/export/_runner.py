@@ -118,7 +118,12 @@ class SliceReader:
         """Atomic mode: page 1 alone; complete, or split (from its total when it has one)."""
         stats = PagingStats()
         pages = self.client.search_pages(
-            raw=True, prefetch=1, max_pages=1, stats=stats, **self.plan.search_args(s)
+            raw=True,
+            prefetch=1,
+            max_pages=1,
+            stats=stats,
+            priority="background",
+            **self.plan.search_args(s),
         )
         items: Sequence[RawRecord] = ()
         total: int | None = None
@@ -224,7 +229,11 @@ class SliceReader:
         totals: list[int | None] = []
         stats = PagingStats()
         pages = self.client.search_pages(
-            raw=True, prefetch=self.prefetch(), stats=stats, **self.plan.search_args(s)
+            raw=True,
+            prefetch=self.prefetch(),
+            stats=stats,
+            priority="background",
+            **self.plan.search_args(s),
         )
         try:
             async with aclosing(pages) as it:
@@ -277,7 +286,12 @@ class SliceReader:
     async def probe(self, s: Slice, number: int) -> Sequence[RawRecord]:
         """The records of page `number` of slice `s` (empty past its end)."""
         pages = self.client.search_pages(
-            raw=True, prefetch=1, start_page=number, max_pages=1, **self.plan.search_args(s)
+            raw=True,
+            prefetch=1,
+            start_page=number,
+            max_pages=1,
+            priority="background",
+            **self.plan.search_args(s),
         )
         async with aclosing(pages) as it:
             async for page in it:

@@ -344,3 +344,24 @@ async def test_base_url_without_the_api_root_gets_the_base_url_hint(sb: sandbox.
     assert info.value.http_status == 404 and info.value.status_code is None
     assert "is base_url the tenant's v3.0 root" in str(info.value)
     assert sb.stats.requests_total == 0  # never reached the search path
+
+
+async def test_priority_is_checked_at_the_call(sb: sandbox.Sandbox) -> None:
+    """`priority` other than "interactive" or "background" raises before any request."""
+    async with client_for(sb) as client:
+        calls: list[Any] = [client.search_chats, client.search_pages]
+        for call in calls:
+            with pytest.raises(imi.InvalidQueryError, match="priority"):
+                call(priority="urgent")
+        await ids_of(client.search_chats(priority="background", max_pages=2))
+    assert sb.stats.requests_total == 2
+
+
+async def test_a_search_is_sized_for_the_limiter_from_its_total(sb: sandbox.Sandbox) -> None:
+    """The fetch path tells the limiter each search's pages from the first total: the
+    typical size (a new search's rank) is their median, capped at the concurrency."""
+    async with client_for(sb, concurrency=16) as client:
+        await ids_of(client.search_chats())  # 124 pages
+        assert client.limiter.sched.typical == 16
+        await ids_of(client.search_chats(start_page=120))  # pages 120..124
+        assert client.limiter.sched.typical == 5
