@@ -320,6 +320,7 @@ class Runner:
         self.progress = progress
         self.workers = workers
         self.active: set[Slice] = set()
+        self.pending: list[tuple[Slice, int]] = []  # written, not yet synced: (slice, records)
         self.running = 0
         self.queue: asyncio.Queue[Slice] = asyncio.Queue()
         self.lock = asyncio.Lock()
@@ -361,6 +362,7 @@ class Runner:
                     t.result()  # a worker only ends by raising: re-raise its error here
         finally:
             await cancel_and_wait([joiner, *tasks])
+        await self.flush()
 
     def enqueue(self, s: Slice) -> None:
         self.active.add(s)
@@ -402,19 +404,36 @@ class Runner:
         self.tell()
 
     async def commit(self, s: Slice, records: Sequence[RawRecord]) -> None:
-        """Write a finished slice, make it durable, then record it in the checkpoint."""
+        """Write a finished slice, make it durable, then record it in the checkpoint.
+
+        A batching sink (`Sink.holds`) keeps finished slices until a batch is full: they
+        are recorded in the checkpoint only once the sink has synced them, all at once.
+        """
         async with self.lock:
             if self.admit is not None:
                 records = self.admit(records)
+            if self.pending and not self.sink.holds(len(records)):
+                await uncancelled(self.make_durable())  # the batch is full: write it first
             await self.sink.write(records)  # a file sink does not await: no cancellation here
-            await uncancelled(self.make_durable(s, len(records)))
+            self.pending.append((s, len(records)))
+            if not self.sink.holds(0):
+                await uncancelled(self.make_durable())
         self.tell(force=True)
 
-    async def make_durable(self, s: Slice, records: int) -> None:
-        """Sync the sink, mark the slice done, save the checkpoint: all of it, once started."""
+    async def flush(self) -> None:
+        """Make durable and record the slices a batching sink still holds (the run's end)."""
+        async with self.lock:
+            if self.pending:
+                await uncancelled(self.make_durable())
+
+    async def make_durable(self) -> None:
+        """Sync the sink, mark the slices written since the last sync done, save the
+        checkpoint: all of it, once started."""
         offset = await self.sink.sync()
-        self.done.add(s.lo, s.hi)
-        self.tally.records += records
-        self.tally.slices_done += 1
-        self.active.discard(s)
+        for s, records in self.pending:
+            self.done.add(s.lo, s.hi)
+            self.tally.records += records
+            self.tally.slices_done += 1
+            self.active.discard(s)
+        self.pending.clear()
         await self.save(offset)

@@ -35,6 +35,11 @@ class Sink(abc.ABC):
     (one finished slice at a time), `await sync` (make it durable; return the
     byte length, or None when the sink cannot resume), then `await complete`
     (publish) or `close` (leave it unpublished, for a resume).
+
+    A batching sink (`ParquetSink`) says with `holds` that it keeps finished slices in
+    memory: the runner then syncs, and records the slices in the checkpoint, only once
+    a batch is full (and at the end of the run). `sync`'s result is then whatever
+    `open` needs to resume (for Parquet: the number of batches written).
     """
 
     kind: ClassVar[str] = "sink"
@@ -55,6 +60,11 @@ class Sink(abc.ABC):
     async def sync(self) -> int | None:
         """Flush what was written to durable storage; return its byte length (None: not a file)."""
         return None
+
+    def holds(self, records: int) -> bool:
+        """Whether `records` more may wait, unsynced, with the slices written since the last
+        `sync` (False, the default: the runner syncs after every slice)."""
+        return False
 
     async def complete(self) -> None:  # noqa: B027 (optional hook)
         """The export is complete: publish the result."""
@@ -345,13 +355,20 @@ def make_sink(
     *,
     append: bool = False,
 ) -> Sink:
-    """A sink from a `Sink`, an async callable, or a path (`format` "ndjson" or "csv";
-    by default from the suffix: `.csv` is CSV, anything else NDJSON). `append`: a file
-    sink appends to the path itself (a sync's log; a `FileSink` given is reopened so)."""
+    """A sink from a `Sink`, an async callable, or a path (`format` "ndjson", "csv" or
+    "parquet", a directory or fsspec URL; by default from the suffix: `.csv` is CSV,
+    anything else NDJSON). `append`: a file sink appends to the path itself (a sync's log;
+    a `FileSink` or `ParquetSink` given is reopened so)."""
     if isinstance(target, FileSink) and target.append != append:
         return type(target)(target.path, append=append)
+    from ._parquet import ParquetSink  # here: that module builds on this one
+
+    if isinstance(target, ParquetSink) and target.append != append:
+        return target.reopened(append=append)
     if isinstance(target, Sink):
         return target
+    if isinstance(target, (str, os.PathLike)) and format == "parquet":
+        return ParquetSink(target, append=append)
     if isinstance(target, (str, os.PathLike)):
         path = Path(target)
         fmt = format or ("csv" if path.suffix.lower() == ".csv" else "ndjson")
@@ -359,7 +376,7 @@ def make_sink(
             return NdjsonSink(path, append=append)
         if fmt == "csv":
             return CsvSink(path, append=append)
-        raise InvalidQueryError(f"unknown export format {fmt!r}: expected ndjson or csv")
+        raise InvalidQueryError(f"unknown export format {fmt!r}: expected ndjson, csv or parquet")
     if callable(target):
         return CallableSink(target)
     raise TypeError(
