@@ -37,8 +37,8 @@ from ._checkpoint import CheckpointError, fsync_dir
 from ._sinks import RawRecord, Sink
 
 #: Rows of one file at most, and rows a sink keeps in memory before writing a batch.
-DEFAULT_MAX_ROWS_PER_FILE = 250_000
-ROW_GROUP_ROWS = 128 * 1024  # rows per row group at most
+DEFAULT_MAX_ROWS_PER_FILE = 50_000
+ROW_GROUP_ROWS = 128 * 1024  # rows per row group at most (a default-sized file: one group)
 NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"  # Hive's (and DuckDB's, Spark's) null
 COMPRESSION = "zstd"
 
@@ -338,10 +338,12 @@ class _FsspecStore(_Store):
         return [p[len(prefix) :] for p in found if p.startswith(prefix)]
 
     def put(self, files: Sequence[tuple[str, Any]]) -> None:
+        objects: dict[str, bytes] = {}
         for name, table in files:
             buf = io.BytesIO()
             _write_table(table, buf)
-            self.fs.pipe_file(f"{self.root}/{name}", buf.getvalue())
+            objects[f"{self.root}/{name}"] = buf.getvalue()
+        self.fs.pipe(objects)  # each object one PUT (s3fs sends them concurrently)
 
     def remove(self, names: Sequence[str]) -> None:
         if names:
