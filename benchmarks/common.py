@@ -58,6 +58,11 @@ class Config:
     s12_k: int = 16
     s12_limits: tuple[int, ...] = (50, 100, 400)
     s12_clean_chats: int = 4000
+    # 13. Parquet export vs NDJSON export
+    s13_chats: int = 200_000
+    s13_big: int = 1_000_000
+    s13_k: int = 16
+    s13_latencies: tuple[float, ...] = (0.0, 0.040)
 
     @classmethod
     def full(cls, runs: int = 3) -> Config:
@@ -85,6 +90,8 @@ class Config:
             s12_chats=400,
             s12_limits=(200,),
             s12_clean_chats=400,
+            s13_chats=2000,
+            s13_big=5000,
         )
 
 

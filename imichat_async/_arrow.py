@@ -95,8 +95,7 @@ def _schema() -> pa.Schema:
 CHAT_SCHEMA: pa.Schema = _schema() if AVAILABLE else None
 
 
-def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # JSON text
 
 
 def _text(value: Any) -> str | None:

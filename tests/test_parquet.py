@@ -10,7 +10,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -277,13 +277,18 @@ async def test_kill_after_rename_before_checkpoint_redoes_and_replaces(tmp_path:
     calls = 0
 
     class Dying(ParquetSink):
-        async def sync(self) -> int | None:
-            nonlocal calls
-            result = await super().sync()
-            calls += 1
-            if calls == 4:  # batches 0, 1 checkpointed (the 1st sync is the open's)
-                raise Killed
-            return result
+        def detach(self) -> Callable[[], Awaitable[int | None]]:
+            write = super().detach()
+
+            async def dying() -> int | None:
+                nonlocal calls
+                result = await write()
+                calls += 1
+                if calls == 4:  # batches 0, 1 checkpointed (the 1st sync is the open's)
+                    raise Killed
+                return result
+
+            return dying
 
     async with serve(chats=1500, seed=22) as sb, client_for(sb, concurrency=4) as client:
         args: dict[str, Any] = {"since": SINCE, "until": UNTIL, "checkpoint": ckpt}
@@ -507,13 +512,18 @@ async def test_s3_export_is_exact_also_after_a_kill(
     calls = 0
 
     class Dying(ParquetSink):
-        async def sync(self) -> int | None:
-            nonlocal calls
-            result = await super().sync()
-            calls += 1
-            if calls == 3:
-                raise Killed
-            return result
+        def detach(self) -> Callable[[], Awaitable[int | None]]:
+            write = super().detach()
+
+            async def dying() -> int | None:
+                nonlocal calls
+                result = await write()
+                calls += 1
+                if calls == 3:
+                    raise Killed
+                return result
+
+            return dying
 
     async with serve(chats=2400, seed=25) as sb, client_for(sb, concurrency=4) as client:
         args: dict[str, Any] = {"since": MONTHS[0], "until": MONTHS[1], "checkpoint": ckpt}

@@ -26,9 +26,10 @@ import contextlib
 import io
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .._arrow import CHAT_SCHEMA, EXTRA_HINT, chats_table, require_pyarrow
 from .._errors import ConfigurationError
@@ -41,6 +42,7 @@ DEFAULT_MAX_ROWS_PER_FILE = 50_000
 ROW_GROUP_ROWS = 128 * 1024  # rows per row group at most (a default-sized file: one group)
 NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"  # Hive's (and DuckDB's, Spark's) null
 COMPRESSION = "zstd"
+T = TypeVar("T")
 
 
 class ParquetSink(Sink):
@@ -56,6 +58,7 @@ class ParquetSink(Sink):
     """
 
     kind = "parquet"
+    batching = True
 
     def __init__(
         self,
@@ -167,16 +170,27 @@ class ParquetSink(Sink):
         self.buffered += table.num_rows
 
     async def sync(self) -> int | None:
+        return await self.detach()()
+
+    def detach(self) -> Callable[[], Awaitable[int | None]]:
         if not self.opened:
             raise RuntimeError("sink is not open")
-        if self.buffer:
-            buffer, self.buffer, self.buffered = self.buffer, {}, 0
-            await in_thread(self._write_batch, buffer)
-        return self.batch
+        buffer, self.buffer, self.buffered = self.buffer, {}, 0
+        batch = self.batch
+        if buffer:
+            self.batch += 1
+        written = self.batch  # the batches written once this one is
 
-    def _write_batch(self, buffer: dict[str, list[Any]]) -> None:
-        """Write one batch, a file per partition (more past `max_rows_per_file`): all under
-        temporary names first, synced, then renamed into place."""
+        async def write() -> int:
+            if buffer:
+                await in_thread(self._write_batch, buffer, batch)
+            return written
+
+        return write
+
+    def _write_batch(self, buffer: dict[str, list[Any]], batch: int) -> None:
+        """Write batch number `batch`, a file per partition (more past `max_rows_per_file`):
+        all under temporary names first, synced, then renamed into place."""
         import pyarrow as pa
 
         files: list[tuple[str, Any]] = []
@@ -184,10 +198,9 @@ class ParquetSink(Sink):
             table = pa.concat_tables(buffer.pop(value))
             step = self.max_rows_per_file
             for n, start in enumerate(range(0, table.num_rows, step)):
-                name = f"{self.column}={value}/part-{self.batch:06d}-{n}.parquet"
+                name = f"{self.column}={value}/part-{batch:06d}-{n}.parquet"
                 files.append((name, table.slice(start, step)))
         self.store.put(files)
-        self.batch += 1
 
     async def complete(self) -> None:
         if self.buffer:
@@ -243,6 +256,17 @@ def _write_table(table: Any, where: Any) -> None:
     )
 
 
+WRITERS = 4  # threads writing the files of one batch
+
+
+def _parallel(fn: Callable[..., T], calls: Sequence[tuple[Any, ...]]) -> list[T]:
+    """`fn(*args)` for each of `calls`, in a few threads; the results in order."""
+    if len(calls) <= 1:
+        return [fn(*args) for args in calls]
+    with ThreadPoolExecutor(min(WRITERS, len(calls)), thread_name_prefix="parquet") as pool:
+        return list(pool.map(lambda args: fn(*args), calls))
+
+
 class _Store:
     """Where a dataset's files live: list, write whole, remove, count rows."""
 
@@ -278,23 +302,26 @@ class _LocalStore(_Store):
         if new_root:
             fsync_dir(self.root.parent)
         dirs: set[Path] = set()
-        moves: list[tuple[Path, Path]] = []
-        for name, table in files:
-            final = self.root / name
-            if not final.parent.exists():
-                final.parent.mkdir()
+        for name, _ in files:
+            parent = (self.root / name).parent
+            if not parent.exists():
+                parent.mkdir()
                 dirs.add(self.root)
-            temp = final.with_name(f".{final.name}.tmp")
-            with open(temp, "wb") as f:
-                _write_table(table, f)
-                f.flush()
-                os.fsync(f.fileno())
-            moves.append((temp, final))
-        for temp, final in moves:
+        finals = [self.root / name for name, _ in files]
+        temps = [f.with_name(f".{f.name}.tmp") for f in finals]
+        # Encoding and fsync release the GIL: the files of a batch are written side by side.
+        _parallel(self._write, [(t, table) for t, (_, table) in zip(temps, files, strict=True)])
+        for temp, final in zip(temps, finals, strict=True):
             os.replace(temp, final)
             dirs.add(final.parent)
-        for d in sorted(dirs, key=lambda p: -len(p.parts)):  # partitions, then the root
-            fsync_dir(d)
+        _parallel(fsync_dir, [(d,) for d in dirs])
+
+    @staticmethod
+    def _write(temp: Path, table: Any) -> None:
+        with open(temp, "wb") as f:
+            _write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
 
     def remove(self, names: Sequence[str]) -> None:
         dirs = set()
@@ -338,11 +365,12 @@ class _FsspecStore(_Store):
         return [p[len(prefix) :] for p in found if p.startswith(prefix)]
 
     def put(self, files: Sequence[tuple[str, Any]]) -> None:
-        objects: dict[str, bytes] = {}
-        for name, table in files:
+        def encode(name: str, table: Any) -> tuple[str, bytes]:
             buf = io.BytesIO()
             _write_table(table, buf)
-            objects[f"{self.root}/{name}"] = buf.getvalue()
+            return f"{self.root}/{name}", buf.getvalue()
+
+        objects = dict(_parallel(encode, files))
         self.fs.pipe(objects)  # each object one PUT (s3fs sends them concurrently)
 
     def remove(self, names: Sequence[str]) -> None:

@@ -15,7 +15,7 @@ import inspect
 import io
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
@@ -36,13 +36,15 @@ class Sink(abc.ABC):
     byte length, or None when the sink cannot resume), then `await complete`
     (publish) or `close` (leave it unpublished, for a resume).
 
-    A batching sink (`ParquetSink`) says with `holds` that it keeps finished slices in
-    memory: the runner then syncs, and records the slices in the checkpoint, only once
-    a batch is full (and at the end of the run). `sync`'s result is then whatever
-    `open` needs to resume (for Parquet: the number of batches written).
+    A batching sink (`batching`, `ParquetSink`) keeps finished slices in memory while
+    `holds` says so; the runner then `detach`es them as one batch, writes it, and only
+    then records its slices in the checkpoint (also at the end of the run). `sync`'s
+    result is then whatever `open` needs to resume (for Parquet: batches written).
     """
 
     kind: ClassVar[str] = "sink"
+    #: Keeps finished slices and writes them in batches (`holds`, `detach`).
+    batching: ClassVar[bool] = False
 
     def describe(self) -> dict[str, Any]:
         """What identifies this sink in a checkpoint (so a resume writes to the same place)."""
@@ -62,9 +64,14 @@ class Sink(abc.ABC):
         return None
 
     def holds(self, records: int) -> bool:
-        """Whether `records` more may wait, unsynced, with the slices written since the last
-        `sync` (False, the default: the runner syncs after every slice)."""
+        """A batching sink: whether `records` more may wait, unwritten, with the slices
+        written since the last batch (False: the runner syncs after every slice)."""
         return False
+
+    def detach(self) -> Callable[[], Awaitable[int | None]]:
+        """A batching sink: take what was written so far as one batch; return the call that
+        writes it durably (later writes are not part of it) and returns what `sync` does."""
+        return self.sync
 
     async def complete(self) -> None:  # noqa: B027 (optional hook)
         """The export is complete: publish the result."""
