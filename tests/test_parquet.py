@@ -15,6 +15,7 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import attrs
 import duckdb
 import polars as pl
 import pyarrow as pa
@@ -41,21 +42,7 @@ from .test_sync_chats import Versions, _on_loop, in_scope
 
 UTC = timezone.utc
 README = Path(__file__).resolve().parent.parent / "README.md"
-KNOWN = {
-    "chat_id",
-    "alias_id",
-    "created_at",
-    "updated_at",
-    "status",
-    "channel",
-    "asset",
-    "customer_id",
-    "destination_id",
-    "assignee",
-    "flag",
-    "tag",
-    "other_details",
-}
+KNOWN = {f.name for f in attrs.fields(imi.Chat)}  # the top-level fields with a column
 
 
 # -- what a row should be, written out independently of `_arrow` ---------------------------------
@@ -269,11 +256,9 @@ class Killed(BaseException):
     """Stands for a kill: nothing after it runs (not even `except Exception`)."""
 
 
-async def test_kill_after_rename_before_checkpoint_redoes_and_replaces(tmp_path: Path) -> None:
-    """The window that matters: a batch renamed into place, its checkpoint not yet written.
-    The resume removes that batch's files (and a stray temporary file) and redoes its
-    slices: exact, every file name deterministic (batch numbers 0..n-1)."""
-    root, ckpt = tmp_path / "chats", tmp_path / "ckpt.json"
+def dying_sink(path: Path | str, max_rows: int, syncs: int) -> ParquetSink:
+    """A Parquet sink "killed" (`Killed`) right after its `syncs`-th sync wrote its files,
+    before the runner can record them (the open's sync is the first)."""
     calls = 0
 
     class Dying(ParquetSink):
@@ -284,16 +269,25 @@ async def test_kill_after_rename_before_checkpoint_redoes_and_replaces(tmp_path:
                 nonlocal calls
                 result = await write()
                 calls += 1
-                if calls == 4:  # batches 0, 1 checkpointed (the 1st sync is the open's)
+                if calls == syncs:
                     raise Killed
                 return result
 
             return dying
 
+    return Dying(path, max_rows_per_file=max_rows)
+
+
+async def test_kill_after_rename_before_checkpoint_redoes_and_replaces(tmp_path: Path) -> None:
+    """The window that matters: a batch renamed into place, its checkpoint not yet written.
+    The resume removes that batch's files (and a stray temporary file) and redoes its
+    slices: exact, every file name deterministic (batch numbers 0..n-1)."""
+    root, ckpt = tmp_path / "chats", tmp_path / "ckpt.json"
+
     async with serve(chats=1500, seed=22) as sb, client_for(sb, concurrency=4) as client:
         args: dict[str, Any] = {"since": SINCE, "until": UNTIL, "checkpoint": ckpt}
         with pytest.raises(Killed):
-            await export_chats(client, sink=Dying(root, max_rows_per_file=400), **args)
+            await export_chats(client, sink=dying_sink(root, 400, syncs=4), **args)
         state = _checkpoint(ckpt)
         assert state is not None and state["offset"] == 2
         assert {int(f.name.split("-")[1]) for f in parquet_files(root)} == {0, 1, 2}
@@ -321,13 +315,18 @@ async def test_a_fresh_export_refuses_a_dataset_it_has_no_record_of(tmp_path: Pa
     assert_exact(read_dataset(root), data)  # left as it was
 
 
-def _kill_points(total: int, delay: float) -> list[Callable[[float, Any], bool]]:
-    return [
-        lambda t, c: c is not None,  # the first checkpoint, before any batch
-        lambda t, c: c is not None and (c.get("offset") or 0) >= 1,  # a batch written
-        lambda t, c: c is not None and (c.get("offset") or 0) >= 3,  # well into the run
+def kill_at_four_points(argv: list[str], env: dict[str, str], watched: Path, seed: str) -> None:
+    """Run the command again and again, SIGKILLed at four points: its first checkpoint (or
+    state), once a batch is recorded, three batches in, at a random moment."""
+    delay = random.Random(seed).uniform(0.1, 0.6)
+    points: list[Callable[[float, Any], bool]] = [
+        lambda t, c: c is not None,
+        lambda t, c: c is not None and (c.get("offset") or 0) >= 1,
+        lambda t, c: c is not None and (c.get("offset") or 0) >= 3,
         lambda t, c: t >= delay,
     ]
+    killed = sum(_run_until(argv, env, watched, when) == -signal.SIGKILL for when in points)
+    assert killed >= 3, "the kills should land before the command ends"
 
 
 @pytest.mark.slow
@@ -341,11 +340,7 @@ def test_export_killed_with_sigkill_resumes_to_the_exact_dataset(tmp_path: Path)
     argv += ["--slice-pages", "5", "--max-rows-per-file", "200", "--resume"]
     with ThreadedSandbox(chats=1500, seed=17, latency=0.003) as sb:
         env = env_for(sb)
-        killed = 0
-        for when in _kill_points(len(sb.data), random.Random("pq").uniform(0.1, 0.6)):
-            if _run_until(argv, env, ckpt, when) == -signal.SIGKILL:
-                killed += 1
-        assert killed >= 3, "the kills should land before the export ends"
+        kill_at_four_points(argv, env, ckpt, "pq")
         final = subprocess.run(argv, env=env, capture_output=True, timeout=120, check=False)
         assert final.returncode == 0, final.stderr.decode()
         data = list(sb.data)
@@ -420,11 +415,7 @@ def test_sync_killed_with_sigkill_finishes_exactly(tmp_path: Path) -> None:
     with box as sb:
         versions = _on_loop(box, lambda: Versions(sb))
         env = env_for(sb)
-        killed = 0
-        for when in _kill_points(len(sb.data), random.Random("pq-sync").uniform(0.1, 0.6)):
-            if _run_until(argv, env, state, when) == -signal.SIGKILL:
-                killed += 1
-        assert killed >= 3, "the kills should land before the run ends"
+        kill_at_four_points(argv, env, state, "pq-sync")
         for _ in range(2):  # finish the interrupted run; then a run over changed data
             final = subprocess.run(argv, env=env, capture_output=True, timeout=120, check=False)
             assert final.returncode == 0, final.stderr.decode()
@@ -509,26 +500,11 @@ async def test_s3_export_is_exact_also_after_a_kill(
     """`s3://lake/chats` on the local S3 server: killed between a batch's PUTs and its
     checkpoint, resumed: exact, the orphaned objects replaced."""
     url, ckpt = f"{s3[1]}/chats", tmp_path / "ckpt.json"
-    calls = 0
-
-    class Dying(ParquetSink):
-        def detach(self) -> Callable[[], Awaitable[int | None]]:
-            write = super().detach()
-
-            async def dying() -> int | None:
-                nonlocal calls
-                result = await write()
-                calls += 1
-                if calls == 3:
-                    raise Killed
-                return result
-
-            return dying
 
     async with serve(chats=2400, seed=25) as sb, client_for(sb, concurrency=4) as client:
         args: dict[str, Any] = {"since": MONTHS[0], "until": MONTHS[1], "checkpoint": ckpt}
         with pytest.raises(Killed):
-            await export_chats(client, sink=Dying(url, max_rows_per_file=120), **args)
+            await export_chats(client, sink=dying_sink(url, 120, syncs=3), **args)
         await export_chats(
             client, sink=ParquetSink(url, max_rows_per_file=120), resume=True, **args
         )
