@@ -39,7 +39,7 @@ from ._records import parse_utc
 try:
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet  # noqa: F401 (loaded with the module, not during an export)
+    import pyarrow.parquet  # loaded with the module, not during an export
 
     AVAILABLE = True
 except ImportError:  # pragma: no cover (the extra is installed where tests run)
