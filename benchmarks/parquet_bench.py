@@ -81,7 +81,7 @@ def run(cfg: Config) -> ScenarioResult:
         f"N = {n} chats, k = {k}, L = "
         + " and ".join(f"{lat * 1000:.0f} ms" for lat in cfg.s13_latencies)
         + ". Each run: `export --format parquet` (a dataset, default "
-        "`--max-rows-per-file` 50,000) and the NDJSON export of the same chats, each in a "
+        "`--max-rows-per-file` 25,000) and the NDJSON export of the same chats, each in a "
         "fresh child process, order alternating. Peak RSS is the whole child's (pyarrow's "
         "libraries included); growth is the peak over the RSS before the export. Then the "
         f"Parquet export's peak RSS growth at N = {n} and N = {big} (L = 0). Median "

@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -30,6 +31,7 @@ from imichat_async.cli import main
 from imichat_async.export import (
     CheckpointError,
     ParquetSink,
+    _plan,
     export_chats,
     make_sink,
     sync_chats,
@@ -378,18 +380,38 @@ def current_table(root: Path) -> set[tuple[str, datetime]]:
     return {(r[0], r[3]) for r in sql(query)[1]}
 
 
-async def test_sync_appends_new_files_partitioned_by_updated_date(tmp_path: Path) -> None:
+class Clock:
+    """A wall clock that moves only when told: the sandbox's and the sync's."""
+
+    def __init__(self) -> None:
+        self.now = float(int(time.time()))
+
+    def __call__(self) -> float:
+        return self.now
+
+    def dt(self) -> datetime:
+        return datetime.fromtimestamp(self.now, UTC)
+
+
+async def test_sync_appends_new_files_partitioned_by_updated_date(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Each run adds files (never rewrites one), by the version's updated_at date; the
     README's query gives the current table."""
     from .test_sync_chats import SINCE as SYNC_SINCE
 
     root, state = tmp_path / "changes", tmp_path / "state.json"
-    async with serve(chats=800, seed=24) as sb, client_for(sb, concurrency=4) as client:
+    clock = Clock()
+    monkeypatch.setattr(_plan, "utcnow", clock.dt)
+    sandbox = serve(chats=800, seed=24, wall_clock=clock)
+    async with sandbox as sb, client_for(sb, concurrency=4) as client:
         versions = Versions(sb)
         args: dict[str, Any] = {"since": SYNC_SINCE, "state": state, "lag": 0}
         await sync_chats(client, sink=ParquetSink(root, append=True), **args)
         before = {f: f.stat().st_mtime_ns for f in parquet_files(root)}
+        clock.now += 60
         sb.churn(updates=40, inserts=5)
+        clock.now += 60
         report = await sync_chats(client, sink=ParquetSink(root), **args)  # reopened to append
         assert report.appended > 0
         after = {f: f.stat().st_mtime_ns for f in parquet_files(root)}

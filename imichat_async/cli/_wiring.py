@@ -113,7 +113,7 @@ def max_rows_option(f: Callable[..., Any]) -> Callable[..., Any]:
         default=None,
         metavar="N",
         help="Parquet: rows of one file at most, and rows held in memory before a batch "
-        "of files is written [default: 50000].",
+        "of files is written [default: 25000].",
     )(f)
 
 

@@ -38,7 +38,7 @@ from ._checkpoint import CheckpointError, fsync_dir
 from ._sinks import RawRecord, Sink
 
 #: Rows of one file at most, and rows a sink keeps in memory before writing a batch.
-DEFAULT_MAX_ROWS_PER_FILE = 50_000
+DEFAULT_MAX_ROWS_PER_FILE = 25_000
 ROW_GROUP_ROWS = 128 * 1024  # rows per row group at most (a default-sized file: one group)
 NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"  # Hive's (and DuckDB's, Spark's) null
 COMPRESSION = "zstd"
