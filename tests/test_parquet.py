@@ -177,8 +177,11 @@ async def test_export_equals_the_sandbox_field_by_field(tmp_path: Path) -> None:
         assert pq.read_metadata(f).num_rows <= 700
     days = {f.parent.name for f in files}
     assert len(days) >= 360 and len(files) <= 2 * len(days), "not a few files per date"
-    frame = pl.read_parquet(f"{root}/**/*.parquet", hive_partitioning=True)
+    polars_line = readme_code("python", "pl.read_parquet").replace('"chats/', f'"{root}/')
+    frame = eval(polars_line, {"pl": pl})  # the README's line, as written
     assert frame.height == 3000 and frame["tag"].dtype == pl.List(pl.String)
+    by_channel = readme_code("sql", "GROUP BY channel").replace("'chats/", f"'{root}/")
+    assert sum(n for _, n in sql(by_channel)[1]) == 3000
     assert no_temporary_files(root) and not (tmp_path / "ckpt.json").exists()
 
 
@@ -370,13 +373,19 @@ def assert_log_exact(rows: list[dict[str, Any]], sb: Sandbox, versions: Versions
     assert newest == current
 
 
+def readme_code(language: str, contains: str) -> str:
+    """The README's Parquet section's code block in `language` that holds `contains`."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## Parquet") :]
+    section = section[: section.index("\n## ", 1)]
+    blocks = re.findall(rf"```{language}\n(.*?)```", section, flags=re.S)
+    (block,) = [str(b) for b in blocks if contains in b]
+    return block.strip()
+
+
 def current_table(root: Path) -> set[tuple[str, datetime]]:
-    """The README's DuckDB query for the current table."""
-    query = (
-        f"SELECT * EXCLUDE (updated_date) FROM read_parquet('{root}/**/*.parquet', "
-        "hive_partitioning = true) QUALIFY row_number() OVER (PARTITION BY chat_id "
-        "ORDER BY updated_at DESC) = 1"
-    )
+    """The README's DuckDB query for the current table, on `root`."""
+    query = readme_code("sql", "QUALIFY").replace("'changes/", f"'{root}/")
     return {(r[0], r[3]) for r in sql(query)[1]}
 
 
