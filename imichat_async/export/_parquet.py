@@ -39,6 +39,7 @@ from ._sinks import RawRecord, Sink
 
 #: Rows of one file at most, and rows a sink keeps in memory before writing a batch.
 DEFAULT_MAX_ROWS_PER_FILE = 25_000
+CONVERT_ROWS = 4096  # records converted to Arrow at a time
 ROW_GROUP_ROWS = 128 * 1024  # rows per row group at most (a default-sized file: one group)
 NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"  # Hive's (and DuckDB's, Spark's) null
 COMPRESSION = "zstd"
@@ -92,6 +93,7 @@ class ParquetSink(Sink):
         )
         self.batch = 0  # the number of the next batch
         self.first_batch = 0  # the first batch of this run (what `discard` may remove)
+        self.raw: list[RawRecord] = []  # written, not yet converted (under CONVERT_ROWS)
         self.buffer: dict[str, list[Any]] = {}  # partition value -> Arrow tables
         self.buffered = 0
         self.opened = False
@@ -162,12 +164,18 @@ class ParquetSink(Sink):
     async def write(self, records: Sequence[RawRecord]) -> None:
         if not self.opened:
             raise RuntimeError("sink is not open")
-        if not records:
-            return
-        table = chats_table(records)
-        for value, part in _partitions(table, self.partition):
-            self.buffer.setdefault(value, []).append(part)
-        self.buffered += table.num_rows
+        self.raw.extend(records)
+        self.buffered += len(records)
+        if len(self.raw) >= CONVERT_ROWS:
+            self._convert()
+
+    def _convert(self) -> None:
+        """The records written since the last call, as Arrow, into the partitions' buffers
+        (in chunks of `CONVERT_ROWS`: a table's cost is mostly per call, not per row)."""
+        raw, self.raw = self.raw, []
+        if raw:
+            for value, part in _partitions(chats_table(raw), self.partition):
+                self.buffer.setdefault(value, []).append(part)
 
     async def sync(self) -> int | None:
         return await self.detach()()
@@ -175,6 +183,7 @@ class ParquetSink(Sink):
     def detach(self) -> Callable[[], Awaitable[int | None]]:
         if not self.opened:
             raise RuntimeError("sink is not open")
+        self._convert()
         buffer, self.buffer, self.buffered = self.buffer, {}, 0
         batch = self.batch
         if buffer:
@@ -203,12 +212,12 @@ class ParquetSink(Sink):
         self.store.put(files)
 
     async def complete(self) -> None:
-        if self.buffer:
+        if self.buffered:
             await self.sync()
         self.close()
 
     def close(self) -> None:
-        self.buffer, self.buffered = {}, 0
+        self.raw, self.buffer, self.buffered = [], {}, 0
         self.opened = False
 
     def discard(self) -> None:
@@ -228,19 +237,23 @@ class ParquetSink(Sink):
 
 
 def _partitions(table: Any, field: str) -> list[tuple[str, Any]]:
-    """The rows of `table` by the UTC date of `field` (`NULL_PARTITION` when null)."""
+    """The rows of `table` by the UTC date of `field` (`NULL_PARTITION` when null): sorted
+    by it, then cut where it changes (zero-copy slices)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     dates = pc.cast(table.column(field), pa.date32())
-    values = pc.unique(dates).to_pylist()
-    if len(values) == 1:
-        only = values[0]
-        return [(NULL_PARTITION if only is None else only.isoformat(), table)]
-    parts = []
-    for day in values:
-        mask = pc.is_null(dates) if day is None else pc.equal(dates, pa.scalar(day, pa.date32()))
-        parts.append((NULL_PARTITION if day is None else day.isoformat(), table.filter(mask)))
+    bounds = pc.min_max(dates)
+    if dates.null_count == 0 and bounds["min"] == bounds["max"]:  # one date (or no row)
+        return [(dates[0].as_py().isoformat(), table)] if len(dates) else []
+    order = pc.sort_indices(dates)  # nulls last
+    table = table.take(order)
+    runs = pc.run_end_encode(dates.take(order).combine_chunks())
+    parts, start = [], 0
+    for end, day in zip(runs.run_ends.to_pylist(), runs.values.to_pylist(), strict=True):
+        value = NULL_PARTITION if day is None else day.isoformat()
+        parts.append((value, table.slice(start, end - start)))
+        start = end
     return parts
 
 
