@@ -65,6 +65,11 @@ class Config:
     s13_searches: int = 100
     s13_small: int = 50
     s13_big_pages: int = 200
+    # 14. Parquet export vs NDJSON export
+    s14_chats: int = 200_000
+    s14_big: int = 1_000_000
+    s14_k: int = 16
+    s14_latencies: tuple[float, ...] = (0.0, 0.040)
 
     @classmethod
     def full(cls, runs: int = 3) -> Config:
@@ -96,6 +101,8 @@ class Config:
             s13_searches=20,
             s13_small=10,
             s13_big_pages=40,
+            s14_chats=2000,
+            s14_big=5000,
         )
 
 

@@ -1060,6 +1060,15 @@ def services(cfg: Config) -> ScenarioResult:
     return services_bench.run(cfg)
 
 
+# -- 14. Parquet export ------------------------------------------------------------------------
+
+
+def parquet(cfg: Config) -> ScenarioResult:
+    from . import parquet_bench
+
+    return parquet_bench.run(cfg)
+
+
 SCENARIOS: dict[int, Callable[[Config], ScenarioResult]] = {
     1: latency_scaling,
     2: cpu_throughput,
@@ -1074,6 +1083,7 @@ SCENARIOS: dict[int, Callable[[Config], ScenarioResult]] = {
     11: sync,
     12: ratelimit,
     13: services,
+    14: parquet,
 }
 
 TITLES = {
@@ -1090,6 +1100,7 @@ TITLES = {
     11: "Incremental sync after 1 % changed vs a full export",
     12: "Rate-limited tenant",
     13: "Latency for services",
+    14: "Parquet export vs NDJSON export",
 }
 
 ALIASES = {
@@ -1097,6 +1108,7 @@ ALIASES = {
     "sync": [11],
     "ratelimit": [12],
     "services": [13],
+    "parquet": [14],
 }  # `--only hol`, `--only sync`, ...
 
 __all__ = ["ALIASES", "SCENARIOS", "TITLES"]

@@ -738,6 +738,7 @@ def test_export_package_all_lists_its_public_names() -> None:
             "ExportReport",
             "FileSink",
             "NdjsonSink",
+            "ParquetSink",
             "Sink",
             "SyncReport",
             "SyncState",

@@ -8,7 +8,7 @@ from typing import NoReturn
 import click
 
 from .. import ApiError
-from ..export import ExportProgress, export_chats, make_sink
+from ..export import ExportProgress, export_chats
 from ._exit import ApiFailure, UsageFailure, api_message, run_resumable
 from ._progress import ProgressLine
 from ._wiring import (
@@ -18,7 +18,9 @@ from ._wiring import (
     echo_err,
     filter_option,
     format_option,
+    max_rows_option,
     open_client,
+    output_sink,
     parse_filters,
 )
 
@@ -42,15 +44,17 @@ from ._wiring import (
     "-o",
     "--output",
     required=True,
-    type=click.Path(dir_okay=False, writable=True),
-    help="Output file (not `-`: the export resumes into a real file; see `search --json`).",
+    help="Output file (not `-`: the export resumes into a real file; see `search --json`); "
+    "with --format parquet a directory or an fsspec URL (s3://bucket/prefix).",
 )
+@max_rows_option
 @concurrency_option
 @click.option(
     "--checkpoint",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Checkpoint file; default: OUTPUT.checkpoint.json.",
+    help="Checkpoint file (always local); default: OUTPUT.checkpoint.json "
+    "(required for a URL output).",
 )
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint, if there is one.")
 @click.option(
@@ -68,6 +72,7 @@ def export(
     filters: tuple[str, ...],
     fmt: str | None,
     output: str,
+    max_rows: int | None,
     concurrency: int,
     checkpoint: str | None,
     resume: bool,
@@ -86,8 +91,13 @@ def export(
             "`imichat-async search --json` (the same objects, one per line)",
             param_hint="'-o' / '--output'",
         )
+    if checkpoint is None and "://" in output:
+        raise click.BadParameter(
+            "an output URL needs a local --checkpoint FILE", param_hint="'--checkpoint'"
+        )
+    sink = output_sink(output, fmt, max_rows, append=False)
     parsed = parse_filters(filters)
-    default_ckpt = output + ".checkpoint.json"
+    default_ckpt = output.rstrip("/") + ".checkpoint.json"
     ckpt = checkpoint if checkpoint is not None else default_ckpt
     mistyped = not Path(ckpt).exists() and Path(default_ckpt).exists()
     if resume and mistyped and Path(default_ckpt).resolve() != Path(ckpt).resolve():
@@ -122,7 +132,7 @@ def export(
                     since=since,
                     until=until,
                     filters=parsed,
-                    sink=make_sink(output, fmt),
+                    sink=sink,
                     checkpoint=ckpt,
                     resume=resume,
                     slice_pages=slice_pages,

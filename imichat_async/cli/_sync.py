@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..export import DEFAULT_LAG, ExportProgress, make_sink, sync_chats
+from ..export import DEFAULT_LAG, ExportProgress, sync_chats
 from ._exit import run_resumable
 from ._progress import ProgressLine
 from ._wiring import (
@@ -16,7 +16,9 @@ from ._wiring import (
     echo_err,
     filter_option,
     format_option,
+    max_rows_option,
     open_client,
+    output_sink,
     parse_filters,
 )
 
@@ -38,10 +40,11 @@ from ._wiring import (
     "-o",
     "--output",
     required=True,
-    type=click.Path(dir_okay=False, writable=True),
-    help="Change log, appended to: one line per new version of a chat.",
+    help="Change log, appended to: one line per new version of a chat; with --format "
+    "parquet a dataset directory or fsspec URL, new files added by each run.",
 )
 @format_option
+@max_rows_option
 @click.option(
     "--lag",
     type=click.FloatRange(min=0.0),
@@ -59,6 +62,7 @@ def sync(
     state: str,
     output: str,
     fmt: str | None,
+    max_rows: int | None,
     lag: float,
     concurrency: int,
     filters: tuple[str, ...],
@@ -70,6 +74,7 @@ def sync(
     each version (chat_id, updated_at) once across runs. After a crash or
     Ctrl-C, run the same command again: it finishes the interrupted run.
     """
+    sink = output_sink(output, fmt, max_rows, append=True)
     parsed = parse_filters(filters)
     bar = ProgressLine.for_stderr(settings.quiet)
 
@@ -85,7 +90,7 @@ def sync(
                     client,
                     since=since,
                     state=state,
-                    sink=make_sink(output, fmt, append=True),
+                    sink=sink,
                     lag=lag,
                     filters=parsed,
                     progress=show if bar.enabled else None,

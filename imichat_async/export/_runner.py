@@ -338,6 +338,9 @@ class Runner:
         self.progress = progress
         self.workers = workers
         self.active: set[Slice] = set()
+        self.pending: list[tuple[Slice, int]] = []  # written, not yet synced: (slice, records)
+        self.durable = asyncio.Lock()  # a batching sink's batch being written (one at a time)
+        self.broken: BaseException | None = None  # why a batch could not be written
         self.running = 0
         self.queue: asyncio.Queue[Slice] = asyncio.Queue()
         self.lock = asyncio.Lock()
@@ -379,6 +382,7 @@ class Runner:
                     t.result()  # a worker only ends by raising: re-raise its error here
         finally:
             await cancel_and_wait([joiner, *tasks])
+        await self.flush()
 
     def enqueue(self, s: Slice) -> None:
         self.active.add(s)
@@ -420,19 +424,78 @@ class Runner:
         self.tell()
 
     async def commit(self, s: Slice, records: Sequence[RawRecord]) -> None:
-        """Write a finished slice, make it durable, then record it in the checkpoint."""
+        """Write a finished slice, make it durable, then record it in the checkpoint.
+
+        A batching sink (`Sink.batching`) keeps finished slices until a batch is full
+        (`Sink.holds`): they are recorded in the checkpoint only once the sink has written
+        them, all at once. Without `admit`, a full batch is written while the next fills
+        (one batch in flight at most, recorded in order); with it (a sync: what `admit`
+        has seen goes into the saved state), each batch is written before the next slice.
+        """
+        finish: list[Callable[[], Awaitable[None]]] = []
         async with self.lock:
             if self.admit is not None:
                 records = self.admit(records)
+            if self.pending and not self.sink.holds(len(records)):
+                finish.append(await self.detach())  # the batch is full: it goes first
             await self.sink.write(records)  # a file sink does not await: no cancellation here
-            await uncancelled(self.make_durable(s, len(records)))
+            self.pending.append((s, len(records)))
+            if not self.sink.batching:
+                await uncancelled(self.make_durable(self.take(), self.sink.sync))
+            elif not self.sink.holds(0):  # one slice over a batch on its own
+                if finish:
+                    await finish.pop()()
+                finish.append(await self.detach())
+            if self.admit is not None and finish:
+                await finish.pop()()
+        if finish:
+            await finish.pop()()
         self.tell(force=True)
 
-    async def make_durable(self, s: Slice, records: int) -> None:
-        """Sync the sink, mark the slice done, save the checkpoint: all of it, once started."""
-        offset = await self.sink.sync()
-        self.done.add(s.lo, s.hi)
-        self.tally.records += records
-        self.tally.slices_done += 1
-        self.active.discard(s)
+    def take(self) -> list[tuple[Slice, int]]:
+        taken, self.pending = self.pending, []
+        return taken
+
+    async def detach(self) -> Callable[[], Awaitable[None]]:
+        """Take the slices a batching sink holds as one batch, once the batch before it is
+        written; return the call that writes it and records it (in order)."""
+        await self.durable.acquire()
+        try:
+            if self.broken is not None:
+                raise self.broken  # the run ends with that batch's error, whichever worker
+            slices = self.take()
+            write = self.sink.detach()
+        except BaseException:
+            self.durable.release()
+            raise
+
+        async def finish() -> None:
+            try:
+                await uncancelled(self.make_durable(slices, write))
+            except BaseException as exc:
+                self.broken = exc  # no later batch may be recorded before this one
+                raise
+            finally:
+                self.durable.release()
+
+        return finish
+
+    async def flush(self) -> None:
+        """Write and record the slices a batching sink still holds (the run's end)."""
+        async with self.lock:
+            finish = await self.detach() if self.pending else None
+        if finish is not None:
+            await finish()
+
+    async def make_durable(
+        self, slices: Sequence[tuple[Slice, int]], write: Callable[[], Awaitable[int | None]]
+    ) -> None:
+        """Make the sink durable (`write`), mark `slices` done, save the checkpoint: all of
+        it, once started."""
+        offset = await write()
+        for s, records in slices:
+            self.done.add(s.lo, s.hi)
+            self.tally.records += records
+            self.tally.slices_done += 1
+            self.active.discard(s)
         await self.save(offset)

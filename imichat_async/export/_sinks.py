@@ -15,7 +15,7 @@ import inspect
 import io
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
@@ -36,9 +36,16 @@ class Sink(abc.ABC):
     (one finished slice at a time), `await sync` (make it durable; return the
     byte length, or None when the sink cannot resume), then `await complete`
     (publish) or `close` (leave it unpublished, for a resume).
+
+    A batching sink (`batching`, `ParquetSink`) keeps finished slices in memory while
+    `holds` says so; the runner then `detach`es them as one batch, writes it, and only
+    then records its slices in the checkpoint (also at the end of the run). `sync`'s
+    result is then whatever `open` needs to resume (for Parquet: batches written).
     """
 
     kind: ClassVar[str] = "sink"
+    #: Keeps finished slices and writes them in batches (`holds`, `detach`).
+    batching: ClassVar[bool] = False
 
     def describe(self) -> dict[str, Any]:
         """What identifies this sink in a checkpoint (so a resume writes to the same place):
@@ -58,6 +65,16 @@ class Sink(abc.ABC):
     async def sync(self) -> int | None:
         """Flush what was written to durable storage; return its byte length (None: not a file)."""
         return None
+
+    def holds(self, records: int) -> bool:
+        """A batching sink: whether `records` more may wait, unwritten, with the slices
+        written since the last batch (False: the runner syncs after every slice)."""
+        return False
+
+    def detach(self) -> Callable[[], Awaitable[int | None]]:
+        """A batching sink: take what was written so far as one batch; return the call that
+        writes it durably (later writes are not part of it) and returns what `sync` does."""
+        return self.sync
 
     async def complete(self) -> None:  # noqa: B027 (optional hook)
         """The export is complete: publish the result."""
@@ -381,13 +398,20 @@ def make_sink(
     *,
     append: bool = False,
 ) -> Sink:
-    """A sink from a `Sink`, an async callable, or a path (`format` "ndjson" or "csv";
-    by default from the suffix: `.csv` is CSV, anything else NDJSON). `append`: a file
-    sink appends to the path itself (a sync's log; a `FileSink` given is reopened so)."""
+    """A sink from a `Sink`, an async callable, or a path (`format` "ndjson", "csv" or
+    "parquet", a directory or fsspec URL; by default from the suffix: `.csv` is CSV,
+    anything else NDJSON). `append`: a file sink appends to the path itself (a sync's log;
+    a `FileSink` or `ParquetSink` given is reopened so)."""
     if isinstance(target, FileSink) and target.append != append:
         return type(target)(target.path, append=append)
+    from ._parquet import ParquetSink  # here: that module builds on this one
+
+    if isinstance(target, ParquetSink) and target.append != append:
+        return target.reopened(append=append)
     if isinstance(target, Sink):
         return target
+    if isinstance(target, (str, os.PathLike)) and format == "parquet":
+        return ParquetSink(target, append=append)
     if isinstance(target, (str, os.PathLike)):
         path = Path(target)
         fmt = format or ("csv" if path.suffix.lower() == ".csv" else "ndjson")
@@ -395,7 +419,7 @@ def make_sink(
             return NdjsonSink(path, append=append)
         if fmt == "csv":
             return CsvSink(path, append=append)
-        raise InvalidQueryError(f"unknown export format {fmt!r}: expected ndjson or csv")
+        raise InvalidQueryError(f"unknown export format {fmt!r}: expected ndjson, csv or parquet")
     if callable(target):
         return CallableSink(target)
     raise TypeError(
