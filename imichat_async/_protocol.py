@@ -329,7 +329,8 @@ def _decode_json(body: bytes) -> Any:
     """
     try:
         return _msgspec_decode(body)
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        # msgspec before 0.19 raises UnicodeDecodeError for bytes that are not UTF-8
         return _loads(body)
 
 
