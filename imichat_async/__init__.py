@@ -44,6 +44,7 @@ from ._fetch import ClientStats
 from ._paging import PagingStats
 from ._protocol import PreparedRequest
 from ._query import Filter
+from ._ratestore import RedisRateStore
 from ._records import Asset, Channel, Chat, ChatStatus
 from ._results import ChatPage
 from ._retry import RetryPolicy
@@ -89,6 +90,7 @@ __all__ = [
     "PreparedRequest",
     "RateLimitedError",
     "RawResponse",
+    "RedisRateStore",
     "ResponseTooLargeError",
     "RetryPolicy",
     "SearchTimeoutError",

@@ -384,6 +384,8 @@ class FleetRate:
         """Seconds to wait before asking again; 0.0 means a send slot was taken: send now."""
         self._start()
         if not self.shared:
+            if not self.fallbacks:
+                return POLL  # the store's first answer (or failure) is a moment away
             return self.local.delay()
         if not self.fleet.rate:
             return self.local.delay()  # no rate in force yet: its own first throttle counts

@@ -19,6 +19,7 @@ from ._wiring import (
     format_option,
     open_client,
     parse_filters,
+    rate_store_option,
 )
 
 
@@ -45,6 +46,7 @@ from ._wiring import (
     help="Output file (not `-`: the export resumes into a real file; see `search --json`).",
 )
 @concurrency_option
+@rate_store_option
 @click.option(
     "--checkpoint",
     type=click.Path(dir_okay=False),
@@ -68,6 +70,7 @@ def export(
     fmt: str | None,
     output: str,
     concurrency: int,
+    rate_store: str | None,
     checkpoint: str | None,
     resume: bool,
     slice_pages: int,
@@ -104,7 +107,9 @@ def export(
     async def go() -> None:
         # An export runs for long at the tenant's budget: learn its rate limit (it costs
         # nothing without one: benchmarks/RESULTS.md, "Rate-limited tenant").
-        async with open_client(settings, concurrency, adaptive=True) as client:
+        async with open_client(
+            settings, concurrency, adaptive=True, rate_store=rate_store
+        ) as client:
             try:
                 report = await export_chats(
                     client,

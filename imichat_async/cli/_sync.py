@@ -15,6 +15,7 @@ from ._wiring import (
     format_option,
     open_client,
     parse_filters,
+    rate_store_option,
 )
 
 
@@ -48,6 +49,7 @@ from ._wiring import (
     help="Re-read this much before the previous run's start (late writes, clock skew).",
 )
 @concurrency_option
+@rate_store_option
 @filter_option
 @click.pass_obj
 def sync(
@@ -58,6 +60,7 @@ def sync(
     fmt: str | None,
     lag: float,
     concurrency: int,
+    rate_store: str | None,
     filters: tuple[str, ...],
 ) -> None:
     """Append every new version of every chat created since --since to a change log.
@@ -76,7 +79,9 @@ def sync(
         )
 
     async def go() -> None:
-        async with open_client(settings, concurrency, adaptive=True) as client:
+        async with open_client(
+            settings, concurrency, adaptive=True, rate_store=rate_store
+        ) as client:
             try:
                 report = await sync_chats(
                     client,
