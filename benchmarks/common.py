@@ -58,6 +58,11 @@ class Config:
     s12_k: int = 16
     s12_limits: tuple[int, ...] = (50, 100, 400)
     s12_clean_chats: int = 4000
+    # 13. a fleet of processes on one tenant's budget: (P processes, R requests/s)
+    s13_chats: int = 1500
+    s13_k: int = 16
+    s13_cases: tuple[tuple[int, int], ...] = ((4, 100), (8, 100), (4, 50))
+    s13_clean_chats: int = 4000
 
     @classmethod
     def full(cls, runs: int = 3) -> Config:
@@ -85,6 +90,9 @@ class Config:
             s12_chats=400,
             s12_limits=(200,),
             s12_clean_chats=400,
+            s13_chats=200,
+            s13_cases=((2, 100),),
+            s13_clean_chats=400,
         )
 
 

@@ -1020,6 +1020,12 @@ def ratelimit(cfg: Config) -> ScenarioResult:
     return ratelimit_bench.run(cfg)
 
 
+def fleet(cfg: Config) -> ScenarioResult:
+    from . import fleet_bench
+
+    return fleet_bench.run(cfg)
+
+
 SCENARIOS: dict[int, Callable[[Config], ScenarioResult]] = {
     1: latency_scaling,
     2: cpu_throughput,
@@ -1033,6 +1039,7 @@ SCENARIOS: dict[int, Callable[[Config], ScenarioResult]] = {
     10: head_of_line,
     11: sync,
     12: ratelimit,
+    13: fleet,
 }
 
 TITLES = {
@@ -1048,8 +1055,14 @@ TITLES = {
     10: "Head-of-line blocking",
     11: "Incremental sync after 1 % changed vs a full export",
     12: "Rate-limited tenant",
+    13: "Fleet: one rate budget",
 }
 
-ALIASES = {"hol": [10], "sync": [11], "ratelimit": [12]}  # `--only hol`, `--only sync`, ...
+ALIASES = {
+    "hol": [10],
+    "sync": [11],
+    "ratelimit": [12],
+    "fleet": [13],
+}  # `--only hol`, `--only sync`, ...
 
 __all__ = ["ALIASES", "SCENARIOS", "TITLES"]

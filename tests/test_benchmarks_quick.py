@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = range(1, 13)
+SCENARIOS = range(1, 14)
 
 
 @pytest.mark.slow

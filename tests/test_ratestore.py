@@ -1,7 +1,7 @@
 """The fleet's shared send rate (`rate_store=`, `_ratestore.py`) against a real redis-server.
 
 In-process tests use the in-process sandbox; the fleet tests run each worker as
-its own process (`tests/fleet_worker.py`) against the sandbox in its own process
+its own process (`benchmarks/fleet_worker.py`) against the sandbox in its own process
 (`benchmarks.sandbox_proc`), with its rate limit (a token bucket; over it, 429 with
 `Retry-After: 1`) and one real Redis. They assert counts: exact results, the
 share of requests answered 429, pages done by each worker while all ran.
@@ -11,35 +11,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
-import json
 import logging
-import os
-import signal
-import subprocess
 import sys
-import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from benchmarks.fleet_worker import Worker
+from benchmarks.redis_proc import RedisMissing, RedisServer, free_port
 from benchmarks.sandbox_proc import SandboxProcess
 from imichat_async import ConfigurationError, ImiChatClient
 from imichat_async._ratestore import FleetRate, RedisRateStore
 from imichat_async.sandbox import Sandbox, serve
 
 from .helpers import assert_no_stray_tasks
-from .redis_server import RedisServer, free_port
 from .sandbox_thread import ThreadedSandbox, env_for
 
-ROOT = Path(__file__).resolve().parent.parent
+
+def started(server: RedisServer) -> RedisServer:
+    try:
+        return server.start()
+    except RedisMissing as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    server = RedisServer().start()
+    server = started(RedisServer())
     try:
         yield server.url
     finally:
@@ -48,7 +48,7 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
-    server = RedisServer().start()
+    server = started(RedisServer())
     try:
         yield server
     finally:
@@ -101,12 +101,7 @@ def test_rate_store_needs_a_rate_to_share() -> None:
 
 
 def test_missing_redis_py_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "redis" else real(name, *a),
-    )
+    monkeypatch.setitem(sys.modules, "redis.asyncio", None)  # import fails: not installed
     with pytest.raises(ConfigurationError, match=r"imichat-async\[redis\]"):
         RedisRateStore("redis://127.0.0.1:6379/0")
 
@@ -296,41 +291,6 @@ def test_sync_client_and_dlt_source_take_a_rate_store(
 
 
 # -- a fleet of worker processes -------------------------------------------------------------
-
-
-class Worker:
-    """`tests.fleet_worker` in its own process; its page times read as they come."""
-
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.fleet_worker", json.dumps(config)],
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-        )
-        self.pages: list[float] = []
-        self.result: dict[str, Any] | None = None
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            kind, _, rest = line.partition(" ")
-            if kind == "page":
-                self.pages.append(float(rest))
-            elif kind == "done":
-                self.result = json.loads(rest)
-
-    def wait(self, timeout: float = 120) -> dict[str, Any] | None:
-        self.proc.wait(timeout)
-        self._reader.join(10)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-        return self.result
-
-    def kill(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)
 
 
 def fleet(sb: SandboxProcess, n: int, store: str | None, **kw: Any) -> list[Worker]:

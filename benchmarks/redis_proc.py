@@ -1,8 +1,8 @@
-"""A real `redis-server` for the tests of the shared rate store (Debian's `redis-server`).
+"""A real `redis-server` for the shared rate store's tests and benchmark (Debian's package
+`redis-server`): started on a free loopback port with persistence off, stopped after.
 
-Started on a free loopback port with persistence off, stopped after; tests that
-need one skip, with a reason naming the package, where the binary is missing
-(`.ci/run` installs it, so CI never skips them).
+Where the binary is missing, `start()` raises `RedisMissing` naming the package (the
+tests skip on it; `.ci/run` installs the package, so CI never skips them).
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import subprocess
 import tempfile
 import time
 
-import pytest
-
 BINARY = "redis-server"
 MISSING = "needs redis-server on PATH (Debian/Ubuntu package: redis-server)"
 
@@ -24,6 +22,10 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+class RedisMissing(RuntimeError):
+    """No `redis-server` on PATH."""
 
 
 class RedisServer:
@@ -38,7 +40,7 @@ class RedisServer:
     def start(self) -> RedisServer:
         binary = shutil.which(BINARY)
         if binary is None:
-            pytest.skip(MISSING)
+            raise RedisMissing(MISSING)
         self._proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", self._dir.name, "--protected-mode", "yes"],
@@ -58,6 +60,13 @@ class RedisServer:
                 time.sleep(0.02)
         self.stop()
         raise RuntimeError("redis-server did not answer within 10 s")
+
+    def flush(self) -> None:
+        """FLUSHALL: forget every key (a run that must start from nothing learned)."""
+        with socket.create_connection(("127.0.0.1", self.port), 5) as s:
+            s.sendall(b"FLUSHALL\r\n")
+            if not s.recv(16).startswith(b"+OK"):
+                raise RuntimeError("FLUSHALL refused")
 
     def kill(self) -> None:
         """SIGKILL, as a crash: connections drop without a word."""
@@ -79,3 +88,9 @@ class RedisServer:
     def close(self) -> None:
         self.stop()
         self._dir.cleanup()
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
