@@ -75,21 +75,23 @@ def _fleet(sb: SandboxProcess, p: int, k: int, store: str, **kw: Any) -> dict[st
     }
 
 
-def run(cfg: Config) -> ScenarioResult:
-    n, latency, k = cfg.s13_chats, cfg.latency, cfg.s13_k
-    pages = pages_for(n)
-    res = ScenarioResult(
-        13,
-        "Fleet: one rate budget",
-        f"(a) P worker processes, each `ImiChatClient(concurrency={k})` reading all N = {n} "
-        f"chats ({pages} pages) of one tenant limited to R requests/s (token bucket, burst "
-        f"{BURST}; over it 429 with `Retry-After: 1`), L = {latency * 1000:.0f} ms; started "
-        "together, wall to the last worker's end; ideal = P x pages / R; (P, R) in "
-        f"{list(cfg.s13_cases)}. The shared store is a real `redis-server` on 127.0.0.1. "
-        f"(b) No limit: one client, N = {cfg.s13_clean_chats}, k = {k}, `adaptive=True` "
-        f"in-process vs with the store. `max_retries=1000`. Median (min-max) of {cfg.runs}.",
+def _setup(cfg: Config) -> str:
+    return (
+        f"(a) P worker processes, each `ImiChatClient(concurrency={cfg.s13_k})` reading all "
+        f"N = {cfg.s13_chats} chats ({pages_for(cfg.s13_chats)} pages) of one tenant limited "
+        f"to R requests/s (token bucket, burst {BURST}; over it 429 with `Retry-After: 1`), "
+        f"L = {cfg.latency * 1000:.0f} ms; started together, wall to the last worker's end; "
+        f"ideal = P x pages / R; (P, R) in {list(cfg.s13_cases)}. The shared store is a real "
+        f"`redis-server` on 127.0.0.1. (b) No limit: one client, N = {cfg.s13_clean_chats}, "
+        f"k = {cfg.s13_k}, `adaptive=True` in-process vs with the store. `max_retries=1000`. "
+        f"Median (min-max) of {cfg.runs}."
     )
-    with RedisServer() as redis, SandboxProcess(n, latency=latency) as sb:
+
+
+def run(cfg: Config) -> ScenarioResult:
+    res = ScenarioResult(13, "Fleet: one rate budget", _setup(cfg))
+    n, k, pages = cfg.s13_chats, cfg.s13_k, pages_for(cfg.s13_chats)
+    with RedisServer() as redis, SandboxProcess(n, latency=cfg.latency) as sb:
         expected = [str(c["chat_id"]) for c in sb.expected()]
         for i, (p, limit) in enumerate(cfg.s13_cases):
             sb.set_faults(rate_limit=float(limit), rate_burst=BURST)
@@ -134,17 +136,12 @@ def _table(
             return float(r[name]["429"] / r[name]["requests"])
 
         exact = all(ids == expected for r in runs for ids in r[name]["ids"])
-        wall = per_run(runs, wall_vs_ideal)
-        share = per_run(runs, share_429)
+        wall, share = per_run(runs, wall_vs_ideal), per_run(runs, share_429)
         assert wall is not None and share is not None
-        table.add(
-            name,
-            summarize([r[name]["wall"] for r in runs]).fmt(2),
-            wall.fmt(2),
-            share.fmt(1, 100, " %"),
-            summarize([r[name]["requests"] for r in runs]).fmt(0),
-            "yes, every run" if exact else "**NO**",
-        )
+        walls = summarize([r[name]["wall"] for r in runs])
+        requests = summarize([r[name]["requests"] for r in runs])
+        cells = [walls.fmt(2), wall.fmt(2), share.fmt(1, 100, " %"), requests.fmt(0)]
+        table.add(name, *cells, "yes, every run" if exact else "**NO**")
         if name == SHARED:
             res.targets += [
                 Target(f"P = {p}, R = {limit}: shared store wall / ideal <= 1.10",

@@ -241,10 +241,11 @@ class FleetState:
     estimate: float = 0.0
     estimated_at: float = 0.0
 
-    @classmethod
-    def parse(cls, fields: list[Any]) -> FleetState:
-        v = [float(f) for f in fields[:10]]
-        return cls(v[0], v[1], int(v[2]), *v[3:10])
+
+def _parsed(fields: list[Any]) -> FleetState:
+    """The state at the head of a script's reply (Redis sends the numbers as strings)."""
+    v = [float(f) for f in fields[:10]]
+    return FleetState(v[0], v[1], int(v[2]), *v[3:10])
 
 
 class RedisRateStore:
@@ -521,7 +522,7 @@ class FleetRate:
             ],
         )
         was = self.fleet.rate
-        self.fleet = FleetState.parse(reply)
+        self.fleet = _parsed(reply)
         self._ok_rate = float(reply[10])
         local_now = self.fleet.now - self._offset
         self._retry_at = local_now + float(reply[12])
@@ -552,7 +553,7 @@ class FleetRate:
             THROTTLE,
             [sent_at, grant, ok, sent, self.local.window, CLUSTER_GAP, self._ttl()],
         )
-        fleet = self.fleet = FleetState.parse(reply)
+        fleet = self.fleet = _parsed(reply)
         offered, stale, between, span = (float(v) for v in reply[10:14])
         measured = measured_rate(between, span) if between >= 0 else None
         local = self.local
@@ -589,7 +590,7 @@ class FleetRate:
                 self._ttl(),
             ],
         )
-        self.fleet = FleetState.parse(done[1:])
+        self.fleet = _parsed(done[1:])
         self._slots.clear()
 
     # -- failing and rejoining --------------------------------------------------------------
