@@ -4,7 +4,8 @@ Used by scenario 13 and by tests/test_ratestore.py. The config holds the
 client's keywords, and `"barrier": true` to wait for a line on stdin before
 starting (so that a fleet starts together, its imports done). The worker reads
 every chat of the tenant with its own `ImiChatClient`, prints
-`page <monotonic time>` as each page is yielded, then `done <json>`: the chat
+`page <monotonic time>` as each page is yielded, `answered <time> <pages>` every
+0.1 s, then `done <json>`: the chat
 ids in order, the client's stats, and the monotonic times of the start and the
 end of its search (CLOCK_MONOTONIC: one clock for every process of the machine).
 """
@@ -41,6 +42,7 @@ class Worker:
             cwd=ROOT,
         )  # fmt: skip
         self.pages: list[float] = []
+        self.answered: list[tuple[float, int]] = []  # (time, pages answered by then)
         self.result: dict[str, Any] | None = None
         self._ready = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -52,11 +54,18 @@ class Worker:
             kind, _, rest = line.partition(" ")
             if kind == "page":
                 self.pages.append(float(rest))
+            elif kind == "answered":
+                at, pages = rest.split()
+                self.answered.append((float(at), int(pages)))
             elif kind.strip() == "ready":
                 self._ready.set()
             elif kind == "done":
                 self.result = json.loads(rest)
         self._ready.set()
+
+    def answered_by(self, when: float) -> int:
+        """Pages answered by `when` (as last reported before it)."""
+        return max((n for t, n in self.answered if t <= when), default=0)
 
     def ready(self, timeout: float = 60) -> None:
         """Wait until its imports are done and it waits for `go()`."""
@@ -84,9 +93,13 @@ async def work(config: dict[str, Any]) -> dict[str, Any]:
     ids: list[str] = []
     async with ImiChatClient(**config) as client:
         started = time.monotonic()
-        async for page in client.search_pages(raw=True):
-            ids.extend(str(chat["chat_id"]) for chat in page.items)
-            print(f"page {time.monotonic()}", flush=True)
+        ticker = asyncio.ensure_future(_tick(client))
+        try:
+            async for page in client.search_pages(raw=True):
+                ids.extend(str(chat["chat_id"]) for chat in page.items)
+                print(f"page {time.monotonic()}", flush=True)
+        finally:
+            ticker.cancel()
         ended = time.monotonic()
         stats = client.stats
     return {
@@ -96,6 +109,14 @@ async def work(config: dict[str, Any]) -> dict[str, Any]:
         "started": started,
         "ended": ended,
     }
+
+
+async def _tick(client: ImiChatClient) -> None:
+    """`answered <time> <pages>` every 0.1 s: pages answered so far, in whatever order (the
+    pages yielded wait for the head, which may be waiting out a Retry-After)."""
+    while True:
+        print(f"answered {time.monotonic()} {client.stats.pages}", flush=True)
+        await asyncio.sleep(0.1)
 
 
 def main() -> None:

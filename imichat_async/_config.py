@@ -79,7 +79,14 @@ def limiter_for(
         # The limiter takes any object with SendRate's interface (delay, sent, feedback).
         send_rate = cast(
             SendRate,
-            FleetRate(store, key, rate_limit, adaptive=learn_rate, on_fallback=on_fallback),
+            FleetRate(
+                store,
+                key,
+                rate_limit,
+                adaptive=learn_rate,
+                concurrency=concurrency,
+                on_fallback=on_fallback,
+            ),
         )
     elif learn_rate or rate_limit is not None:
         send_rate = SendRate(rate_limit, adaptive=learn_rate)

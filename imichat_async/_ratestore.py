@@ -45,6 +45,7 @@ import collections
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -75,6 +76,7 @@ HORIZON = 0.5  # seconds ahead the fleet's bucket hands out send slots at most
 BATCH_TIME = 0.02  # a lease: this many seconds of the fleet's rate (at least one token)
 MAX_BATCH = 8
 IDLE_TTL = 60.0  # seconds the tenant's state outlives its last use
+MEMBER_TTL = 2.0  # seconds a member counts as present after its last call to the store
 POLL = 0.005  # seconds the limiter waits to ask again while a lease is on its way
 SCHEMES = ("redis", "rediss")
 EXTRA_HINT = "pip install 'imichat-async[redis]'"
@@ -122,10 +124,11 @@ local function state(extra)
 end
 """
 
-#: ARGV: wanted, fixed rate (0: none), ceiling (0: none), burst, slack, horizon, epoch seen,
-#: proposed rate (0: none), accepted, sent (since the last call), ttl ms.
+#: KEYS: the tenant's hash, its members (a sorted set). ARGV: wanted, fixed rate (0: none),
+#: ceiling (0: none), burst, slack, horizon, epoch seen, proposed rate (0: none), accepted,
+#: sent (since the last call), ttl ms, member id, member ttl s.
 #: Returns the state, then ok rate, sent rate, seconds until a slot is in the horizon, first
-#: grant number, and each slot's offset from now.
+#: grant number, members present, and each slot's offset from now.
 LEASE = (
     _PRELUDE
     + """
@@ -162,7 +165,10 @@ if rate > 0 then
   put('g', g)
 end
 redis.call('PEXPIRE', key, ARGV[11])
-local out = state({ok_rate, sent_rate, retry, first})
+redis.call('ZADD', KEYS[2], now, ARGV[12])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[13]))
+redis.call('PEXPIRE', KEYS[2], ARGV[11])
+local out = state({ok_rate, sent_rate, retry, first, redis.call('ZCARD', KEYS[2])})
 for _, s in ipairs(slots) do table.insert(out, s) end
 return out
 """
@@ -338,6 +344,7 @@ class FleetRate:
         *,
         adaptive: bool = False,
         burst: float = 1.0,
+        concurrency: int = 1,
         on_fallback: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -349,6 +356,9 @@ class FleetRate:
         self.fallbacks = 0
         self.fleet = FleetState()
         self._fixed = None if adaptive else rate
+        self._concurrency = concurrency
+        self._members = 1  # clients of the tenant that used the store lately
+        self._id = uuid.uuid4().hex
         self._on_fallback = on_fallback
         self._clock = clock
         self._offset = 0.0  # Redis' clock minus ours
@@ -390,7 +400,12 @@ class FleetRate:
                 return POLL  # the store's first answer (or failure) is a moment away
             return self.local.delay()
         if not self.fleet.rate:
-            return self.local.delay()  # no rate in force yet: its own first throttle counts
+            # No rate in force yet (adaptive, never throttled): the fleet sends as one client
+            # would, its requests in flight split between the members, so that its first
+            # throttle costs what one client's does; its own first throttle counts at once.
+            if len(self._tickets) >= max(1, self._concurrency // self._members):
+                return POLL
+            return self.local.delay()
         slots = self._slots
         batch = self._batch()
         if slots:
@@ -475,7 +490,7 @@ class FleetRate:
     def _batch(self) -> int:
         return max(1, min(MAX_BATCH, int(self.fleet.rate * BATCH_TIME)))
 
-    async def _call(self, name: str, script: str, args: list[Any]) -> list[Any]:
+    async def _call(self, name: str, script: str, keys: list[str], args: list[Any]) -> list[Any]:
         if self._redis is None:
             self._redis = self.store.connect()
             self._scripts = {}
@@ -483,9 +498,7 @@ class FleetRate:
         if fn is None:
             fn = self._scripts[name] = self._redis.register_script(script)
         asked = self._clock()
-        reply: list[Any] = await asyncio.wait_for(
-            fn(keys=[self.key], args=args), self.store.timeout
-        )
+        reply: list[Any] = await asyncio.wait_for(fn(keys=keys, args=args), self.store.timeout)
         answered = self._clock()
         self._offset = float(reply[0]) - (asked + answered) / 2
         return reply
@@ -507,6 +520,7 @@ class FleetRate:
         reply = await self._call(
             "lease",
             LEASE,
+            [self.key, self.key + ":members"],
             [
                 wanted,
                 self._fixed or 0,
@@ -519,6 +533,8 @@ class FleetRate:
                 ok,
                 sent,
                 self._ttl(),
+                self._id,
+                MEMBER_TTL,
             ],
         )
         was = self.fleet.rate
@@ -529,7 +545,8 @@ class FleetRate:
         if not self.fleet.rate or (was and self.fleet.rate < was * 0.99):
             self._slots.clear()  # a decrease: slots leased at the old rate go unused
         grant = int(float(reply[13]))
-        for i, offset in enumerate(reply[14:]):
+        self._members = max(1, int(float(reply[14])))
+        for i, offset in enumerate(reply[15:]):
             self._slots.append((local_now + float(offset), grant + i))
         if wanted and len(self._slots) >= batch:
             self._want = False
@@ -551,6 +568,7 @@ class FleetRate:
         reply = await self._call(
             "throttle",
             THROTTLE,
+            [self.key],
             [sent_at, grant, ok, sent, self.local.window, CLUSTER_GAP, self._ttl()],
         )
         fleet = self.fleet = _parsed(reply)
@@ -576,6 +594,7 @@ class FleetRate:
         done = await self._call(
             "decrease",
             DECREASE,
+            [self.key],
             [
                 fleet.epoch,
                 rate,
