@@ -77,8 +77,13 @@ class Worker:
         self.proc.stdin.flush()
 
     def wait(self, timeout: float = 300) -> dict[str, Any] | None:
-        """Its result (None if it died), once it has exited."""
-        self.proc.wait(timeout)
+        """Its result (None if it died), once it has exited; killed if it takes longer."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.proc.wait()
+            raise
         self._reader.join(10)
         for pipe in (self.proc.stdin, self.proc.stdout):
             if pipe is not None:

@@ -330,7 +330,7 @@ def test_fleet_of_processes_shares_one_budget(redis_url: str) -> None:
     with SandboxProcess(600, latency=0.02, rate_limit=LIMIT, rate_burst=BURST) as sb:
         expected = [str(r["chat_id"]) for r in sb.expected()]
         workers = fleet(sb, P, RedisRateStore(redis_url, prefix="fleet").url)
-        results = [w.wait() for w in workers]
+        results = [w.wait(120) for w in workers]
         st = sb.stats()
     assert all(r is not None and r["ids"] == expected for r in results)
     assert all(r is not None and r["fallbacks"] == 0 for r in results)
@@ -349,7 +349,7 @@ def test_fleet_shares_are_fair_and_a_late_joiner_gets_its_share(redis_url: str) 
         workers = fleet(sb, P - 1, store, adaptive=False, rate_limit=LIMIT)
         wait_until(lambda: all(w.answered_by(math.inf) >= 10 for w in workers))
         workers += fleet(sb, 1, store, adaptive=False, rate_limit=LIMIT)
-        results = [w.wait() for w in workers]
+        results = [w.wait(120) for w in workers]
         st = sb.stats()
     assert all(r is not None and r["ids"] == expected for r in results)
     assert st["rate_limited"] <= 3, st
@@ -369,7 +369,7 @@ def test_redis_killed_mid_run_every_worker_still_exact(own_redis: RedisServer) -
         workers = fleet(sb, P, own_redis.url)
         wait_until(lambda: all(len(w.pages) >= 10 for w in workers))
         own_redis.kill()
-        results = [w.wait() for w in workers]
+        results = [w.wait(120) for w in workers]
     assert all(r is not None and r["ids"] == expected for r in results)
     assert [r["fallbacks"] for r in results if r is not None] == [1] * P
 
@@ -387,8 +387,8 @@ def test_a_worker_killed_mid_run_leaves_its_share_to_the_others(redis_url: str) 
         wait_until(lambda: all(w.answered_by(math.inf) >= 15 for w in workers))
         workers[0].kill()
         killed_at = workers[0].answered[-1][0]
-        results = [w.wait() for w in workers[1:]]
-        assert workers[0].wait() is None
+        results = [w.wait(120) for w in workers[1:]]
+        assert workers[0].wait(120) is None
         st = sb.stats()
     assert all(r is not None and r["ids"] == expected for r in results)
     assert st["rate_limited"] <= 3, st
