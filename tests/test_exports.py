@@ -78,6 +78,7 @@ PUBLIC_NAMES = [
     "PreparedRequest",
     "RateLimitedError",
     "RawResponse",
+    "RedisRateStore",
     "ResponseTooLargeError",
     "RetryPolicy",
     "SearchTimeoutError",
