@@ -84,7 +84,6 @@ def limiter_for(
                 key,
                 rate_limit,
                 adaptive=learn_rate,
-                concurrency=concurrency,
                 on_fallback=on_fallback,
             ),
         )

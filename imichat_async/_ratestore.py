@@ -195,7 +195,6 @@ class FleetRate:
         *,
         adaptive: bool = False,
         burst: float = 1.0,
-        concurrency: int = 1,
         on_fallback: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -207,8 +206,8 @@ class FleetRate:
         self.fallbacks = 0
         self.fleet = FleetState()
         self._fixed = None if adaptive else rate
-        self._concurrency = concurrency
-        self._members = 1  # clients of the tenant that used the store lately
+        self.members = 1  # clients of the tenant that used the store lately (stats)
+        self._started = 0.0  # when the background task was started
         self._id = uuid.uuid4().hex
         self._on_fallback = on_fallback
         self._clock = clock
@@ -247,16 +246,11 @@ class FleetRate:
         """Seconds to wait before asking again; 0.0 means a send slot was taken: send now."""
         self._start()
         if not self.shared:
-            if not self.fallbacks:
+            if not self.fallbacks and self._clock() - self._started < 2 * self.store.timeout:
                 return POLL  # the store's first answer (or failure) is a moment away
             return self.local.delay()
         if not self.fleet.rate:
-            # No rate in force yet (adaptive, never throttled): the fleet sends as one client
-            # would, its requests in flight split between the members, so that its first
-            # throttle costs what one client's does; its own first throttle counts at once.
-            if len(self._tickets) >= max(1, self._concurrency // self._members):
-                return POLL
-            return self.local.delay()
+            return self.local.delay()  # no rate in force yet: its own first throttle counts
         slots = self._slots
         batch = self._batch()
         if slots:
@@ -294,6 +288,7 @@ class FleetRate:
 
     def _start(self) -> None:
         if self._task is None and not self._closed:
+            self._started = self._clock()
             self._wake = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -396,7 +391,7 @@ class FleetRate:
         if not self.fleet.rate or (was and self.fleet.rate < was * 0.99):
             self._slots.clear()  # a decrease: slots leased at the old rate go unused
         grant = int(float(reply[13]))
-        self._members = max(1, int(float(reply[14])))
+        self.members = max(1, int(float(reply[14])))
         for i, offset in enumerate(reply[15:]):
             self._slots.append((local_now + float(offset), grant + i))
         if wanted and len(self._slots) >= batch:
