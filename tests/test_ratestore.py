@@ -360,11 +360,11 @@ def test_fleet_of_processes_shares_one_budget(redis_url: str) -> None:
 def test_fleet_shares_are_fair_and_a_late_joiner_gets_its_share(redis_url: str) -> None:
     """`rate_limit=R` shared: R for the fleet (about nothing refused), and workers that want
     tokens get comparable shares, one that joins late included, from its first page on."""
-    with SandboxProcess(600, latency=0.02, rate_limit=LIMIT, rate_burst=BURST) as sb:
+    with SandboxProcess(900, latency=0.02, rate_limit=LIMIT, rate_burst=BURST) as sb:
         expected = [str(r["chat_id"]) for r in sb.expected()]
         store = RedisRateStore(redis_url, prefix="fair").url
         workers = fleet(sb, P - 1, store, adaptive=False, rate_limit=LIMIT)
-        wait_until(lambda: all(w.answered_by(math.inf) >= 10 for w in workers))
+        wait_until(lambda: all(w.answered_by(math.inf) >= 3 for w in workers))
         workers += fleet(sb, 1, store, adaptive=False, rate_limit=LIMIT)
         results = [w.wait(120) for w in workers]
         st = sb.stats()
