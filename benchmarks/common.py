@@ -70,6 +70,11 @@ class Config:
     s14_big: int = 1_000_000
     s14_k: int = 16
     s14_latencies: tuple[float, ...] = (0.0, 0.040)
+    # 15. a fleet of processes on one tenant's budget: (P processes, R requests/s)
+    s15_chats: int = 1500
+    s15_k: int = 16
+    s15_cases: tuple[tuple[int, int], ...] = ((4, 100), (8, 100), (4, 50))
+    s15_clean_chats: int = 4000
 
     @classmethod
     def full(cls, runs: int = 3) -> Config:
@@ -103,6 +108,9 @@ class Config:
             s13_big_pages=40,
             s14_chats=2000,
             s14_big=5000,
+            s15_chats=200,
+            s15_cases=((2, 100),),
+            s15_clean_chats=400,
         )
 
 

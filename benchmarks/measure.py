@@ -69,6 +69,7 @@ def client_run(
     raw: bool = False,
     max_pages: int | None = None,
     retry_policy: imi.RetryPolicy | None = None,
+    rate_store: str | None = None,
 ) -> ClientRun:
     """One `search_chats()` (or `search_pages(raw=True)` with raw=True) over the whole tenant."""
     out = ClientRun()
@@ -83,6 +84,7 @@ def client_run(
             rate_limit=rate_limit,
             max_retries=max_retries if retry_policy is None else None,
             retry_policy=retry_policy,
+            rate_store=rate_store,
         ) as client:
             started = time.perf_counter()
             if raw:

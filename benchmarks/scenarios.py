@@ -1069,6 +1069,15 @@ def parquet(cfg: Config) -> ScenarioResult:
     return parquet_bench.run(cfg)
 
 
+# -- 15. a fleet on one tenant's budget -----------------------------------------------------
+
+
+def fleet(cfg: Config) -> ScenarioResult:
+    from . import fleet_bench
+
+    return fleet_bench.run(cfg)
+
+
 SCENARIOS: dict[int, Callable[[Config], ScenarioResult]] = {
     1: latency_scaling,
     2: cpu_throughput,
@@ -1084,6 +1093,7 @@ SCENARIOS: dict[int, Callable[[Config], ScenarioResult]] = {
     12: ratelimit,
     13: services,
     14: parquet,
+    15: fleet,
 }
 
 TITLES = {
@@ -1101,6 +1111,7 @@ TITLES = {
     12: "Rate-limited tenant",
     13: "Latency for services",
     14: "Parquet export vs NDJSON export",
+    15: "Fleet: one rate budget",
 }
 
 ALIASES = {
@@ -1109,6 +1120,7 @@ ALIASES = {
     "ratelimit": [12],
     "services": [13],
     "parquet": [14],
+    "fleet": [15],
 }  # `--only hol`, `--only sync`, ...
 
 __all__ = ["ALIASES", "SCENARIOS", "TITLES"]

@@ -45,6 +45,7 @@ from ._fetch import ClientStats
 from ._paging import PagingStats
 from ._protocol import PreparedRequest, RawChat
 from ._query import Filter
+from ._ratestore import RedisRateStore
 from ._records import Asset, Channel, Chat, ChatStatus
 from ._results import ChatPage
 from ._retry import RetryPolicy
@@ -91,6 +92,7 @@ __all__ = [
     "RateLimitedError",
     "RawChat",
     "RawResponse",
+    "RedisRateStore",
     "ResponseTooLargeError",
     "RetryPolicy",
     "SearchTimeoutError",

@@ -35,6 +35,7 @@ from ._fetch import ClientStats, PageFetcher
 from ._limiter import Limiter
 from ._paging import Page, PagingStats, iterate_pages
 from ._query import Filter, Query, build_query
+from ._ratestore import FleetRate, RedisRateStore, rate_store_of
 from ._records import Chat, decode_page
 from ._results import ChatPage, chats_of, numbered_pages
 from ._retry import RetryPolicy
@@ -73,6 +74,10 @@ class ImiChatClient(PageFetcher):
     (README: "Choices where the contract leaves room").
     `tracer_provider` / `meter_provider` (OpenTelemetry, extra `otel`)
     override the global providers for this client's spans and metrics.
+    `rate_store` (extra `redis`): a `redis://` or `rediss://` URL or a
+    `RedisRateStore`: the send rate (`adaptive=True`, or `rate_limit` then the
+    whole fleet's) is shared by every client of the tenant using that store
+    (README: "Fleet: one rate budget"); None keeps it in the process.
     """
 
     def __init__(
@@ -94,6 +99,7 @@ class ImiChatClient(PageFetcher):
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         tracer_provider: Any = None,
         meter_provider: Any = None,
+        rate_store: str | RedisRateStore | None = None,
     ) -> None:
         """Check every argument now; raises `ConfigurationError` naming the one that cannot work."""
         self.base_url = check_base_url(base_url)
@@ -105,7 +111,15 @@ class ImiChatClient(PageFetcher):
             max_response_bytes=max_response_bytes,
         )
         policy = policy_of(max_retries, retry_policy)
-        limiter = limiter_for(concurrency, adaptive, rate_limit)
+        store = rate_store_of(rate_store)
+        limiter = limiter_for(
+            concurrency,
+            adaptive,
+            rate_limit,
+            store=store,
+            key=store.key(self.base_url, team_id) if store is not None else "",
+            on_fallback=self._count_store_fallback,
+        )
         self._own_transport: AiohttpTransport | None = None
         if transport is None:
             self._own_transport = transport = AiohttpTransport(
@@ -150,8 +164,14 @@ class ImiChatClient(PageFetcher):
     async def close(self) -> None:
         """Close the session if the client made it; a borrowed session or transport stays open."""
         self._closed = True
+        rate = self._limiter.rate
+        if isinstance(rate, FleetRate):
+            await rate.aclose()
         if self._own_transport is not None:
             await self._own_transport.close()
+
+    def _count_store_fallback(self) -> None:
+        self.stats.rate_store_fallbacks += 1
 
     @property
     def limiter(self) -> Limiter:

@@ -8,13 +8,16 @@ into the client-wide limiter.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 from . import _protocol as protocol
 from ._errors import ConfigurationError, InvalidQueryError
+from ._gate import SendRateLike
 from ._limiter import Limiter
 from ._rate import SendRate
+from ._ratestore import FleetRate, RedisRateStore
 from ._retry import RetryPolicy
 from ._sched import PRIORITIES
 
@@ -48,24 +51,38 @@ def check_client_args(
         )
 
 
-def limiter_for(concurrency: int, adaptive: bool | str, rate_limit: float | None) -> Limiter:
+def limiter_for(
+    concurrency: int,
+    adaptive: bool | str,
+    rate_limit: float | None,
+    *,
+    store: RedisRateStore | None = None,
+    key: str = "",
+    on_fallback: Callable[[], None] | None = None,
+) -> Limiter:
     """The client-wide limiter: `adaptive` True/"rate" learns a send rate (capped by
     `rate_limit`), "concurrency" adapts the requests in flight (AIMD), False keeps both fixed.
+    With a `store`, the send rate is the fleet's (`_ratestore.FleetRate`, tenant `key`).
 
-    Raises `ConfigurationError` for any other `adaptive`.
+    Raises `ConfigurationError` for any other `adaptive`, or a store with nothing to share.
     """
     if adaptive not in ADAPTIVE_MODES:
         raise ConfigurationError(
             f'adaptive must be True, False, "rate" or "concurrency", got {adaptive!r:.40}'
         )
     learn_rate = adaptive is True or adaptive == "rate"
-    return Limiter(
-        concurrency,
-        adaptive=adaptive == "concurrency",
-        send_rate=SendRate(rate_limit, adaptive=learn_rate)
-        if learn_rate or rate_limit is not None
-        else None,
-    )
+    send_rate: SendRateLike | None = None
+    if store is not None:
+        if not learn_rate and rate_limit is None:
+            raise ConfigurationError(
+                "rate_store= shares a send rate: give adaptive=True (learn it) or "
+                "rate_limit= (the fleet's), not adaptive=" + repr(adaptive)
+            )
+        # The limiter takes any `SendRateLike` (delay, sent, feedback): the fleet's.
+        send_rate = FleetRate(store, key, rate_limit, adaptive=learn_rate, on_fallback=on_fallback)
+    elif learn_rate or rate_limit is not None:
+        send_rate = SendRate(rate_limit, adaptive=learn_rate)
+    return Limiter(concurrency, adaptive=adaptive == "concurrency", send_rate=send_rate)
 
 
 def check_transport(transport: Any, session: Any) -> None:

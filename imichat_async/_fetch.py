@@ -44,6 +44,7 @@ class ClientStats:
     pages: int = 0  # pages answered successfully
     records: int = 0
     hedges: int = 0  # duplicate requests sent for an overdue head page
+    rate_store_fallbacks: int = 0  # times the rate store stopped answering (rate_store=)
 
 
 class PageFetcher:

@@ -63,6 +63,77 @@ MAX_GRACE = 0.25  # seconds: the grace is never longer than this
 ESTIMATE_AGE = 10.0  # seconds a measured rate caps the cut of a lone throttle (it may go stale)
 
 
+# -- the math, shared by the in-process `SendRate` and the fleet's rate (`_ratestore`) --------
+
+
+def measured_rate(between: float, span: float) -> float | None:
+    """The tenant's rate from `between` requests accepted in `span` seconds between two
+    throttled sends of one run; None while too few or too close together to trust."""
+    if span >= MIN_SPAN and between >= MIN_COUNT:
+        return between / span
+    return None
+
+
+def decrease_target(
+    rate: float | None,
+    *,
+    beta: float,
+    measured: float | None,
+    estimate: float | None,
+    offered: Callable[[], float],
+) -> tuple[float, float]:
+    """(the curve's top `w_max`, the rate from now) after a throttle that decreases.
+
+    `rate`: the rate in force, None while the bucket is off (adaptive, never throttled);
+    `measured`: this throttle's run measured the tenant's rate; `estimate`: a measure
+    recent enough (`ESTIMATE_AGE`) to cap a lone throttle's cut; `offered()`: the rate
+    sent and not refused, asked for only at the first throttle.
+    """
+    if measured is not None:
+        w_max = measured if rate is None else min(measured, rate / beta)  # never up
+        return w_max, beta * w_max
+    if rate is not None:
+        # A lone throttle: the rate sent at was too much. Probing above a recent measure,
+        # the server's burst hid the overshoot until now: aim back at that measure
+        # (one cut, not two), unless it is old enough that the tenant may have changed.
+        w_max = rate if estimate is None else min(rate, estimate)
+        return w_max, beta * w_max
+    # The first throttle, alone: the accepted rate so far is about what was sent, the
+    # burst included, so the tenant's rate is somewhere below it. Start well below, and
+    # climb back towards it fast (the concave part of the curve) until throttles come
+    # close enough together to measure the rate.
+    w_max = offered()
+    return w_max, BLIND_BETA * w_max
+
+
+def curve_shape(
+    w_max: float, rate: float, scale: float, min_rate: float
+) -> tuple[float, float, float]:
+    """(w_max, C, K) of the CUBIC curve from `rate` now back up to `w_max` (K seconds on)."""
+    w_max = max(w_max, min_rate)
+    c = max(scale, RELATIVE_SCALE * w_max)
+    return w_max, c, (max(0.0, w_max - rate) / c) ** (1 / 3)
+
+
+def cubic_rate(t: float, w_max: float, k: float, c: float, scale: float) -> float:
+    """The CUBIC curve `t` seconds after its decrease: concave up to `w_max` (at `k`),
+    then probing above it, five times gentler (`PROBE_SCALE`)."""
+    t -= k
+    if t >= 0:
+        c = max(scale, PROBE_SCALE * w_max)
+    return c * t * t * t + w_max
+
+
+def grace(rate: float) -> float:
+    """Seconds after a decrease during which a throttle cannot decrease again."""
+    return min(GRACE / rate, MAX_GRACE)
+
+
+def bucket_depth(burst: float, rate: float) -> float:
+    """The bucket's depth: `burst`, and never under one token plus `TIMER_SLACK` of rate."""
+    return max(burst, 1.0 + rate * TIMER_SLACK)
+
+
 class TokenBucket:
     """`rate` tokens a second, at most `burst` kept; full at the start."""
 
@@ -263,11 +334,11 @@ class SendRate:
         """The tenant's rate from this run of throttles, or None while it cannot be told."""
         empty = self._run[0] if self._run else None
         if empty is not None and sent_at - empty >= MIN_SPAN:
-            between = self._accepted_between(empty, sent_at)
-            if between >= MIN_COUNT:
-                self.estimate = between / (sent_at - empty)
+            measured = measured_rate(self._accepted_between(empty, sent_at), sent_at - empty)
+            if measured is not None:
+                self.estimate = measured
                 self._estimated_at = sent_at
-                return self.estimate
+            return measured
         return None
 
     def _offered(self, sent_at: float) -> float:
@@ -281,55 +352,42 @@ class SendRate:
         return sent / max(sent_at - start, MIN_SPAN)
 
     def _decrease(self, now: float, measured: float | None, sent_at: float) -> None:
-        if measured is not None:
-            w_max = measured
-            if self._enabled:
-                w_max = min(w_max, self._bucket.rate / self.beta)  # never up on a throttle
-            rate = self.beta * w_max
-        elif self._enabled:
-            # A lone throttle: the rate sent at was too much. Probing above a recent measure,
-            # the server's burst hid the overshoot until now: aim back at that measure
-            # (one cut, not two), unless it is old enough that the tenant may have changed.
-            w_max = self._bucket.rate
-            estimate = self.estimate
-            if estimate is not None and sent_at - self._estimated_at <= ESTIMATE_AGE:
-                w_max = min(w_max, estimate)
-            rate = self.beta * w_max
-        else:
-            # The first throttle, alone: the accepted rate so far is about what was sent,
-            # the burst included, so the tenant's rate is somewhere below it. Start well
-            # below, and climb back towards it fast (the concave part of the curve) until
-            # throttles come close enough together to measure the rate.
-            w_max = self._offered(sent_at)
-            rate = BLIND_BETA * w_max
+        estimate = self.estimate
+        if estimate is not None and sent_at - self._estimated_at > ESTIMATE_AGE:
+            estimate = None
+        w_max, rate = decrease_target(
+            self.rate,
+            beta=self.beta,
+            measured=measured,
+            estimate=estimate,
+            offered=lambda: self._offered(sent_at),
+        )
         self._curve(w_max, rate, now)
-        self._rate_since = now + min(GRACE / self._bucket.rate, MAX_GRACE)
+        self._rate_since = now + grace(self._bucket.rate)
         self._enabled = True
         self.decreases += 1
 
     def _curve(self, w_max: float, rate: float, now: float) -> None:
         """Set the rate to `rate` now, and the CUBIC curve back from it to `w_max`."""
-        w_max = max(w_max, self.min_rate)
-        self._w_max = w_max
-        self._c = max(self.scale, RELATIVE_SCALE * w_max)
-        self._k = (max(0.0, w_max - rate) / self._c) ** (1 / 3)
+        self._w_max, self._c, self._k = curve_shape(w_max, rate, self.scale, self.min_rate)
         self._last_decrease = now
         self._set(rate, now)
 
     def _grow(self, now: float) -> None:
-        t = now - self._last_decrease - self._k
-        c = self._c if t < 0 else max(self.scale, PROBE_SCALE * self._w_max)
-        cubic = c * t * t * t + self._w_max
+        cubic = cubic_rate(now - self._last_decrease, self._w_max, self._k, self._c, self.scale)
         # Above the last throttled rate only as far as the client uses it (botocore's 2x
         # the measured rate): an idle pause does not turn into a burst of probes.
         self._set(min(cubic, max(self._w_max, 2 * self.accepted.rate(now))), now)
 
     def _depth(self, rate: float) -> float:
-        return max(self.burst, 1.0 + rate * TIMER_SLACK)
+        return bucket_depth(self.burst, rate)
+
+    def clamp(self, rate: float) -> float:
+        """`rate` within this rate's bounds: `min_rate`, and the ceiling if there is one."""
+        rate = max(self.min_rate, rate)
+        return rate if self.ceiling is None else min(self.ceiling, rate)
 
     def _set(self, rate: float, now: float) -> None:
-        rate = max(self.min_rate, rate)
-        if self.ceiling is not None:
-            rate = min(self.ceiling, rate)
+        rate = self.clamp(rate)
         self._bucket.set_rate(rate, now)
         self._bucket.burst = self._depth(rate)

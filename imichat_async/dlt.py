@@ -62,6 +62,7 @@ import dlt
 from dlt.extract.source import DltSource
 
 from ._query import Filter
+from ._ratestore import RedisRateStore
 from .export import (
     DEFAULT_LAG,
     SyncReport,
@@ -94,6 +95,7 @@ def chats_source(
     lag: float = DEFAULT_LAG,
     filters: Iterable[Filter | tuple[str, str, Any]] | None = None,
     client_options: Mapping[str, Any] | None = None,
+    rate_store: str | RedisRateStore | None = None,
     **params: Any,
 ) -> DltSource:
     """A dlt source (`imichat`) with one resource, `chats`, loaded incrementally by merge.
@@ -101,6 +103,9 @@ def chats_source(
     - `base_url`, `token` (a `str` or a callable returning one, plain or async),
       `team_id`, `concurrency`: the client's; `client_options` any other client
       keyword (`timeout`, `max_retries`, ...).
+    - `rate_store`: a `redis://` URL (or `RedisRateStore`, extra `redis`): the
+      pipeline learns its send rate with every other client of the tenant on
+      that store (README "Fleet: one rate budget"); it then learns (`adaptive=True`).
     - `since`: the chats created since then are loaded and kept current.
     - `lag`: seconds re-read below the previous run's start (default 300).
     - `filters` and keyword filters (`status="closed"`) narrow every query;
@@ -121,6 +126,9 @@ def chats_source(
         "team_id": team_id,
         "concurrency": concurrency,
     }
+    if rate_store is not None:
+        client_kwargs.setdefault("adaptive", True)
+        client_kwargs["rate_store"] = rate_store
     sync_kwargs = {"since": since, "lag": lag, "filters": filter_list, **params}
 
     def chats() -> Iterator[list[RawRecord]]:

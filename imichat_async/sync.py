@@ -62,6 +62,9 @@ class LimiterView(Protocol):
     @property
     def limit(self) -> int: ...  # the bound now (below `concurrency` while adaptive backs off)
 
+    @property
+    def rate(self) -> object: ...  # the send rate in force (None without one)
+
 
 class ImiChatClient:
     """Blocking `ImiChatClient`: the async client's keywords, errors and guarantees.
@@ -69,8 +72,9 @@ class ImiChatClient:
     `token` is a `str`, or a zero-argument callable returning one: a plain
     function (run in a worker thread of the client's loop, so it may block) or
     an async one. Every other keyword is the async client's (`concurrency`,
-    `timeout`, `max_retries`, ...) except `session`: a session belongs to the
-    loop that made it, and this client runs its own. Raises what the async
+    `timeout`, `max_retries`, `rate_store`, ...) except `session`: a session
+    belongs to the loop that made it, and this client runs its own. With
+    `rate_store=`, the store's connection and task live on that loop too. Raises what the async
     constructor raises (`ConfigurationError`, `TypeError`).
     """
 

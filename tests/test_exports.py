@@ -82,6 +82,7 @@ PUBLIC_NAMES = [
     "RateLimitedError",
     "RawChat",
     "RawResponse",
+    "RedisRateStore",
     "ResponseTooLargeError",
     "RetryPolicy",
     "SearchTimeoutError",

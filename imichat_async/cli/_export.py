@@ -22,6 +22,7 @@ from ._wiring import (
     open_client,
     output_sink,
     parse_filters,
+    rate_store_option,
 )
 
 
@@ -49,6 +50,7 @@ from ._wiring import (
 )
 @max_rows_option
 @concurrency_option
+@rate_store_option
 @click.option(
     "--checkpoint",
     type=click.Path(dir_okay=False),
@@ -74,6 +76,7 @@ def export(
     output: str,
     max_rows: int | None,
     concurrency: int,
+    rate_store: str | None,
     checkpoint: str | None,
     resume: bool,
     slice_pages: int,
@@ -125,7 +128,9 @@ def export(
     async def go() -> None:
         # An export runs for long at the tenant's budget: learn its rate limit (it costs
         # nothing without one: benchmarks/RESULTS.md, "Rate-limited tenant").
-        async with open_client(settings, concurrency, adaptive=True) as client:
+        async with open_client(
+            settings, concurrency, adaptive=True, rate_store=rate_store
+        ) as client:
             try:
                 report = await export_chats(
                     client,

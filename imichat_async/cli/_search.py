@@ -18,6 +18,7 @@ from ._wiring import (
     filter_option,
     open_client,
     parse_filters,
+    rate_store_option,
 )
 
 
@@ -27,6 +28,7 @@ from ._wiring import (
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Stop after N chats.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines (the raw objects) on stdout.")
 @concurrency_option
+@rate_store_option
 @click.pass_obj
 def search(
     settings: Settings,
@@ -35,6 +37,7 @@ def search(
     limit: int | None,
     as_json: bool,
     concurrency: int,
+    rate_store: str | None,
 ) -> None:
     """Print the matching chats as a table (or JSON lines with --json)."""
     parsed = parse_filters(filters)
@@ -43,7 +46,7 @@ def search(
     async def go() -> None:
         started = time.monotonic()
         records = pages_read = 0
-        async with open_client(settings, concurrency) as client:
+        async with open_client(settings, concurrency, rate_store=rate_store) as client:
             try:
                 pages = client.search_pages(
                     filters=parsed,

@@ -20,6 +20,7 @@ from ._wiring import (
     open_client,
     output_sink,
     parse_filters,
+    rate_store_option,
 )
 
 
@@ -54,6 +55,7 @@ from ._wiring import (
     help="Re-read this much before the previous run's start (late writes, clock skew).",
 )
 @concurrency_option
+@rate_store_option
 @filter_option
 @click.pass_obj
 def sync(
@@ -65,6 +67,7 @@ def sync(
     max_rows: int | None,
     lag: float,
     concurrency: int,
+    rate_store: str | None,
     filters: tuple[str, ...],
 ) -> None:
     """Append every new version of every chat created since --since to a change log.
@@ -84,7 +87,9 @@ def sync(
         )
 
     async def go() -> None:
-        async with open_client(settings, concurrency, adaptive=True) as client:
+        async with open_client(
+            settings, concurrency, adaptive=True, rate_store=rate_store
+        ) as client:
             try:
                 report = await sync_chats(
                     client,

@@ -17,6 +17,7 @@ from ..export import ParquetSink, Sink, make_sink
 ENV_BASE_URL = "IMICHAT_BASE_URL"
 ENV_TOKEN = "IMICHAT_TOKEN"
 ENV_TEAM_ID = "IMICHAT_TEAM_ID"
+ENV_RATE_STORE = "IMICHAT_RATE_STORE"
 
 
 @attrs.define
@@ -161,6 +162,21 @@ def concurrency_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
+def rate_store_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """`--rate-store URL` (or `$IMICHAT_RATE_STORE`): the fleet's shared send rate."""
+    return click.option(
+        "--rate-store",
+        "rate_store",
+        envvar=ENV_RATE_STORE,
+        default=None,
+        metavar="URL",
+        help=(
+            f"redis:// or rediss:// URL (or ${ENV_RATE_STORE}): share one learned send rate "
+            "with every process reading this tenant through the same Redis (extra `redis`)."
+        ),
+    )(f)
+
+
 def configure_logging(verbose: int) -> None:
     """`-v`: INFO to stderr, `-vv`: DEBUG. Without it the library logs to a NullHandler, so
     its warnings stay off the terminal (retries are counted in the progress and summary)."""
@@ -178,13 +194,20 @@ def configure_logging(verbose: int) -> None:
 
 @contextlib.asynccontextmanager
 async def open_client(
-    settings: Settings, concurrency: int = 8, *, adaptive: bool = False
+    settings: Settings,
+    concurrency: int = 8,
+    *,
+    adaptive: bool = False,
+    rate_store: str | None = None,
 ) -> AsyncIterator[ImiChatClient]:
     """A client on the configured API, or on an embedded sandbox with `--sandbox`.
 
-    `adaptive=True` (export, sync) learns the tenant's rate limit (see `ImiChatClient`).
+    `adaptive=True` (export, sync) learns the tenant's rate limit (see `ImiChatClient`);
+    a `rate_store` URL shares that learned rate with the fleet (so it implies adaptive).
     """
     settings.check()
+    adaptive = adaptive or bool(rate_store)
+    store = rate_store or None
     if settings.sandbox:
         from ..sandbox import serve
 
@@ -203,6 +226,7 @@ async def open_client(
                 team_id=sb.team_id,
                 concurrency=concurrency,
                 adaptive=adaptive,
+                rate_store=store,
             ) as client,
         ):
             yield client
@@ -227,6 +251,7 @@ async def open_client(
         team_id=settings.team_id,
         concurrency=concurrency,
         adaptive=adaptive,
+        rate_store=store,
     ) as client:
         yield client
 

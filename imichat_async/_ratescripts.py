@@ -1,0 +1,162 @@
+"""The fleet's rate in Redis (`_ratestore.py`): its Lua scripts, one atomic step each.
+
+One hash per tenant key holds the token bucket (a GCRA: `z`, when it held no
+token), the learned rate and its CUBIC curve (`rate`, `epoch`, `w_max`, `k`,
+`c`, `t0`, `since`, `est`, `est_at`), the run of throttles being measured
+(`run_*`) and fleet-wide counts per second (`ok*`, `sent*`, `thr*`); a sorted set
+beside it (`KEY:members`) the clients present. Every script reads Redis' `TIME`:
+one clock for the fleet. Numbers come back as strings (Lua numbers would be
+truncated to integers). The math of the rate is not here: the members compute
+it with `_rate.py` and the scripts only apply it, atomically, if no decrease
+came first (`epoch`).
+"""
+
+from __future__ import annotations
+
+_PRELUDE = """
+local key = KEYS[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local function num(field, default)
+  local v = redis.call('HGET', key, field)
+  if v then return tonumber(v) end
+  return default
+end
+local function put(field, value) redis.call('HSET', key, field, tostring(value)) end
+-- a fleet-wide count per second over about the last second (two one-second windows)
+local function meter(name, add)
+  local w = num(name .. 'w', now)
+  local c, p = num(name .. 'c', 0), num(name .. 'p', 0)
+  local first = num(name .. 'f', now)
+  local age = now - w
+  if age >= 2 then p = 0; c = 0; w = now; age = 0
+  elseif age >= 1 then p = c; c = 0; w = w + 1; age = age - 1 end
+  c = c + add
+  put(name .. 'w', w); put(name .. 'c', c); put(name .. 'p', p); put(name .. 'f', first)
+  return (p * (1 - age) + c) / math.min(1, math.max(now - first, 0.05))
+end
+-- the bucket: z is when it held no token; the level now is (now - z) * rate, at most depth
+local function depth(rate, burst, slack) return math.max(burst, 1 + rate * slack) end
+local function set_rate(new, burst, slack)
+  local rate = num('rate', 0)
+  local level = depth(new, burst, slack)
+  if rate > 0 then level = math.min(depth(rate, burst, slack), (now - num('z', 0)) * rate) end
+  put('z', now - level / new)
+  put('rate', new)
+end
+local function state(extra)
+  local out = {tostring(now)}
+  for _, f in ipairs({'rate', 'epoch', 'w_max', 'k', 'c', 't0', 'since', 'est', 'est_at'}) do
+    table.insert(out, tostring(num(f, 0)))
+  end
+  for _, v in ipairs(extra) do table.insert(out, tostring(v)) end
+  return out
+end
+"""
+
+#: KEYS: the tenant's hash, its members (a sorted set). ARGV: wanted, fixed rate (0: none),
+#: ceiling (0: none), burst, slack, horizon, epoch seen, proposed rate (0: none), accepted,
+#: sent (since the last call), ttl ms, member id, member ttl s.
+#: Returns the state, then ok rate, sent rate, seconds until a slot is in the horizon, first
+#: grant number, members present, and each slot's offset from now.
+LEASE = (
+    _PRELUDE
+    + """
+local n, fixed, ceiling = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local burst, slack, horizon = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local seen, proposal = tonumber(ARGV[7]), tonumber(ARGV[8])
+local rate = num('rate', 0)
+if fixed > 0 then
+  if rate ~= fixed then set_rate(fixed, burst, slack) end
+elseif rate == 0 and ceiling > 0 then
+  set_rate(ceiling, burst, slack)
+elseif proposal > 0 and rate > 0 and seen == num('epoch', 0) and proposal ~= rate then
+  set_rate(proposal, burst, slack)
+end
+local ok_rate = meter('ok', tonumber(ARGV[9]))
+local sent_rate = meter('sent', tonumber(ARGV[10]))
+rate = num('rate', 0)
+local g = num('g', 0)
+local first = g + 1
+local slots = {}
+local retry = 0
+if rate > 0 then
+  local step = 1 / rate
+  local z = math.max(num('z', 0), now - depth(rate, burst, slack) * step)
+  for _ = 1, n do
+    local slot = math.max(now, z + step)
+    if slot - now > horizon then break end
+    z = z + step
+    g = g + 1
+    table.insert(slots, tostring(slot - now))
+  end
+  retry = math.max(0, z + step - now - horizon)
+  put('z', z)
+  put('g', g)
+end
+redis.call('PEXPIRE', key, ARGV[11])
+redis.call('ZADD', KEYS[2], now, ARGV[12])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[13]))
+redis.call('PEXPIRE', KEYS[2], ARGV[11])
+local out = state({ok_rate, sent_rate, retry, first, redis.call('ZCARD', KEYS[2])})
+for _, s in ipairs(slots) do table.insert(out, s) end
+return out
+"""
+)
+
+#: ARGV: the throttled request's send time (Redis clock), its grant number (-1: none),
+#: accepted, sent (since the last call), window, cluster gap, ttl ms.
+#: Returns the state, then the rate sent and not refused, stale (1/0), accepted between this
+#: throttle and the first of its run, and the seconds between their sends (-1, 0: no run).
+THROTTLE = (
+    _PRELUDE
+    + """
+local sent, g = tonumber(ARGV[1]), tonumber(ARGV[2])
+meter('ok', tonumber(ARGV[3]))
+-- offered: sent and not refused
+local offered = math.max(0, meter('sent', tonumber(ARGV[4])) - meter('thr', 1))
+local window, gap = tonumber(ARGV[5]), tonumber(ARGV[6])
+local run_t, run_last = num('run_t', -1), num('run_last', -1)
+local between, span = -1, 0
+if run_t < 0 or sent - run_last > gap or sent - run_t > window or g < 0 or num('run_g', -1) < 0 then
+  put('run_t', sent); put('run_last', sent); put('run_g', g); put('run_n', 0)
+else
+  local run_n = num('run_n', 0)
+  between = g - num('run_g', 0) - 1 - run_n
+  span = sent - run_t
+  put('run_n', run_n + 1)
+  put('run_last', math.max(run_last, sent))
+end
+local stale = 0
+if sent < num('since', 0) then stale = 1 end
+redis.call('HINCRBY', key, 'throttles', 1)
+redis.call('PEXPIRE', key, ARGV[7])
+return state({offered, stale, between, span})
+"""
+)
+
+#: ARGV: epoch computed from, rate, w_max, k, c, grace (s; 0: a re-aim within the grace,
+#: which keeps it), estimate and its time (0: none), burst, slack, ttl ms.
+#: Returns 1 (set) or 0 (another decrease came first), then the state.
+DECREASE = (
+    _PRELUDE
+    + """
+if tonumber(ARGV[1]) ~= num('epoch', 0) then
+  local out = state({})
+  table.insert(out, 1, '0')
+  return out
+end
+set_rate(tonumber(ARGV[2]), tonumber(ARGV[9]), tonumber(ARGV[10]))
+put('w_max', ARGV[3]); put('k', ARGV[4]); put('c', ARGV[5]); put('t0', now)
+put('epoch', num('epoch', 0) + 1)
+if tonumber(ARGV[6]) > 0 then
+  put('since', now + tonumber(ARGV[6]))
+  redis.call('HINCRBY', key, 'decreases', 1)
+end
+if tonumber(ARGV[7]) > 0 then put('est', ARGV[7]); put('est_at', ARGV[8]) end
+redis.call('PEXPIRE', key, ARGV[11])
+local out = state({})
+table.insert(out, 1, '1')
+return out
+"""
+)

@@ -1,0 +1,484 @@
+"""One send rate for a fleet: a tenant's token bucket and learned rate, kept in Redis.
+
+`ImiChatClient(rate_store="redis://...")` replaces the client's in-process
+`SendRate` with a `FleetRate`: the same interface to the limiter (`delay()`,
+`sent()`, `feedback()`, `.rate`, `.adaptive`), the same math (`_rate.py`),
+but the bucket and the rate are the fleet's, one per tenant key, shared by
+every client of every process that uses the store.
+
+- **No network on the hot path.** `delay()` is synchronous: it hands out
+  send slots leased beforehand. One background task per client talks to
+  Redis (started on first use, cancelled and awaited by `aclose()`).
+- **One bucket** (Lua script `LEASE`): a token bucket as a GCRA, its clock
+  Redis' `TIME` (one clock for the fleet, whatever the members' clocks
+  say). A lease asks for a few tokens (`BATCH_TIME` of the rate) and gets a
+  send time for each, at most `HORIZON` ahead: members are served in the
+  order they ask, a batch each, so shares come out even; a late joiner is
+  in the queue at its first lease; a member that dies holds at most one
+  batch, due within `HORIZON`.
+- **One learned rate.** The CUBIC curve of the last decrease (`w_max`, C,
+  K, its time) lives in Redis; every member evaluates it at Redis' time with
+  `_rate.cubic_rate` and proposes the result with its next lease, accepted
+  only if no decrease happened since (`epoch`): growth, probing included,
+  is one curve for the fleet. A throttle is reported (script `THROTTLE`,
+  which keeps the run of throttles by grant number, the fleet's analogue of
+  `SendRate`'s send times); the member computes the decrease with
+  `_rate.decrease_target` and sets it (script `DECREASE`) only if the
+  epoch is still the one it computed from: two members throttled at once
+  decrease once, and a throttle sent before the last decrease's grace ended
+  decreases nothing.
+- **Never fails a search.** Every call has a timeout; the first failure
+  switches the client to its own in-process `SendRate` (fed all along, so
+  it is warm), logs one warning, counts it (`ClientStats.rate_store_fallbacks`),
+  and retries every `RETRY_EVERY` s; when the store answers again, the
+  client rejoins the fleet (logged at info).
+
+The store holds the tenant key (prefix, API host and port, team id), the
+bucket and the rate: no token, no chat. The key expires `IDLE_TTL` s after
+its last use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+
+from ._errors import ConfigurationError
+from ._rate import (
+    CLUSTER_GAP,
+    ESTIMATE_AGE,
+    TIMER_SLACK,
+    SendRate,
+    cubic_rate,
+    curve_shape,
+    decrease_target,
+    grace,
+    measured_rate,
+)
+from ._ratescripts import DECREASE, LEASE, THROTTLE
+
+log = logging.getLogger("imichat_async")
+
+KEY_PREFIX = "imichat:rate"
+TIMEOUT = 0.25  # seconds a store call may take before the client falls back
+RETRY_EVERY = 1.0  # seconds between attempts to rejoin a store that failed
+SYNC_EVERY = 0.1  # seconds between state syncs while no lease is needed
+SYNC_UNBOUNDED = 0.02  # and while no rate is in force: the fleet's first throttle comes soon
+HORIZON = 0.5  # seconds ahead the fleet's bucket hands out send slots at most
+BATCH_TIME = 0.02  # a lease: this many seconds of the fleet's rate (at least one token)
+MAX_BATCH = 8
+IDLE_TTL = 60.0  # seconds the tenant's state outlives its last use
+MEMBER_TTL = 2.0  # seconds a member counts as present after its last call to the store
+POLL = 0.005  # seconds the limiter waits to ask again while a lease is on its way
+SCHEMES = ("redis", "rediss")
+EXTRA_HINT = "pip install 'imichat-async[redis]'"
+
+
+@attrs.define
+class FleetState:
+    """The fleet's rate as the store last told it (Redis' clock, seconds)."""
+
+    now: float = 0.0
+    rate: float = 0.0  # 0: no rate in force (adaptive, never throttled)
+    epoch: int = 0
+    w_max: float = 0.0
+    k: float = 0.0
+    c: float = 0.0
+    t0: float = 0.0
+    since: float = 0.0
+    estimate: float = 0.0
+    estimated_at: float = 0.0
+
+
+def _parsed(fields: list[Any]) -> FleetState:
+    """The state at the head of a script's reply (Redis sends the numbers as strings)."""
+    v = [float(f) for f in fields[:10]]
+    return FleetState(v[0], v[1], int(v[2]), *v[3:10])
+
+
+class RedisRateStore:
+    """A Redis store for the send rate: `RedisRateStore("redis://host:6379/0")`.
+
+    `prefix` starts every key (several applications on one Redis); `timeout`
+    is the seconds a store call may take before the client falls back to its
+    own in-process rate. Each client opens its own connection (on its loop).
+    Raises `ConfigurationError` for a URL that is not `redis://` or
+    `rediss://`, or when redis-py (the extra `redis`) is not installed.
+    """
+
+    def __init__(self, url: str, *, prefix: str = KEY_PREFIX, timeout: float = TIMEOUT) -> None:
+        if not isinstance(url, str) or urlsplit(url).scheme not in SCHEMES:
+            raise ConfigurationError(
+                f"rate_store must be None, a redis:// or rediss:// URL, or a RedisRateStore, "
+                f"got {_shown(url)!r:.100}"
+            )
+        if not isinstance(prefix, str) or not prefix:
+            raise ConfigurationError("the rate store's prefix must be a non-empty str")
+        if not timeout > 0:
+            raise ConfigurationError(f"the rate store's timeout must be > 0 s, got {timeout!r}")
+        try:  # now, not at the first request: its import takes a while (0.1-0.2 s)
+            import redis.asyncio  # noqa: F401
+        except ImportError:
+            raise ConfigurationError(
+                f"rate_store= needs redis-py, in the extra `redis`: {EXTRA_HINT}"
+            ) from None
+        self.url = url
+        self.prefix = prefix
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"<RedisRateStore {_shown(self.url)} prefix={self.prefix!r}>"
+
+    def key(self, base_url: str, team_id: str) -> str:
+        """The tenant's key: the prefix, the API's host and port, the team id (no token)."""
+        parts = urlsplit(base_url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return f"{self.prefix}:{(parts.hostname or '').lower()}:{port}:{team_id}"
+
+    def connect(self) -> Any:
+        """A redis-py asyncio client on the running loop: no retries of its own, `timeout`."""
+        import redis.asyncio
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        return redis.asyncio.Redis.from_url(
+            self.url,
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+
+
+def rate_store_of(value: Any) -> RedisRateStore | None:
+    """`rate_store=` as a store: None, a URL string, or a `RedisRateStore`."""
+    if value is None or isinstance(value, RedisRateStore):
+        return value
+    return RedisRateStore(value)
+
+
+def _shown(url: Any) -> str:
+    """A store URL without its password, for messages and logs."""
+    if not isinstance(url, str):
+        return type(url).__name__
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return parts._replace(netloc=f"{parts.username or ''}:***@{host}{port}").geturl()
+
+
+class FleetRate:
+    """The limiter's send rate, shared through a store (see the module's docstring).
+
+    `rate`/`adaptive`/`burst` as for `SendRate`, but for the whole fleet: a
+    fixed `rate` is the fleet's, an adaptive one learns the fleet's rate
+    (`rate`, if given, its ceiling and start). `on_fallback()` is called once
+    each time the store stops answering.
+    """
+
+    def __init__(
+        self,
+        store: RedisRateStore,
+        key: str,
+        rate: float | None = None,
+        *,
+        adaptive: bool = False,
+        burst: float = 1.0,
+        on_fallback: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.local = SendRate(rate, adaptive=adaptive, burst=burst, clock=clock)
+        self.adaptive = adaptive
+        self.store = store
+        self.key = key
+        self.shared = False  # the store answered last time it was asked
+        self.fallbacks = 0
+        self.fleet = FleetState()
+        self._fixed = None if adaptive else rate
+        self.members = 1  # clients of the tenant that used the store lately (stats)
+        self._started = 0.0  # when the background task was started
+        self._id = uuid.uuid4().hex
+        self._on_fallback = on_fallback
+        self._clock = clock
+        self._offset = 0.0  # Redis' clock minus ours
+        self._slots: collections.deque[tuple[float, int]] = collections.deque()  # (when, grant)
+        self._granted: collections.deque[int] = collections.deque()  # grants taken, not yet sent
+        self._tickets: dict[int, tuple[float, int]] = {}  # ticket -> (sent at, grant)
+        self._throttled: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
+        self._ok = 0  # accepted and sent since the last call to the store
+        self._sent = 0
+        self._ok_rate = 0.0
+        self._want = False
+        self._retry_at = 0.0
+        self._redis: Any = None
+        self._scripts: dict[str, Any] = {}
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        where = "shared" if self.shared else "in-process (store not answering)"
+        rate = "unbounded" if self.rate is None else f"{self.rate:.1f}/s"
+        return f"<FleetRate {where} {rate} fallbacks={self.fallbacks}>"
+
+    @property
+    def rate(self) -> float | None:
+        """Requests per second for the fleet now (None: none in force); in-process when
+        the store is not answering."""
+        if not self.shared:
+            return self.local.rate
+        return self.fleet.rate or None
+
+    # -- the limiter's interface (synchronous: never waits on the store) ---------------------
+
+    def delay(self) -> float:
+        """Seconds to wait before asking again; 0.0 means a send slot was taken: send now."""
+        self._start()
+        if not self.shared:
+            if not self.fallbacks and self._clock() - self._started < 2 * self.store.timeout:
+                return POLL  # the store's first answer (or failure) is a moment away
+            return self.local.delay()
+        if not self.fleet.rate:
+            return self.local.delay()  # no rate in force yet: its own first throttle counts
+        slots = self._slots
+        batch = self._batch()
+        if slots:
+            wait = slots[0][0] - self._clock()
+            if wait <= 0:
+                self._granted.append(slots.popleft()[1])
+                if len(slots) < batch:
+                    self._ask()
+                return 0.0
+            return wait
+        self._ask()
+        return POLL
+
+    def sent(self) -> int:
+        ticket = self.local.sent()
+        if self.adaptive:
+            grant = self._granted.popleft() if self._granted else -1
+            self._tickets[ticket] = (self._clock(), grant)
+            self._sent += 1
+        return ticket
+
+    def feedback(self, ticket: int, *, throttled: bool, ok: bool) -> None:
+        self.local.feedback(ticket, throttled=throttled, ok=ok)
+        sent = self._tickets.pop(ticket, None)
+        if sent is None:
+            return
+        if throttled:
+            if self.shared:
+                self._throttled.append(sent)
+                self._ask()
+        elif ok:
+            self._ok += 1
+
+    # -- the background task ----------------------------------------------------------------
+
+    def _start(self) -> None:
+        if self._task is None and not self._closed:
+            self._started = self._clock()
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def _ask(self) -> None:
+        self._want = True
+        if self._wake is not None:
+            self._wake.set()
+
+    async def aclose(self) -> None:
+        """Stop the background task and close the connection. Idempotent."""
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await self._disconnect()
+
+    async def _disconnect(self) -> None:
+        redis, self._redis = self._redis, None
+        if redis is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(redis.aclose(), self.store.timeout)
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            self._wake.clear()
+            try:
+                await self._exchange()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the store failing never fails a search
+                self._lost(exc)
+                await self._disconnect()
+                await asyncio.sleep(RETRY_EVERY)
+                continue
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._pause())
+
+    def _pause(self) -> float:
+        if self.fleet.rate and self._want and len(self._slots) < self._batch():
+            return max(0.001, self._retry_at - self._clock())
+        return SYNC_EVERY if self.fleet.rate or not self.adaptive else SYNC_UNBOUNDED
+
+    def _batch(self) -> int:
+        return max(1, min(MAX_BATCH, int(self.fleet.rate * BATCH_TIME)))
+
+    async def _call(self, name: str, script: str, keys: list[str], args: list[Any]) -> list[Any]:
+        if self._redis is None:
+            self._redis = self.store.connect()
+            self._scripts = {}
+        fn = self._scripts.get(name)
+        if fn is None:
+            fn = self._scripts[name] = self._redis.register_script(script)
+        asked = self._clock()
+        reply: list[Any] = await asyncio.wait_for(fn(keys=keys, args=args), self.store.timeout)
+        answered = self._clock()
+        self._offset = float(reply[0]) - (asked + answered) / 2
+        return reply
+
+    def _ttl(self) -> int:
+        return int(IDLE_TTL * 1000)
+
+    def _counts(self) -> tuple[int, int]:
+        counts = (self._ok, self._sent)
+        self._ok = self._sent = 0
+        return counts
+
+    async def _exchange(self) -> None:
+        while self._throttled:
+            await self._report(*self._throttled.popleft())
+        batch = self._batch()
+        wanted = batch if self.fleet.rate and self._want and len(self._slots) < batch else 0
+        ok, sent = self._counts()
+        reply = await self._call(
+            "lease",
+            LEASE,
+            [self.key, self.key + ":members"],
+            [
+                wanted,
+                self._fixed or 0,
+                self.local.ceiling or 0,
+                self.local.burst,
+                TIMER_SLACK,
+                HORIZON,
+                self.fleet.epoch,
+                self._proposal() if ok else 0,
+                ok,
+                sent,
+                self._ttl(),
+                self._id,
+                MEMBER_TTL,
+            ],
+        )
+        was = self.fleet.rate
+        self.fleet = _parsed(reply)
+        self._ok_rate = float(reply[10])
+        local_now = self.fleet.now - self._offset
+        self._retry_at = local_now + float(reply[12])
+        if not self.fleet.rate or (was and self.fleet.rate < was * 0.99):
+            self._slots.clear()  # a decrease: slots leased at the old rate go unused
+        grant = int(float(reply[13]))
+        self.members = max(1, int(float(reply[14])))
+        for i, offset in enumerate(reply[15:]):
+            self._slots.append((local_now + float(offset), grant + i))
+        if wanted and len(self._slots) >= batch:
+            self._want = False
+        self._rejoined()
+
+    def _proposal(self) -> float:
+        """The fleet's curve now, at Redis' time: its growth (0: nothing to propose)."""
+        fleet = self.fleet
+        if not self.adaptive or not fleet.rate or not fleet.epoch:
+            return 0.0
+        now = self._clock() + self._offset
+        cubic = cubic_rate(now - fleet.t0, fleet.w_max, fleet.k, fleet.c, self.local.scale)
+        return self.local.clamp(min(cubic, max(fleet.w_max, 2 * self._ok_rate)))
+
+    async def _report(self, sent_local: float, grant: int) -> None:
+        """A throttle: the fleet decreases once for it, unless it is stale."""
+        sent_at = sent_local + self._offset
+        ok, sent = self._counts()
+        reply = await self._call(
+            "throttle",
+            THROTTLE,
+            [self.key],
+            [sent_at, grant, ok, sent, self.local.window, CLUSTER_GAP, self._ttl()],
+        )
+        fleet = self.fleet = _parsed(reply)
+        offered, stale, between, span = (float(v) for v in reply[10:14])
+        measured = measured_rate(between, span) if between >= 0 else None
+        local = self.local
+        if stale:
+            if measured is None or not fleet.rate or fleet.rate <= local.beta * measured:
+                return
+            # A better measure within the grace: aim lower, on a curve drawn for it.
+            w_max, rate = measured, local.beta * measured
+        else:
+            fresh = fleet.estimate and sent_at - fleet.estimated_at <= ESTIMATE_AGE
+            w_max, rate = decrease_target(
+                fleet.rate or None,
+                beta=local.beta,
+                measured=measured,
+                estimate=fleet.estimate if fresh else None,
+                offered=lambda: offered,
+            )
+        rate = local.clamp(rate)
+        w_max, c, k = curve_shape(w_max, rate, local.scale, local.min_rate)
+        done = await self._call(
+            "decrease",
+            DECREASE,
+            [self.key],
+            [
+                fleet.epoch,
+                rate,
+                w_max,
+                k,
+                c,
+                0 if stale else grace(rate),
+                measured or 0,
+                sent_at if measured else 0,
+                local.burst,
+                TIMER_SLACK,
+                self._ttl(),
+            ],
+        )
+        self.fleet = _parsed(done[1:])
+        self._slots.clear()
+
+    # -- failing and rejoining --------------------------------------------------------------
+
+    def _lost(self, exc: BaseException) -> None:
+        self._slots.clear()
+        self._granted.clear()
+        self._throttled.clear()
+        if self.shared or not self.fallbacks:
+            self.shared = False
+            self.fallbacks += 1
+            log.warning(
+                "rate store %s not answering (%s): falling back to this client's own "
+                "send rate; retrying every %.0f s",
+                _shown(self.store.url),
+                type(exc).__name__,
+                RETRY_EVERY,
+            )
+            if self._on_fallback is not None:
+                self._on_fallback()
+
+    def _rejoined(self) -> None:
+        if not self.shared:
+            if self.fallbacks:
+                log.info("rate store %s answers again: sharing its rate", _shown(self.store.url))
+            self.shared = True

@@ -1,0 +1,427 @@
+"""The fleet's shared send rate (`rate_store=`, `_ratestore.py`) against a real redis-server.
+
+In-process tests use the in-process sandbox; the fleet tests run each worker as
+its own process (`benchmarks/fleet_worker.py`) against the sandbox in its own process
+(`benchmarks.sandbox_proc`), with its rate limit (a token bucket; over it, 429 with
+`Retry-After: 1`) and one real Redis. They assert counts: exact results, the
+share of requests answered 429, pages done by each worker while all ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.fleet_worker import Worker
+from benchmarks.redis_proc import RedisMissing, RedisServer, free_port
+from benchmarks.sandbox_proc import SandboxProcess
+from imichat_async import ConfigurationError, ImiChatClient
+from imichat_async import _ratestore as ratestore
+from imichat_async._ratestore import FleetRate, RedisRateStore
+from imichat_async.sandbox import Sandbox, serve
+
+from .helpers import assert_no_stray_tasks
+from .sandbox_thread import ThreadedSandbox, env_for
+
+
+def started(server: RedisServer) -> RedisServer:
+    try:
+        return server.start()
+    except RedisMissing as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    server = started(RedisServer())
+    try:
+        yield server.url
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    server = started(RedisServer())
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@contextlib.asynccontextmanager
+async def tenant(**knobs: Any) -> AsyncIterator[Sandbox]:
+    async with serve(chats=knobs.pop("chats", 300), seed=3, **knobs) as sb:
+        yield sb
+
+
+def client_for(sb: Sandbox, store: Any, **kw: Any) -> ImiChatClient:
+    return ImiChatClient(
+        base_url=sb.base_url,
+        token=sb.token,
+        team_id=sb.team_id,
+        rate_store=store,
+        max_retries=100,
+        **kw,
+    )
+
+
+async def read_all(client: ImiChatClient) -> list[str]:
+    return [chat.chat_id async for chat in client.search_chats()]
+
+
+# -- configuration (no redis-server needed) -------------------------------------------------
+
+
+def test_rate_store_takes_redis_urls_only() -> None:
+    """Anything but None, a redis:// or rediss:// URL, or a RedisRateStore is refused."""
+    for bad in ("http://127.0.0.1:6379", "127.0.0.1:6379", 6379):
+        with pytest.raises(ConfigurationError, match="rate_store"):
+            ImiChatClient(
+                base_url="http://127.0.0.1:1", token="t", team_id="x", adaptive=True,
+                rate_store=bad,  # type: ignore[arg-type]
+            )  # fmt: skip
+    assert isinstance(RedisRateStore("rediss://h:6380/1"), RedisRateStore)
+
+
+def test_rate_store_needs_a_rate_to_share() -> None:
+    """Neither adaptive=True nor rate_limit: nothing to share, refused rather than ignored."""
+    for adaptive in (False, "concurrency"):
+        with pytest.raises(ConfigurationError, match="shares a send rate"):
+            ImiChatClient(
+                base_url="http://127.0.0.1:1", token="t", team_id="x",
+                adaptive=adaptive, rate_store="redis://127.0.0.1:1/0",
+            )  # fmt: skip
+
+
+def test_missing_redis_py_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "redis.asyncio", None)  # import fails: not installed
+    with pytest.raises(ConfigurationError, match=r"imichat-async\[redis\]"):
+        RedisRateStore("redis://127.0.0.1:6379/0")
+
+
+def test_key_is_host_port_and_team_never_the_token() -> None:
+    store = RedisRateStore("redis://:secret@127.0.0.1:6379/0", prefix="app1")
+    assert store.key("https://API.example.com/v1", "team-9") == "app1:api.example.com:443:team-9"
+    assert store.key("http://127.0.0.1:8080", "t") == "app1:127.0.0.1:8080:t"
+    assert "secret" not in repr(store)
+
+
+# -- one process, real Redis -----------------------------------------------------------------
+
+
+async def test_fixed_rate_limit_is_the_fleets(redis_url: str) -> None:
+    """rate_limit=R with a shared store: R for all clients together, not R each.
+
+    Three clients at 20/s each against a tenant limited to 20/s (burst 5): with
+    the store, (almost) nothing is refused; each in-process would send 60/s.
+    """
+    async with tenant(chats=150, latency=0.01, rate_limit=20.0, rate_burst=5) as sb:
+        store = RedisRateStore(redis_url, prefix="fixed")
+        clients = [client_for(sb, store, rate_limit=20.0, concurrency=8) for _ in range(3)]
+        try:
+            results = await asyncio.gather(*(read_all(c) for c in clients))
+        finally:
+            for c in clients:
+                await c.close()
+        expected = [str(r["chat_id"]) for r in sb.expected()]
+        assert all(r == expected for r in results)
+        assert sb.stats.rate_limited <= 3, sb.stats.rate_limited  # vs ~2/3 of 45+ requests
+        await assert_no_stray_tasks()
+
+
+async def test_before_any_throttle_a_fleet_grows_past_one_clients_concurrency(
+    redis_url: str,
+) -> None:
+    """No limit at all: the store holds no member back, each has its own requests in
+    flight (the fleet is not held to one client's concurrency)."""
+    async with tenant(chats=400, latency=0.02) as sb:
+        store = RedisRateStore(redis_url, prefix="nolimit")
+        clients = [client_for(sb, store, adaptive=True, concurrency=4) for _ in range(3)]
+        try:
+            results = await asyncio.gather(*(read_all(c) for c in clients))
+        finally:
+            for c in clients:
+                await c.close()
+    assert all(len(r) == 400 for r in results)
+    assert [c.limiter.peak for c in clients] == [4, 4, 4]  # each, in the end, its own
+
+
+async def test_store_holds_no_token_and_no_chat(redis_url: str) -> None:
+    import redis.asyncio
+
+    async with tenant(chats=50, rate_limit=200.0) as sb:
+        async with client_for(sb, RedisRateStore(redis_url, prefix="audit"), adaptive=True) as c:
+            chats = await read_all(c)
+        r = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            key = f"audit:127.0.0.1:{sb.port}:{sb.team_id}"
+            keys = sorted([k.decode() async for k in r.scan_iter("audit:*")])
+            assert keys == [key, key + ":members"]  # the bucket and rate; who is present
+            dump = repr(await r.hgetall(key)) + repr(await r.zrange(key + ":members", 0, -1))
+        finally:
+            await r.aclose()
+    assert sb.token not in dump
+    assert not any(chat_id in dump for chat_id in chats)
+
+
+async def test_unreachable_store_falls_back_once_then_rejoins(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Nothing listens: the search is exact anyway, one warning, one fallback counted;
+    once a Redis answers on that port, the client shares its rate again."""
+    port = free_port()
+    caplog.set_level(logging.INFO, logger="imichat_async")
+    async with (
+        tenant(chats=200, latency=0.005) as sb,
+        client_for(sb, f"redis://127.0.0.1:{port}/0", adaptive=True) as c,
+    ):
+        assert await read_all(c) == [str(r["chat_id"]) for r in sb.expected()]
+        assert await read_all(c) == [str(r["chat_id"]) for r in sb.expected()]
+        rate = c.limiter.rate
+        assert isinstance(rate, FleetRate) and not rate.shared
+        assert c.stats.rate_store_fallbacks == 1
+        server = RedisServer(port).start()
+        try:
+            for _ in range(60):  # rejoins within RETRY_EVERY (1 s), give it 3 s
+                if rate.shared:
+                    break
+                await asyncio.sleep(0.05)
+            assert rate.shared
+            assert await read_all(c) == [str(r["chat_id"]) for r in sb.expected()]
+        finally:
+            await c.close()
+            server.close()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "rate store" in r.msg]
+    assert len(warnings) == 1
+    assert any("answers again" in r.msg for r in caplog.records)
+    await assert_no_stray_tasks()
+
+
+async def test_close_leaves_no_task_and_is_idempotent(redis_url: str) -> None:
+    async with tenant(chats=30) as sb:
+        c = client_for(sb, redis_url, adaptive=True)
+        await read_all(c)
+        await c.close()
+        await c.close()
+    await assert_no_stray_tasks()
+
+
+# -- everywhere a client is configured --------------------------------------------------------
+
+
+def _keys(url: str, prefix: str) -> list[str]:
+    import redis
+
+    r = redis.Redis.from_url(url)
+    try:
+        return sorted(k.decode() for k in r.scan_iter(f"{prefix}:*"))
+    finally:
+        r.close()
+
+
+def _cli(args: list[str], env: dict[str, str]) -> Any:
+    from click.testing import CliRunner
+
+    from imichat_async import cli
+
+    base: dict[str, str | None] = {"IMICHAT_RATE_STORE": None, **env}
+    return CliRunner(env=base).invoke(cli.main, args, catch_exceptions=False)
+
+
+def test_cli_search_export_sync_take_a_rate_store(redis_url: str, tmp_path: Path) -> None:
+    """`--rate-store URL` on search and sync, `$IMICHAT_RATE_STORE` on export: each run's
+    client keeps its rate under the tenant's key in that Redis."""
+    with ThreadedSandbox(chats=80, seed=4) as sb:
+        env = {k: v for k, v in env_for(sb).items() if k.startswith("IMICHAT_")}
+        key = f"imichat:rate:127.0.0.1:{sb.port}:{sb.team_id}"
+        _flush(redis_url)
+        r = _cli(["-q", "search", "--json", "--rate-store", redis_url], env)
+        assert r.exit_code == 0, r.output
+        assert len(r.stdout.splitlines()) == 80
+        assert _keys(redis_url, "imichat:rate") == [key, key + ":members"]
+        _flush(redis_url)
+        out = tmp_path / "chats.ndjson"
+        r = _cli(
+            ["-q", "export", "--since", "2020-01-01", "-o", str(out)],
+            {**env, "IMICHAT_RATE_STORE": redis_url},
+        )
+        assert r.exit_code == 0, r.output
+        assert len(out.read_text().splitlines()) == 80
+        assert _keys(redis_url, "imichat:rate") == [key, key + ":members"]
+        _flush(redis_url)
+        r = _cli(
+            ["-q", "sync", "--since", "2020-01-01", "--state", str(tmp_path / "s.json"),
+             "-o", str(tmp_path / "log.ndjson"), "--rate-store", redis_url],
+            env,
+        )  # fmt: skip
+        assert r.exit_code == 0, r.output
+        assert _keys(redis_url, "imichat:rate") == [key, key + ":members"]
+        r = _cli(["-q", "search", "--rate-store", "http://nope"], env)
+        assert r.exit_code == 2 and "rate_store" in r.stderr
+
+
+def _flush(url: str) -> None:
+    import redis
+
+    r = redis.Redis.from_url(url)
+    try:
+        for k in r.scan_iter("imichat:rate:*"):
+            r.delete(k)
+    finally:
+        r.close()
+
+
+def test_sync_client_and_dlt_source_take_a_rate_store(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dlt
+
+    from imichat_async import dlt as imi_dlt
+    from imichat_async import sync
+
+    monkeypatch.setenv("RUNTIME__DLTHUB_TELEMETRY", "false")
+    monkeypatch.setenv("DLT_DATA_DIR", str(tmp_path / "dlt-data"))
+    with ThreadedSandbox(chats=60, seed=6) as sb:
+        creds = {"base_url": sb.base_url, "token": sb.token, "team_id": sb.team_id}
+        store = RedisRateStore(redis_url, prefix="blocking")
+        with sync.ImiChatClient(**creds, adaptive=True, rate_store=store) as client:
+            assert len(list(client.search_chats())) == 60
+            assert isinstance(client.limiter.rate, FleetRate)
+        key = f"127.0.0.1:{sb.port}:{sb.team_id}"
+        assert _keys(redis_url, "blocking") == [f"blocking:{key}", f"blocking:{key}:members"]
+        pipeline = dlt.pipeline(
+            pipeline_name="fleet",
+            destination=dlt.destinations.duckdb(str(tmp_path / "chats.duckdb")),
+            dataset_name="imichat",
+            pipelines_dir=str(tmp_path / "pipelines"),
+        )
+        source = imi_dlt.chats_source(
+            base_url=sb.base_url,
+            token=sb.token,
+            team_id=sb.team_id,
+            since="2020-01-01",
+            rate_store=RedisRateStore(redis_url, prefix="dlt"),
+        )
+        pipeline.run(source)
+        assert _keys(redis_url, "dlt") == [f"dlt:{key}", f"dlt:{key}:members"]
+
+
+# -- a fleet of worker processes -------------------------------------------------------------
+
+
+def fleet(sb: SandboxProcess, n: int, store: str | None, **kw: Any) -> list[Worker]:
+    config = {
+        "base_url": sb.base_url,
+        "token": sb.token,
+        "team_id": sb.team_id,
+        "concurrency": 16,
+        "adaptive": True,
+        "max_retries": 1000,
+        "rate_store": store,
+        **kw,
+    }
+    return [Worker(config) for _ in range(n)]
+
+
+def wait_until(cond: Any, timeout: float = 60) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+LIMIT, BURST, K, P = 40.0, 10, 16, 3
+
+
+@pytest.mark.slow
+def test_fleet_of_processes_shares_one_budget(redis_url: str) -> None:
+    """P processes learning one rate: each reads the whole tenant exactly, and the fleet's
+    429s stay within one client's first burst (k) and a small share of the pages."""
+    with SandboxProcess(600, latency=0.02, rate_limit=LIMIT, rate_burst=BURST) as sb:
+        expected = [str(r["chat_id"]) for r in sb.expected()]
+        workers = fleet(sb, P, RedisRateStore(redis_url, prefix="fleet").url)
+        results = [w.wait(120) for w in workers]
+        st = sb.stats()
+    assert all(r is not None and r["ids"] == expected for r in results)
+    assert all(r is not None and r["fallbacks"] == 0 for r in results)
+    pages = P * len(expected) // 10
+    refused = st["rate_limited"]
+    assert refused <= K + 0.1 * pages, (refused, st["requests_total"])
+
+
+@pytest.mark.slow
+def test_fleet_shares_are_fair_and_a_late_joiner_gets_its_share(redis_url: str) -> None:
+    """`rate_limit=R` shared: R for the fleet (about nothing refused), and workers that want
+    tokens get comparable shares, one that joins late included, from its first page on."""
+    with SandboxProcess(900, latency=0.02, rate_limit=LIMIT, rate_burst=BURST) as sb:
+        expected = [str(r["chat_id"]) for r in sb.expected()]
+        store = RedisRateStore(redis_url, prefix="fair").url
+        workers = fleet(sb, P - 1, store, adaptive=False, rate_limit=LIMIT)
+        wait_until(lambda: all(w.answered_by(math.inf) >= 3 for w in workers))
+        workers += fleet(sb, 1, store, adaptive=False, rate_limit=LIMIT)
+        results = [w.wait(120) for w in workers]
+        st = sb.stats()
+    assert all(r is not None and r["ids"] == expected for r in results)
+    assert st["rate_limited"] <= 3, st
+    # Pages answered while all were reading: from the late one's first page answered to
+    # the first one done.
+    start = min(t for t, n in workers[-1].answered if n > 0)
+    end = min(w.pages[-1] for w in workers)
+    done = [w.answered_by(end) - w.answered_by(start) for w in workers]
+    assert end - start > 1.0, "too short a window to tell"
+    assert min(done) >= 0.7 * max(done), done
+
+
+@pytest.mark.slow
+def test_redis_killed_mid_run_every_worker_still_exact(own_redis: RedisServer) -> None:
+    with SandboxProcess(600, latency=0.02, rate_limit=LIMIT, rate_burst=BURST) as sb:
+        expected = [str(r["chat_id"]) for r in sb.expected()]
+        workers = fleet(sb, P, own_redis.url)
+        wait_until(lambda: all(len(w.pages) >= 10 for w in workers))
+        own_redis.kill()
+        results = [w.wait(120) for w in workers]
+    assert all(r is not None and r["ids"] == expected for r in results)
+    assert [r["fallbacks"] for r in results if r is not None] == [1] * P
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_leaves_its_share_to_the_others(redis_url: str) -> None:
+    """Three share `rate_limit=R`; one is killed (SIGKILL): what it had leased is due within
+    `HORIZON`, and the two left then get the whole of R between them: the pages they have
+    answered per second after it (counts over the reports) exceed what they had while
+    sharing with it by a third, about (3/2 in theory)."""
+    with SandboxProcess(900, latency=0.02, rate_limit=LIMIT, rate_burst=BURST) as sb:
+        expected = [str(r["chat_id"]) for r in sb.expected()]
+        store = RedisRateStore(redis_url, prefix="kill").url
+        workers = fleet(sb, P, store, adaptive=False, rate_limit=LIMIT)
+        wait_until(lambda: all(w.answered_by(math.inf) >= 15 for w in workers))
+        workers[0].kill()
+        killed_at = workers[0].answered[-1][0]
+        results = [w.wait(120) for w in workers[1:]]
+        assert workers[0].wait(120) is None
+        st = sb.stats()
+    assert all(r is not None and r["ids"] == expected for r in results)
+    assert st["rate_limited"] <= 3, st
+    survivors = workers[1:]
+    start = max(min(t for t, n in w.answered if n > 0) for w in workers)
+    settle = killed_at + 2 * ratestore.HORIZON
+    end = min(w.pages[-1] for w in survivors)
+    assert killed_at - start > 0.5 and end - settle > 1.0, "too short to tell"
+
+    def answered(since: float, until: float) -> int:
+        return sum(w.answered_by(until) - w.answered_by(since) for w in survivors)
+
+    before = answered(start, killed_at) / (killed_at - start)
+    after = answered(settle, end) / (end - settle)
+    assert after >= 1.3 * before, (before, after)
