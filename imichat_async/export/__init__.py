@@ -65,6 +65,12 @@ helper and progress: windows on `created_at` and on `updated_at`, keyed by
 
 from ._checkpoint import CheckpointError
 from ._export import export_chats
+from ._partitions import (
+    DEFAULT_ROWS_PER_PARTITION,
+    Partition,
+    plan_partitions,
+    read_partition,
+)
 from ._progress import ExportProgress, ExportReport
 from ._sinks import CSV_COLUMNS, CallableSink, CsvSink, FileSink, NdjsonSink, Sink, make_sink
 from ._sync import SyncReport, state_from_json, sync_chats
@@ -73,6 +79,7 @@ from ._syncplan import DEFAULT_LAG, SyncState
 __all__ = [
     "CSV_COLUMNS",
     "DEFAULT_LAG",
+    "DEFAULT_ROWS_PER_PARTITION",
     "CallableSink",
     "CheckpointError",
     "CsvSink",
@@ -80,11 +87,14 @@ __all__ = [
     "ExportReport",
     "FileSink",
     "NdjsonSink",
+    "Partition",
     "Sink",
     "SyncReport",
     "SyncState",
     "export_chats",
     "make_sink",
+    "plan_partitions",
+    "read_partition",
     "state_from_json",
     "sync_chats",
 ]
