@@ -58,6 +58,11 @@ class Config:
     s12_k: int = 16
     s12_limits: tuple[int, ...] = (50, 100, 400)
     s12_clean_chats: int = 4000
+    # 17. a Dask cluster against one export process
+    s17_chats: int = 200_000
+    s17_k: int = 16
+    s17_limit: int = 100
+    s17_rows: int = 10_000
 
     @classmethod
     def full(cls, runs: int = 3) -> Config:
@@ -85,6 +90,9 @@ class Config:
             s12_chats=400,
             s12_limits=(200,),
             s12_clean_chats=400,
+            s17_chats=2000,
+            s17_limit=200,
+            s17_rows=200,
         )
 
 

@@ -1020,6 +1020,15 @@ def ratelimit(cfg: Config) -> ScenarioResult:
     return ratelimit_bench.run(cfg)
 
 
+# -- 17. a Dask cluster against one export process --------------------------------------------
+
+
+def dask_cluster(cfg: Config) -> ScenarioResult:
+    from . import dask_bench
+
+    return dask_bench.run(cfg)
+
+
 SCENARIOS: dict[int, Callable[[Config], ScenarioResult]] = {
     1: latency_scaling,
     2: cpu_throughput,
@@ -1033,6 +1042,7 @@ SCENARIOS: dict[int, Callable[[Config], ScenarioResult]] = {
     10: head_of_line,
     11: sync,
     12: ratelimit,
+    17: dask_cluster,
 }
 
 TITLES = {
@@ -1048,8 +1058,10 @@ TITLES = {
     10: "Head-of-line blocking",
     11: "Incremental sync after 1 % changed vs a full export",
     12: "Rate-limited tenant",
+    17: "A Dask cluster against one export process",
 }
 
-ALIASES = {"hol": [10], "sync": [11], "ratelimit": [12]}  # `--only hol`, `--only sync`, ...
+# `--only hol`, `--only sync`, ...
+ALIASES = {"hol": [10], "sync": [11], "ratelimit": [12], "dask": [17]}
 
 __all__ = ["ALIASES", "SCENARIOS", "TITLES"]
