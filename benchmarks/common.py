@@ -24,8 +24,8 @@ class Config:
     s1_chats: int = 4000
     s1_ks: tuple[int, ...] = (1, 4, 16, 64)
     s1_jitter_ks: tuple[int, ...] = (16, 64)
-    # 2. CPU-bound throughput
-    s2_chats: int = 20_000
+    # 2. CPU-bound throughput (#24: N = 50,000)
+    s2_chats: int = 50_000
     s2_k: int = 8
     s2_runs: int = 15  # CPU time on a shared 2-core VM swings +-30 % between repetitions
     # 3. decode alone
@@ -51,6 +51,8 @@ class Config:
     # 9. sliced export
     s9_chats: int = 4000
     s9_k: int = 16
+    s9_cpu_chats: int = 200_000  # the CPU comparison at L = 0 (#24)
+    s9_cpu_k: int = 8
     # 10. head-of-line blocking: wall ratios against 1.03-1.10 targets swing +-5 % a repetition
     s10_runs: int = 7
     # 11. rate-limited tenant
@@ -58,11 +60,21 @@ class Config:
     s12_k: int = 16
     s12_limits: tuple[int, ...] = (50, 100, 400)
     s12_clean_chats: int = 4000
-    # 17. a Dask cluster against one export process
-    s17_chats: int = 200_000
-    s17_k: int = 16
-    s17_limit: int = 100
-    s17_rows: int = 10_000
+    # 13. latency for services: A (searches alone), B (beside a big one)
+    s13_k: int = 16
+    s13_searches: int = 100
+    s13_small: int = 50
+    s13_big_pages: int = 200
+    # 14. Parquet export vs NDJSON export
+    s14_chats: int = 200_000
+    s14_big: int = 1_000_000
+    s14_k: int = 16
+    s14_latencies: tuple[float, ...] = (0.0, 0.040)
+    # 16. a Dask cluster against one export process
+    s16_chats: int = 200_000
+    s16_k: int = 16
+    s16_limit: int = 100
+    s16_rows: int = 10_000
 
     @classmethod
     def full(cls, runs: int = 3) -> Config:
@@ -86,13 +98,19 @@ class Config:
             s6_k=(8,),
             s8_chats=300,
             s9_chats=400,
+            s9_cpu_chats=3000,
             s10_runs=1,
             s12_chats=400,
             s12_limits=(200,),
             s12_clean_chats=400,
-            s17_chats=2000,
-            s17_limit=200,
-            s17_rows=200,
+            s13_searches=20,
+            s13_small=10,
+            s13_big_pages=40,
+            s14_chats=2000,
+            s14_big=5000,
+            s16_chats=2000,
+            s16_limit=200,
+            s16_rows=200,
         )
 
 

@@ -1,4 +1,4 @@
-"""Scenario 17 (`--only dask`): a tenant read by a Dask cluster against one export process.
+"""Scenario 16 (`--only dask`): a tenant read by a Dask cluster against one export process.
 
 Same tenant (the sandbox in its own process, L = 40 ms), same requests in flight
 in all: one `export_chats` at k = 16, against `imichat_async.dask.read_chats` on a
@@ -112,12 +112,12 @@ def _cluster_read(
 
 
 def run(cfg: Config) -> ScenarioResult:
-    n, k, limit, latency = cfg.s17_chats, cfg.s17_k, cfg.s17_limit, cfg.latency
+    n, k, limit, latency = cfg.s16_chats, cfg.s16_k, cfg.s16_limit, cfg.latency
     per_task = max(1, k // (WORKERS * THREADS))
-    rows = cfg.s17_rows
+    rows = cfg.s16_rows
     pages = pages_for(n)
     res = ScenarioResult(
-        17,
+        16,
         "A Dask cluster against one export process",
         f"N = {n} chats ({pages} pages), L = {latency * 1000:.0f} ms. One `export_chats` at "
         f"k = {k} vs `imichat_async.dask.read_chats` on a LocalCluster of {WORKERS} worker "

@@ -4,11 +4,16 @@ Same tenant, same latency, same client concurrency. The export covers every
 chat's `created_at` (a range wider than the data); its output is checked to
 hold exactly the chats of the plain search (as sets of `chat_id`: the export
 writes slice by slice, not in page order).
+
+Then the CPU comparison of #24, at L = 0 on a bigger tenant: the client's CPU
+per chat of an NDJSON export (records written as sent, never decoded) against
+a plain `search_chats()` that decodes every chat, and their wall times.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -52,8 +57,6 @@ async def _export(sb: SandboxProcess, k: int, path: Path | None) -> tuple[float,
         report = await export_chats(client, since=SINCE, until=UNTIL, sink=sink)
         wall = time.perf_counter() - started
     if path is not None:
-        import json
-
         with path.open("rb") as f:
             ids = {json.loads(line)["chat_id"] for line in f if line.strip()}
     return wall, ids, report
@@ -144,7 +147,77 @@ def run(cfg: Config) -> ScenarioResult:
             f"Export (callable sink) / plain search wall: {ratio.fmt(3)}; no target was set "
             "for this ratio."
         )
+    _cpu_vs_plain(cfg, res)
     return res
+
+
+def _timed_run(make: Any) -> tuple[Any, float, float]:
+    """`asyncio.run(make())`: its result, wall seconds, CPU seconds of this process."""
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    result = asyncio.run(make())
+    return result, time.perf_counter() - wall0, time.process_time() - cpu0
+
+
+async def _decoded_search(sb: SandboxProcess, k: int) -> int:
+    async with _client(sb, k) as client:
+        return sum([1 async for _ in client.search_chats()])
+
+
+async def _ndjson_export(sb: SandboxProcess, k: int, path: Path) -> Any:
+    from imichat_async.export import NdjsonSink, export_chats
+
+    async with _client(sb, k) as client:
+        return await export_chats(client, since=SINCE, until=UNTIL, sink=NdjsonSink(path))
+
+
+def _cpu_vs_plain(cfg: Config, res: ScenarioResult) -> None:
+    """#24: export client CPU per chat <= 1.0 x a decoded search's; wall <= 1.3 x, L = 0."""
+    n, k = cfg.s9_cpu_chats, cfg.s9_cpu_k
+    runs: list[dict[str, float]] = []
+    with SandboxProcess(n, latency=0.0) as sb, tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(_decoded_search(sb, k))  # warm-up: the sandbox's caches, the allocator
+        for i in range(cfg.runs):
+            path = Path(tmp) / f"cpu-{i}.ndjson"
+            run: dict[str, float] = {}
+            for name in ("plain", "export") if i % 2 == 0 else ("export", "plain"):
+                if name == "plain":
+                    got, wall, cpu = _timed_run(lambda: _decoded_search(sb, k))
+                else:
+                    report, wall, cpu = _timed_run(lambda path=path: _ndjson_export(sb, k, path))
+                    got = report.records
+                measure.check(name, got, n)
+                run[name], run[f"{name}_cpu"] = wall, cpu
+            with path.open("rb") as f:  # outside the timings: the file holds every chat once
+                measure.check("export chats", len({json.loads(line)["chat_id"] for line in f}), n)
+            path.unlink()
+            runs.append(run)
+    table = Table(
+        f"Export vs decoded search at L = 0 (N = {n}, k = {k}; median (min-max) of {cfg.runs})",
+        ["variant", "wall (s)", "client CPU µs / chat", "CPU / plain's", "wall / plain's"],
+    )
+
+    def cpu_ratio(r: dict[str, float]) -> float:
+        return r["export_cpu"] / r["plain_cpu"]
+
+    def wall_ratio(r: dict[str, float]) -> float:
+        return r["export"] / r["plain"]
+
+    for name, label in (("plain", "one `search_chats()`, decoded"), ("export", "NDJSON export")):
+        table.add(
+            label,
+            _summarize([r[name] for r in runs]).fmt(2),
+            _summarize([r[f"{name}_cpu"] / n for r in runs]).fmt(1, 1e6),
+            "1" if name == "plain" else _fmt(per_run(runs, cpu_ratio), 2),
+            "1" if name == "plain" else _fmt(per_run(runs, wall_ratio), 2),
+        )
+    res.tables.append(table)
+    for what, fn, limit in (
+        ("export client CPU per chat <= 1.0 x a decoded search's (L = 0)", cpu_ratio, 1.0),
+        ("export wall <= 1.3 x a decoded search's (L = 0)", wall_ratio, 1.3),
+    ):
+        ratio = per_run(runs, fn)
+        if ratio is not None:
+            res.targets.append(Target(f"{what}, N = {n}", ratio.fmt(2), ratio.median <= limit))
 
 
 def _fmt(s: Any, digits: int = 3) -> str:

@@ -5,14 +5,11 @@ settings: clean, latency jittered U(L, 2L), and 5 % transient faults (2007,
 503, 429 with `Retry-After: 0`, connection resets; 1.25 % each). The
 reference is `baselines.retry_loop`: k requests always in flight, a failure
 retried at once, no order, no backoff. Each repetition runs both back to
-back against the same server; the figure is their ratio. A second table
-measures small searches (40 pages, and 1 page) on a warm client: page 1
-alone, or pages 2..window started with it.
+back against the same server; the figure is their ratio.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import imichat_async as imi
@@ -37,30 +34,6 @@ OFF = {"jitter": 0.0, "p_2007": 0.0, "p_503": 0.0, "p_429": 0.0, "p_reset": 0.0}
 
 def _loop(sb: SandboxProcess, k: int) -> tuple[baselines.Outcome, measure.Timed]:
     return measure.baseline_run(lambda: baselines.retry_loop(sb.base_url, sb.token, sb.team_id, k))
-
-
-def _small(sb: SandboxProcess, k: int, speculative: bool) -> dict[str, float]:
-    """One whole search of the tenant on a client warmed by an earlier one-page search."""
-    out: dict[str, float] = {}
-
-    async def go() -> None:
-        async with imi.ImiChatClient(
-            base_url=sb.base_url, token=sb.token, team_id=sb.team_id, concurrency=k
-        ) as client:
-            client._speculative_start = speculative
-            async for _ in client.search_chats(max_pages=1):
-                pass
-            sb.reset()
-            started = time.perf_counter()
-            n = 0
-            async for _ in client.search_chats():
-                n += 1
-            out["wall"] = time.perf_counter() - started
-            out["records"] = n
-
-    measure.timed(go)
-    out["requests"] = sb.stats()["requests_total"]
-    return out
 
 
 def run(cfg: Config) -> ScenarioResult:
@@ -111,12 +84,6 @@ def run(cfg: Config) -> ScenarioResult:
                     "hedges": c.hedges,
                 }
             runs.append(run)
-    small: list[dict[tuple[int, bool], dict[str, float]]] = [{} for _ in range(cfg.runs)]
-    for pages in (40, 1):  # a tenant of exactly that many pages: the end comes from the total
-        with SandboxProcess(pages * 10, latency=latency) as sb:
-            for s in small:
-                for spec in (False, True):
-                    s[(pages, spec)] = _small(sb, k, spec)
     table = Table(
         f"search_chats() / raw retry loop, same run (k = {k})",
         [
@@ -182,19 +149,4 @@ def run(cfg: Config) -> ScenarioResult:
             "",
         )
     res.tables.append(table)
-    st = Table(
-        f"Small searches on a warm client (k = {k}, L = {latency * 1000:.0f} ms)",
-        ["pages", "start", "wall (s)", "wall / ideal", "requests (server)"],
-    )
-    for pages in (40, 1):
-        ideal = -(-pages // k) * latency
-        for spec in (False, True):
-            st.add(
-                pages,
-                "pages 1..window at once" if spec else "page 1 alone (default)",
-                summarize([s[(pages, spec)]["wall"] for s in small]).fmt(3),
-                summarize([s[(pages, spec)]["wall"] / ideal for s in small]).fmt(2),
-                summarize([s[(pages, spec)]["requests"] for s in small]).fmt(0),
-            )
-    res.tables.append(st)
     return res

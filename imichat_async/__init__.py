@@ -37,12 +37,13 @@ from ._errors import (
     TeamNotFoundError,
     TLSError,
     TokenExpiredError,
+    TokenProviderError,
     TransientError,
     UnexpectedResponseError,
 )
 from ._fetch import ClientStats
 from ._paging import PagingStats
-from ._protocol import PreparedRequest
+from ._protocol import PreparedRequest, RawChat
 from ._query import Filter
 from ._records import Asset, Channel, Chat, ChatStatus
 from ._results import ChatPage
@@ -88,6 +89,7 @@ __all__ = [
     "PagingStats",
     "PreparedRequest",
     "RateLimitedError",
+    "RawChat",
     "RawResponse",
     "ResponseTooLargeError",
     "RetryPolicy",
@@ -95,6 +97,7 @@ __all__ = [
     "TLSError",
     "TeamNotFoundError",
     "TokenExpiredError",
+    "TokenProviderError",
     "TransientError",
     "Transport",
     "UnexpectedResponseError",

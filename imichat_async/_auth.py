@@ -6,7 +6,9 @@ is still the current token, so a request that arrives after another already
 refreshed just picks up the new token; while a refresh runs, `get()` waits
 for it rather than hand out the token known to be expired. A callable that
 answers with the very token that just expired (a cached token, clock skew)
-fails the refresh at once: calling it again would only repeat the answer.
+fails the refresh at once: calling it again would only repeat the answer,
+for that search; `rearm()`, at the start of the next one, asks it again.
+An exception raised by the callable becomes `TokenProviderError`, chained.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import collections
 import inspect
 from collections.abc import Awaitable, Callable
 
-from ._errors import ConfigurationError, TokenExpiredError
+from ._errors import ConfigurationError, TokenExpiredError, TokenProviderError
 
 TokenSource = str | Callable[[], Awaitable[str]] | Callable[[], str]
 
@@ -68,6 +70,15 @@ class TokenProvider:
     def served(self, token: str) -> bool:
         """True when `token` served a page before it expired (a normal expiry)."""
         return token in self._served
+
+    def rearm(self) -> None:
+        """A new search: a token known dead is dropped, so the next `get()` asks the callable.
+
+        Until then every request fails at once (no request goes out with a token
+        known to be expired); the search that saw it fail has failed.
+        """
+        if self._token is not None and self._token == self._dead and self._fetch is not None:
+            self._token = None
 
     def ready(self) -> str | None:
         """The token `get()` would return at once, without awaiting; None: await `get()`."""
@@ -121,10 +132,16 @@ class TokenProvider:
             return token
 
     async def _call(self) -> str:
+        """The callable's token; `TokenProviderError` (its exception chained) if it raises."""
         assert self._fetch is not None
-        token: object = self._fetch()
-        if inspect.isawaitable(token):  # an async callable; a plain one returned the str
-            token = await token
+        try:
+            token: object = self._fetch()
+            if inspect.isawaitable(token):  # an async callable; a plain one returned the str
+                token = await token
+        except Exception as exc:  # a TimeoutError too: the provider's, not a search deadline
+            raise TokenProviderError(
+                f"the token callable raised {type(exc).__name__} (chained as __cause__)"
+            ) from exc
         if not isinstance(token, str):
             raise ConfigurationError(
                 f"the token callable must return a str, got {type(token).__name__}"

@@ -24,6 +24,7 @@ from ._config import (
     check_client_args,
     check_int,
     check_paging,
+    check_priority,
     check_transport,
     limiter_for,
 )
@@ -37,12 +38,13 @@ from ._query import Filter, Query, build_query
 from ._records import Chat, decode_page
 from ._results import ChatPage, chats_of, numbered_pages
 from ._retry import RetryPolicy
+from ._sched import Priority
 from ._transport import AiohttpTransport, Transport
 
 __all__ = ["ChatPage", "ClientStats", "ImiChatClient"]
 
 PREFETCH_PER_SLOT = 4  # default prefetch = 4 x concurrency: see README, "Choices"
-RawRecord = Mapping[str, Any]
+RawRecord = Mapping[str, Any]  # with raw=True, a `RawChat`: a dict carrying its bytes as sent
 
 
 class ImiChatClient(PageFetcher):
@@ -126,9 +128,6 @@ class ImiChatClient(PageFetcher):
         )
         self.concurrency = concurrency
         self.timeout = timeout
-        # Start a warm client's searches with a whole window, not page 1 alone: measured, and
-        # left off (README, "Choices"): it sends pages past the end of every small search.
-        self._speculative_start = False
         self._telemetry = _otel.Telemetry(tracer_provider, meter_provider)
 
     def __repr__(self) -> str:
@@ -175,6 +174,7 @@ class ImiChatClient(PageFetcher):
         start_page: int = 1,
         max_pages: int | None = None,
         deadline: float | None = None,
+        priority: Priority = "interactive",
         **params: Any,
     ) -> AsyncGenerator[Chat, None]:
         """An async generator of every matching `Chat`, in page order (see README: Guarantees).
@@ -183,11 +183,14 @@ class ImiChatClient(PageFetcher):
         value or argument (so before any request). While iterating:
         `ApiError` subclasses for errors of the API, `DecodeError` for a
         record that cannot be decoded, `SearchTimeoutError` when `deadline`
-        seconds pass first.
+        seconds pass first. `priority="background"` lets the client's interactive
+        searches go first (README: "Choices where the contract leaves room").
         """
         query = build_query(params, filters, condition)
         return chats_of(
-            self._pages(query, self._decoded, prefetch, start_page, max_pages, deadline)
+            self._pages(
+                query, self._decoded, prefetch, start_page, max_pages, deadline, priority=priority
+            )
         )
 
     @overload
@@ -201,6 +204,7 @@ class ImiChatClient(PageFetcher):
         max_pages: int | None = ...,
         limit: int | None = ...,
         deadline: float | None = ...,
+        priority: Priority = ...,
         raw: Literal[False] = ...,
         stats: PagingStats | None = ...,
         **params: Any,
@@ -217,6 +221,7 @@ class ImiChatClient(PageFetcher):
         max_pages: int | None = ...,
         limit: int | None = ...,
         deadline: float | None = ...,
+        priority: Priority = ...,
         raw: Literal[True],
         stats: PagingStats | None = ...,
         **params: Any,
@@ -233,6 +238,7 @@ class ImiChatClient(PageFetcher):
         max_pages: int | None = ...,
         limit: int | None = ...,
         deadline: float | None = ...,
+        priority: Priority = ...,
         raw: bool = ...,
         stats: PagingStats | None = ...,
         **params: Any,
@@ -248,6 +254,7 @@ class ImiChatClient(PageFetcher):
         max_pages: int | None = None,
         limit: int | None = None,
         deadline: float | None = None,
+        priority: Priority = "interactive",
         raw: bool = False,
         stats: PagingStats | None = None,
         **params: Any,
@@ -257,10 +264,12 @@ class ImiChatClient(PageFetcher):
         Filters and paging arguments as for `search_chats`, checked here, at the
         call (`InvalidQueryError` before any request). `limit` stops after that
         many items in all, requesting no page beyond them. With `raw=True` the
-        items are the JSON objects exactly as the server sent them (for exports
-        that keep them as sent); otherwise `Chat` records. `stats`, a
+        items are the JSON objects exactly as the server sent them, as
+        `RawChat`s (dicts whose `raw` is the record's bytes as received: the
+        NDJSON export writes those); otherwise `Chat` records. `stats`, a
         `PagingStats`, is filled as the search goes: pages requested and
-        yielded, pages requested past the end (`wasted`), the total.
+        yielded, pages requested past the end (`wasted`), the total. `priority`
+        as for `search_chats`.
         """
         query = build_query(params, filters, condition)
         if limit is not None:
@@ -269,7 +278,9 @@ class ImiChatClient(PageFetcher):
             max_pages = needed if max_pages is None else min(max_pages, needed)
         st = stats if stats is not None else PagingStats()
         convert = self._raw if raw else self._decoded
-        pages = self._pages(query, convert, prefetch, start_page, max_pages, deadline, st)
+        pages = self._pages(
+            query, convert, prefetch, start_page, max_pages, deadline, st, priority=priority
+        )
         return numbered_pages(pages, st, limit)
 
     @_otel.search_scope
@@ -282,18 +293,22 @@ class ImiChatClient(PageFetcher):
         max_pages: int | None,
         deadline: float | None,
         stats: PagingStats | None = None,
+        *,
+        priority: Priority = "interactive",
     ) -> AsyncGenerator[Page[Any], None]:
         """Check the paging arguments now, before any request; the pages come lazily."""
         window = PREFETCH_PER_SLOT * self.concurrency if prefetch is None else prefetch
         check_paging(window, start_page, max_pages, deadline)
+        check_priority(priority)
+        search = self._limiter.flow(priority, first=start_page, cap=max_pages)
         return iterate_pages(
-            self.page_fetch(query.body(), convert, deadline),
-            page_size=protocol.PAGE_SIZE,
+            self.page_fetch(query.body(), convert, deadline, search),
+            last_page=protocol.last_page,
+            ends=protocol.ends_search,
             prefetch=window,
             start_page=start_page,
             max_pages=max_pages,
             stats=stats,
-            first_alone=not (self._warm and self._speculative_start),
             hedger=self._hedger,
         )
 
@@ -303,4 +318,4 @@ class ImiChatClient(PageFetcher):
 
     @staticmethod
     def _raw(data: protocol.PageData, n: int) -> Page[RawRecord]:
-        return Page(n, data.records, data.total)
+        return Page(n, protocol.raw_records(data), data.total)

@@ -16,6 +16,7 @@ from ._errors import ConfigurationError, InvalidQueryError
 from ._limiter import Limiter
 from ._rate import SendRate
 from ._retry import RetryPolicy
+from ._sched import PRIORITIES
 
 ADAPTIVE_MODES = (False, True, "rate", "concurrency")
 
@@ -145,3 +146,11 @@ def check_paging(
         check_int("max_pages", max_pages, 0)
     if deadline is not None and not deadline > 0:
         raise InvalidQueryError(f"deadline must be > 0 seconds, got {deadline!r}")
+
+
+def check_priority(priority: Any) -> None:
+    """A search's `priority`: `InvalidQueryError` unless "interactive" or "background"."""
+    if priority not in PRIORITIES:
+        raise InvalidQueryError(
+            f'priority must be "interactive" or "background", got {priority!r:.40}'
+        )

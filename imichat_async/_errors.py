@@ -6,6 +6,7 @@ The tree::
     ├── InvalidQueryError (also ValueError)   rejected before any request is sent
     ├── ConfigurationError (also ValueError)  bad client argument (e.g. http:// to a remote host)
     ├── SearchTimeoutError (also TimeoutError) a whole search's deadline passed
+    ├── TokenProviderError                    the token callable raised (its error chained)
     ├── DecodeError                           an undecodable record (names page and field)
     └── ApiError                              an answer: status_code, http_status, description
         ├── TransientError                    retried with backoff; raised when retries run out
@@ -70,6 +71,14 @@ class ConfigurationError(ImiChatError, ValueError):
 
 class SearchTimeoutError(ImiChatError, TimeoutError):
     """A search's `deadline` passed before it finished."""
+
+
+class TokenProviderError(ImiChatError):
+    """The token callable raised instead of returning a token; its exception is `__cause__`.
+
+    The message names the exception's type only: its text, which may quote a
+    credential, stays on the chained original.
+    """
 
 
 class DecodeError(ImiChatError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -23,8 +24,9 @@ from . import _protocol as protocol
 from ._auth import STATIC_TOKEN_EXPIRED, TokenProvider, TokenSource
 from ._errors import ApiError, ImiChatError, SearchTimeoutError, TokenExpiredError
 from ._limiter import Limiter
-from ._paging import Hedger, Page
+from ._paging import Hedger, Page, hedge_lost
 from ._retry import RetryPolicy, call_with_retries, make_retrying
+from ._sched import Flow
 from ._transport import RawResponse, Transport
 
 log = logging.getLogger("imichat_async")
@@ -72,7 +74,9 @@ class PageFetcher:
         self._hedger: Hedger | None = (
             Hedger(backing_off=self._backing_off, on_sent=self._count_hedge) if hedge else None
         )
-        self._warm = False  # a page was answered: token, team and query form are known good
+        # The headers of the last response (any status), package-internal: the server's
+        # `Date` header gives a sync its T1 (export/_sync.py).
+        self._last_headers: Mapping[str, str] | None = None
         self._closed = False
         self._transport: Transport = transport
         self._retrying = make_retrying(policy, sleep=sleep, on_retry=self._count_retry)
@@ -82,11 +86,17 @@ class PageFetcher:
         body: bytes,
         convert: Callable[[protocol.PageData, int], Page[Any]],
         deadline: float | None,
+        search: Flow[Any] | None = None,
     ) -> Callable[[int], Awaitable[Page[Any]]]:
         """The engine's `fetch(n)` for one search: `SearchTimeoutError` once `deadline`
         seconds have passed since its first request.
+
+        `search` is its place at the limiter (`Limiter.flow`), sized from the server's
+        total as soon as a page tells it; a new one (interactive) if not given.
         """
-        search = object()  # this search's queue at the limiter: its lowest page goes first
+        if search is None:
+            search = self._limiter.flow()
+        self._auth.rearm()  # a token the callable handed back expired spoils one search only
         if deadline is None:
 
             async def fetch(n: int) -> Page[Any]:
@@ -103,7 +113,13 @@ class PageFetcher:
             if left <= 0:
                 raise SearchTimeoutError(f"search deadline of {deadline}s passed at page {n}")
             try:
-                data = await asyncio.wait_for(self._fetch(body, n, search), left)
+                if sys.version_info >= (3, 11):
+                    # In this task, not wait_for's inner one: a hedge race's cancellation
+                    # reaches `_send` with its message (see `_exchange`).
+                    async with asyncio.timeout(left):
+                        data = await self._fetch(body, n, search)
+                else:
+                    data = await asyncio.wait_for(self._fetch(body, n, search), left)
             except asyncio.TimeoutError:
                 raise SearchTimeoutError(
                     f"search deadline of {deadline}s passed at page {n}"
@@ -112,7 +128,9 @@ class PageFetcher:
 
         return fetch_until
 
-    async def _fetch(self, body: bytes, page: int, search: object = None) -> protocol.PageData:
+    async def _fetch(
+        self, body: bytes, page: int, search: Flow[Any] | None = None
+    ) -> protocol.PageData:
         refreshes = 0  # bounded, so a page can't cycle through tokens forever
         refused = 0  # tokens in a row that expired before they ever served a page
         while True:
@@ -139,9 +157,10 @@ class PageFetcher:
                 await self._auth.refresh(token)
                 continue
             self._auth.mark_served(token)
-            self._warm = True
             self.stats.pages += 1
             self.stats.records += len(data.records)
+            if search is not None and data.total is not None:
+                search.ends_at(protocol.last_page(data.total))  # its pages left, for the limiter
             return data
 
     @_otel.attempt_scope
@@ -177,18 +196,22 @@ class PageFetcher:
         """One attempt under the client-wide limiter, fed back what the server said.
 
         `search` and the page number order the waiters: a search's lowest page
-        first, searches in turn.
+        first, the search with the fewest pages left first (`_sched`).
         """
         if self._closed:
             raise ImiChatError("the client is closed")
         limiter = self._limiter
-        epoch = await limiter.acquire(search, request.page)
+        ticket = await limiter.acquire(search, request.page)
         _otel.slot_acquired()
         status = 0
         throttled = False
         started = time.perf_counter()
         try:
-            raw = await self._transport.send(request)
+            if self._hedger is None:
+                raw = await self._transport.send(request)
+            else:
+                raw = await self._exchange(request)
+            self._last_headers = raw.headers
             status = raw.status
             throttled = protocol.is_throttle(status, raw.headers)
             return raw
@@ -196,13 +219,40 @@ class PageFetcher:
             # Overloaded (429/503), fine (< 500), or neither (5xx, no answer); throttled
             # (429, 503 + Retry-After) lowers a learned send rate.
             overloaded = status in protocol.OVERLOAD_STATUSES
-            limiter.release(epoch, overloaded=overloaded, ok=0 < status < 500, throttled=throttled)
+            limiter.release(ticket, overloaded=overloaded, ok=0 < status < 500, throttled=throttled)
             hedger = self._hedger
             if hedger is not None:
                 if status == 200:
                     hedger.record(time.perf_counter() - started)
                 elif overloaded:
                     hedger.overloaded()
+
+    async def _exchange(self, request: protocol.PreparedRequest) -> RawResponse:
+        """`transport.send(request)`, finished when a hedge race is lost with it on the wire.
+
+        The server works on a request until it answers, and a tenant counts it in
+        flight until then, aborted or not: a loser (`hedge_lost`) waits for its
+        answer, discarded, keeping its slot, so that the server never sees more
+        than `concurrency` of this client's requests. The race was decided: the
+        search goes on meanwhile. Any other cancellation (the search ends, a
+        second one during that wait) aborts the request at once, as before.
+        """
+        send = asyncio.ensure_future(self._transport.send(request))
+        try:
+            return await asyncio.shield(send)
+        except asyncio.CancelledError as exc:
+            if not hedge_lost(exc):
+                send.cancel()
+            # Wait until it stopped, so no request outlives its page; a second
+            # cancellation meanwhile cancels it too and is raised once it stopped.
+            try:
+                await send  # a loser's answer, or the transport's own error: discarded
+            except Exception:
+                pass
+            except asyncio.CancelledError:
+                if not send.done():
+                    raise
+            raise
 
     def _headers_for(self, token: str) -> Mapping[str, str]:
         cached = self._headers
@@ -233,7 +283,8 @@ class PageFetcher:
         limiter = self._limiter
         if limiter.rate is not None and limiter.rate.rate is not None:
             return True
-        return limiter.adaptive and limiter.limit < limiter.max_limit
+        slots = limiter.slots
+        return slots.adaptive and slots.limit < slots.max_limit
 
 
 def _ms(started: float) -> float:

@@ -1,55 +1,56 @@
-"""How many requests may be in flight, and how fast they go: one limiter per client.
+"""How many requests may be in flight, how fast they go, and who goes next: one per client.
 
-Fixed mode is a plain semaphore of `limit` slots. Adaptive mode (AIMD, as TCP
-does) halves the allowed in-flight count when the server says it is overloaded
-(429, 503) and adds one slot per window of successful requests, never above
-`limit`.
+A thin composition of three parts, each readable and tested alone:
 
-An optional send rate (`_rate.SendRate`: a fixed `rate_limit`, or one learned
-from throttles) gates the same queue: a request is granted when a slot is free
-*and* the rate has a token for it, so one held back by the rate holds no slot
-and no connection, and a lower rate applies at once to every request not yet
-sent. While the next grant waits for a token, one waiter (the keeper) sleeps
-until the token is due, then grants to whoever is first in line *then*: a head
-page that arrives during the wait still goes first. No I/O here but sleeping,
-and every wait is cancellation-safe: a cancelled waiter never keeps a slot.
+- `_slots.Slots`: the requests in flight, a fixed bound or adapted (AIMD).
+- `_gate.RateGate`: an optional send rate (`_gate.SendRateLike`: a fixed
+  `rate_limit`, a learned rate, or one shared with other processes) whose
+  token each grant also takes, and the waiter keeping time for the next one.
+- `_sched.Scheduler`: who of those waiting is served next (the search with
+  the fewest pages left, aging, background after interactive; within a
+  search its lowest page).
 
-Who waits goes in a queue per group (one search), served round-robin across
-groups, so one search cannot starve another; within a group the lowest rank
-(the page the consumer needs first) goes first, so a retry of the head page
-never waits behind later pages. Without a group or rank, first come first
-served.
+A request is granted when a slot is free and the rate has a token; `acquire`
+returns a `Ticket` (the slot's epoch, the rate's ticket) that `release`
+takes back with what the server said. No I/O here but sleeping, and every
+wait is cancellation-safe: a cancelled waiter never keeps a slot.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import heapq
-import itertools
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
+from . import _gate, _sched, _slots
+from ._gate import SendRateLike, Waiter
 from ._rate import SendRate
+from ._sched import Flow, Priority
 
-MAX_KEEP = 0.05  # seconds the keeper sleeps at most before asking the rate again (it may rise)
+# The parts are reached through their modules (`_slots.Slots`), so that a mutant of one
+# (scripts/mutation.py) is the one a limiter built in the tests uses.
 
-
-class _Waiter:
-    """One request in line: `fut` resolves to None when granted, or to seconds to keep time for."""
-
-    __slots__ = ("fut", "granted")
-
-    def __init__(self, fut: asyncio.Future[float | None]) -> None:
-        self.fut = fut
-        self.granted = False
+__all__ = ["Limiter", "Ticket"]
 
 
-_Entry = tuple[float, int, _Waiter]  # (rank, arrival, waiter): arrival is unique, so no tie
+class Ticket:
+    """What `acquire` granted, for `release`: the slot's epoch and the send rate's ticket."""
+
+    __slots__ = ("epoch", "sent")
+
+    def __init__(self, epoch: int, sent: int | None) -> None:
+        self.epoch = epoch  # adaptive concurrency: one halving per epoch
+        self.sent = sent  # the send rate's ticket (None without a rate)
+
+    def __repr__(self) -> str:
+        return f"Ticket(epoch={self.epoch}, sent={self.sent})"
 
 
 class Limiter:
-    """Slots for requests in flight; `peak` and `in_flight` are there for tests and stats."""
+    """Slots, send rate and order of service for a client's requests.
+
+    `peak`, `in_flight`, `waiting`, `limit` and `decreases` are there for tests and stats.
+    """
 
     def __init__(
         self,
@@ -58,175 +59,131 @@ class Limiter:
         adaptive: bool = False,
         min_limit: int = 1,
         rate_limit: float | None = None,
-        send_rate: SendRate | None = None,
+        send_rate: SendRateLike | None = None,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     ) -> None:
-        if limit < 1:
-            raise ValueError("limit must be at least 1")
         if rate_limit is not None and send_rate is not None:
             raise ValueError("give rate_limit or send_rate, not both")
         if send_rate is not None and send_rate.adaptive and adaptive:
             raise ValueError("adapt the rate or the concurrency, not both")
-        self.max_limit = limit
-        self.adaptive = adaptive
-        self.min_limit = max(1, min(min_limit, limit))
-        self._limit = float(limit)
-        self._slots = limit  # int(self._limit), at least min_limit: read on every acquire
-        self._in_flight = 0
-        self.peak = 0
-        self.decreases = 0
-        # group -> heap of (rank, arrival, waiter); groups with waiters, in serving order.
-        self._queues: dict[Hashable, list[_Entry]] = {}
-        self._turns: collections.deque[Hashable] = collections.deque()
-        self._arrivals = itertools.count()
-        self._epoch = 0  # bumped at each decrease; a request started before it can't decrease again
-        # -- send rate (see _rate.py): a grant also takes one of its tokens
-        self.rate = SendRate(rate_limit) if rate_limit is not None else send_rate
-        self._keeper: _Waiter | None = None  # the waiter sleeping until the next token
-        self._sleep = sleep
+        self.slots = _slots.Slots(limit, adaptive=adaptive, min_limit=min_limit)
+        self.gate = _gate.RateGate(
+            SendRate(rate_limit) if rate_limit is not None else send_rate, sleep
+        )
+        self.sched: _sched.Scheduler[Waiter] = _sched.Scheduler(horizon=limit)
+
+    # -- read by stats, the fetch path's hedging rule and tests (the parts have the rest) -----
+
+    @property
+    def rate(self) -> SendRateLike | None:
+        """The send rate whose tokens the grants take, if any."""
+        return self.gate.rate
+
+    @property
+    def limit(self) -> int:
+        """Slots currently allowed (below `slots.max_limit` while adapting down)."""
+        return self.slots.limit
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        return self.slots.in_flight
 
     @property
     def waiting(self) -> int:
         """Requests queued for a slot or a token."""
-        return sum(len(q) for q in self._queues.values())
+        return len(self.sched)
 
     @property
-    def limit(self) -> int:
-        """Slots currently allowed (below `max_limit` while adapting down)."""
-        return self._slots
+    def decreases(self) -> int:
+        """Halvings of adaptive concurrency so far."""
+        return self.slots.decreases
+
+    @property
+    def peak(self) -> int:
+        """The most requests in flight at once (a test may reset it to 0)."""
+        return self.slots.peak
+
+    @peak.setter
+    def peak(self, value: int) -> None:
+        self.slots.peak = value
 
     def __repr__(self) -> str:
-        return f"<Limiter in_flight={self._in_flight} limit={self.limit}/{self.max_limit}>"
+        slots = self.slots
+        return f"<Limiter in_flight={slots.in_flight} limit={slots.limit}/{slots.max_limit}>"
 
-    async def acquire(self, group: Hashable = None, rank: float | None = None) -> int:
+    # -- granting ---------------------------------------------------------------------------
+
+    def flow(
+        self, priority: Priority = "interactive", *, first: int = 1, cap: int | None = None
+    ) -> Flow[Waiter]:
+        """A new search, to pass as the `group` of its requests (see `_sched`).
+
+        `first` is its first page, `cap` the most pages it will request; the
+        fetch path sizes it with `Flow.ends_at(last page)` once the server tells.
+        """
+        return self.sched.flow(priority, first=first, cap=cap)
+
+    async def acquire(self, group: Hashable = None, rank: float | None = None) -> Ticket:
         """Wait for a slot and a token of the send rate; returns the ticket for `release`.
 
-        `group` (a search) and `rank` (its page number) order the waiters: groups
-        take turns, and within a group the lowest rank is served first (ties and
-        no rank: first come). The ticket is the epoch (adaptive concurrency), or
-        with a learned send rate the rate's ticket (see `SendRate.feedback`).
+        `group` (a search: a `Flow` from `flow()`, or any hashable) and `rank`
+        (its page number) order the waiters: see `_sched`.
         """
-        if not self._turns and self._in_flight < self._slots and self._token():
-            self._take()
-            return self._ticket()
+        slots, gate, sched = self.slots, self.gate, self.sched
+        if not sched and slots.free() and gate.delay() <= 0:
+            sched.granted(group)
+            return Ticket(slots.take(), gate.sent())
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(loop.create_future())
-        arrival = next(self._arrivals)
-        entry = (arrival if rank is None else rank, arrival, waiter)
-        queue = self._queues.get(group)
-        if queue is None:
-            queue = self._queues[group] = []
-            self._turns.append(group)
-        heapq.heappush(queue, entry)
+        waiter = _gate.Waiter(loop.create_future())
+        flow, entry = sched.push(group, rank, waiter)
         self._wake()  # a slot may be free, the token not yet: someone must keep time
         try:
             while not waiter.granted:
                 delay = await waiter.fut
                 if waiter.granted:
                     break
-                # The keeper: sleep until the token is due, then grant whoever is first then.
-                assert delay is not None
-                waiter.fut = loop.create_future()
-                await self._sleep(delay)
-                self._keeper = None
+                assert delay is not None  # the keeper: sleep until the token is due
+                await gate.keep(waiter, delay)
                 self._wake()
         except asyncio.CancelledError:
-            if self._keeper is waiter:
-                self._keeper = None
+            gate.relieve(waiter)
             if waiter.granted:
-                self._in_flight -= 1  # granted just as we were cancelled: give it back
+                slots.give_back()  # granted just as we were cancelled: give it back
             else:
-                self._forget(group, entry)
+                sched.remove(flow, entry)
             self._wake()
             raise
-        if self._keeper is waiter:  # granted before it could sleep: someone else keeps time
-            self._keeper = None
+        if gate.relieve(waiter):  # granted before it could sleep: someone else keeps time
             self._wake()
-        return self._ticket()
-
-    def _token(self) -> bool:
-        """Take a token of the send rate if one is there (always, without a rate)."""
-        return self.rate is None or self.rate.delay() <= 0
-
-    def _ticket(self) -> int:
-        rate = self.rate
-        if rate is not None and rate.adaptive:
-            return rate.sent()  # the rate learns from send times
-        return self._epoch
-
-    def _take(self) -> None:
-        self._in_flight += 1
-        self.peak = max(self.peak, self._in_flight)
+        return Ticket(slots.epoch, gate.sent())
 
     def release(
-        self, epoch: int, *, overloaded: bool = False, ok: bool = False, throttled: bool = False
+        self, ticket: Ticket, *, overloaded: bool = False, ok: bool = False, throttled: bool = False
     ) -> None:
         """Free a slot; feed back what the server said to adaptive modes.
 
         `overloaded` (429, 503) halves adaptive concurrency; `throttled` (429, or
         503 with Retry-After) is what lowers a learned send rate.
         """
-        self._in_flight -= 1
-        if self.rate is not None:
-            self.rate.feedback(epoch, throttled=throttled, ok=ok and not throttled)
-        if self.adaptive:
-            if overloaded:
-                # One halving per epoch; an overload is never counted as a success.
-                if epoch == self._epoch:
-                    self._set_limit(max(float(self.min_limit), self._limit / 2))
-                    self._epoch += 1
-                    self.decreases += 1
-            elif ok:
-                self._set_limit(
-                    min(float(self.max_limit), self._limit + 1.0 / max(1.0, self._limit))
-                )
+        self.slots.release(ticket.epoch, overloaded=overloaded, ok=ok)
+        self.gate.feedback(ticket.sent, throttled=throttled, ok=ok)
         self._wake()
-
-    def _set_limit(self, limit: float) -> None:
-        self._limit = limit
-        self._slots = max(self.min_limit, int(limit))
 
     def _wake(self) -> None:
         """Grant the free slots to the first in line while the rate has tokens.
 
-        When it has none, the first in line becomes the keeper (unless there is
-        one): it sleeps until the token is due and calls this again.
+        When it has none, the first in line keeps time for the next token
+        (unless someone does): it sleeps until it is due and calls this again.
         """
-        rate = self.rate
-        while self._turns and self._in_flight < self._slots:
-            if rate is not None:
-                wait = rate.delay()
+        slots, gate, sched = self.slots, self.gate, self.sched
+        while sched and slots.free():
+            if gate.rate is not None:
+                wait = gate.delay()
                 if wait > 0:
-                    if self._keeper is None:
-                        keeper = self._queues[self._turns[0]][0][2]
-                        if not keeper.fut.done():  # done: cancelled, its handler wakes us
-                            self._keeper = keeper
-                            keeper.fut.set_result(min(wait, MAX_KEEP))
+                    gate.appoint(sched.peek(), wait)
                     return
-            group = self._turns.popleft()
-            queue = self._queues[group]
-            _, _, waiter = heapq.heappop(queue)
-            if queue:
-                self._turns.append(group)  # its next waiter waits for its next turn
-            else:
-                del self._queues[group]
-            self._take()
+            waiter = sched.pop()
+            slots.take()
             waiter.granted = True
             if not waiter.fut.done():
                 waiter.fut.set_result(None)
-
-    def _forget(self, group: Hashable, entry: _Entry) -> None:
-        """Take a cancelled waiter out of its queue (and its group out of the turns if empty)."""
-        queue = self._queues.get(group)
-        if queue is None or entry not in queue:
-            return
-        queue.remove(entry)
-        if queue:
-            heapq.heapify(queue)
-        else:
-            del self._queues[group]
-            self._turns.remove(group)

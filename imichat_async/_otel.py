@@ -13,9 +13,10 @@ Spans (tracer `imichat_async`):
   `param:operator` pairs; never the values, which are customer data),
   `imichat.search.condition`, and at its end `imichat.search.pages` and
   `imichat.search.records`; status ERROR with the exception when the search
-  failed (leaving early is not a failure). Events: `imichat.retry` (page,
-  `error.type`), `imichat.token_refresh`, `imichat.hedge` (for hedging: call
-  `event(HEDGE, page=n)` when a hedge request is launched).
+  failed (leaving early is not a failure). Events: `imichat.retry`
+  (`imichat.page` and `error.type` of the failed attempt),
+  `imichat.token_refresh` and `imichat.hedge` (no attributes: the hedge's own
+  `POST` span carries its `imichat.page` and `imichat.attempt`).
 - `POST` (CLIENT), one per HTTP attempt, child of its search span even
   though pages run in their own tasks: the HTTP client semantic conventions
   `http.request.method`, `url.full`, `server.address`, `server.port`,

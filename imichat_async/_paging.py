@@ -1,9 +1,11 @@
 """The prefetch engine: pages fetched concurrently, handed out strictly in page order.
 
 It is given `fetch(n)`, a coroutine function returning page n as a `Page`
-(items and, when the server sent one, the total count), and knows nothing of
-HTTP. It keeps a continuous window of page tasks (never windows waited on as
-a batch): when page n is handed out the next page is started at once.
+(items and, when the server sent one, the total count), and the wire's
+end-of-data rule (`last_page(total)`, `ends(page, count, total)`: see
+`_protocol.ends_search`), and knows nothing of HTTP. It keeps a continuous
+window of page tasks (never windows waited on as a batch): when page n is
+handed out the next page is started at once.
 
 Two bounds, kept apart. Requests in flight are bounded by whoever `fetch`
 waits on (the client's limiter, which serves a search's lowest page first);
@@ -18,15 +20,20 @@ window is full.
   request, not `prefetch`. Otherwise the first window starts at once, and
   pages launched past the total of the first page are cancelled when it
   arrives.
-- Without a total, the end is the first short page; pages launched past it
-  are cancelled at once and counted in `stats.wasted` (at most `prefetch - 1`).
+- With a total (from the first page), the end is the total's last page: a
+  short page before it does not end the search, an empty one does (the data
+  shrank), counted in `stats.empty_before_end`.
+- Without a total, the end is what `ends` says (the first short page); pages
+  launched past it are cancelled at once and counted in `stats.wasted` (at
+  most `prefetch - 1`).
 - Memory: at most `prefetch` pages are held at once, counting the one the
   consumer holds; however many pages there are.
 - Hedging (with a `Hedger`): a head page outstanding longer than the
   hedger's delay, while the window can do nothing else, gets one duplicate
-  `fetch` of the same page; the first answer is used, the other cancelled, so
-  a record is never duplicated nor dropped. At most `HEDGE_BUDGET` of the
-  pages requested (at least one) per run.
+  `fetch` of the same page; the first answer is used, the other cancelled
+  (with `HEDGE_LOST`: a fetch may finish the request it has on the wire, and
+  keep its slot till then), so a record is never duplicated nor dropped. At
+  most `HEDGE_BUDGET` of the pages requested (at least one) per run.
 - Leaving early (break, exception, cancellation, `aclose()`) cancels every
   task in flight and waits for them, in a `finally`, even through a second
   cancellation; no `yield` happens inside a task group or timeout block
@@ -49,6 +56,17 @@ T = TypeVar("T")
 log = logging.getLogger("imichat_async")
 
 HEDGE_BUDGET = 0.05  # duplicate requests per page requested, per run (at least one allowed)
+#: The message of the cancellation that ends a hedge race's loser (see `hedge_lost`).
+HEDGE_LOST = "imichat_async: hedge race lost"
+
+
+def hedge_lost(exc: BaseException) -> bool:
+    """Whether `exc` is the cancellation of a hedge race's loser (not a search ending).
+
+    The fetch it cancels may finish the request it has on the wire before it
+    stops: the server works on it until it answers, and counts it in flight.
+    """
+    return isinstance(exc, asyncio.CancelledError) and exc.args == (HEDGE_LOST,)
 
 
 @attrs.frozen
@@ -68,6 +86,7 @@ class PagingStats:
     pages_yielded: int = 0
     items_yielded: int = 0
     wasted: int = 0  # pages requested past the end (their answers unused)
+    empty_before_end: int = 0  # an empty page before the total's last page ended the search
     total: int | None = None
     last_page: int | None = None  # the last page number, once known
     hedges: int = 0  # duplicate requests sent for an overdue head page
@@ -142,7 +161,8 @@ class Hedger:
 async def iterate_pages(
     fetch: Callable[[int], Awaitable[Page[T]]],
     *,
-    page_size: int,
+    last_page: Callable[[int], int],
+    ends: Callable[[int, int, int | None], bool],
     prefetch: int = 8,
     start_page: int = 1,
     max_pages: int | None = None,
@@ -150,7 +170,12 @@ async def iterate_pages(
     first_alone: bool = True,
     hedger: Hedger | None = None,
 ) -> AsyncGenerator[Page[T], None]:
-    """Yield pages `start_page, start_page+1, ...` in order until the data or `max_pages` ends."""
+    """Yield pages `start_page, start_page+1, ...` in order until the data or `max_pages` ends.
+
+    `last_page(total)` is the number of the last page for a total; `ends(page, count,
+    total)` whether the search ends at `page`, holding `count` items (total: the first
+    page's, or None).
+    """
     if prefetch < 1:
         raise ValueError("prefetch must be at least 1")
     if start_page < 1:
@@ -165,6 +190,7 @@ async def iterate_pages(
     alarm = _Alarm(asyncio.get_running_loop())  # wakes the consumer for a hedge decision
     spares: list[asyncio.Task[Page[T]]] = []  # hedge pairs, awaited at the end
     next_launch = start_page
+    total_end: int | None = None  # the total's last page, once known
 
     def top_up(size: int) -> None:
         nonlocal next_launch
@@ -219,7 +245,7 @@ async def iterate_pages(
             for t in (task, hedge):  # the original first when both are done
                 if t in done and not t.cancelled() and t.exception() is None:
                     for loser in pair:
-                        loser.cancel()
+                        loser.cancel(HEDGE_LOST)
                     if t is hedge:
                         st.hedges_won += 1
                     return t.result()
@@ -236,12 +262,15 @@ async def iterate_pages(
         current = await take(number)
         if current.total is not None:
             st.total = current.total
-            known_end = start_page - 1 + _pages_for(current.total, page_size, start_page)
-            end = known_end if end is None else min(end, known_end)
+            total_end = start_page - 1 + _pages_for(last_page(current.total), start_page)
+            end = total_end if end is None else min(end, total_end)
             spares.extend(_cancel_beyond(tasks, end, st))
         while True:
-            if len(current.items) < page_size or (end is not None and number >= end):
+            count = len(current.items)
+            if ends(number, count, st.total) or (end is not None and number >= end):
                 st.last_page = number
+                if count == 0 and total_end is not None and number < total_end:
+                    st.empty_before_end += 1
                 spares.extend(_cancel_beyond(tasks, number, st))
                 if current.items:
                     yield _count(current, st)
@@ -323,9 +352,8 @@ def _reaped(task: asyncio.Task[T]) -> bool:
     return True
 
 
-def _pages_for(total: int, page_size: int, start_page: int) -> int:
-    """Pages from start_page to the end for `total` matches (at least the first page)."""
-    last = -(-total // page_size)
+def _pages_for(last: int, start_page: int) -> int:
+    """Pages from start_page to the `last` page (at least the first page)."""
     return max(1, last - start_page + 1)
 
 

@@ -32,16 +32,6 @@ class ChatPage(Generic[T]):
     total: int | None = None
     last: bool = False
 
-    @property
-    def chats(self) -> Sequence[T]:
-        """The items (the name of the first release)."""
-        return self.items
-
-    @property
-    def page(self) -> int:
-        """The page number (the name of the first release)."""
-        return self.number
-
 
 class Flat(AsyncGenerator[X, None]):
     """The values of each page, flattened: `search_chats` and `search_pages` return one.

@@ -45,10 +45,11 @@ from typing import Any, TypeVar
 import attrs
 
 from . import ImiChatClient
-from ._arrow import CHAT_SCHEMA, chats_table, require_pyarrow
 from .export import (
+    CHAT_SCHEMA,
     DEFAULT_ROWS_PER_PARTITION,
     Partition,
+    chats_table,
     plan_partitions,
     read_partition,
 )
@@ -200,7 +201,6 @@ def read_chats(
     Parquet dataset's (README: "Parquet"). Filters as for `export_chats`; raises
     `InvalidQueryError` before any request for bad ones.
     """
-    require_pyarrow()
     settings = ClientSettings(
         base_url=base_url,
         team_id=team_id,

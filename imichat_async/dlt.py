@@ -20,7 +20,7 @@ two (the lag window, or a chat changed while the run read it): one row per
 chat, its current version.
 
 The cursor is the sync's `SyncState`, kept in dlt's resource state
-(`CONVERTER.unstructure(state)` under `"sync"`, the run's `SyncReport.summary()`
+(`state_to_json(state)` under `"sync"`, the run's `SyncReport.summary()`
 under `"last_run"`), not `dlt.sources.incremental`
 on `updated_at`: the lower bound must be the previous run's START instant,
 not the highest `updated_at` seen, or a version written while a long run
@@ -44,23 +44,33 @@ flattens them itself (`asset` becomes `asset__id`, `asset__name`; `tag`, a
 list, the child table `chats__tag`; `other_details` one column per key).
 Hints fix what inference cannot: `created_at`/`updated_at` are timestamps,
 `asset__id` text (the server sends an int or a string; `123` loads as "123").
+A null `asset`, `other_details` or `tag` (the contract allows it) is left out
+of the row dlt gets: dlt flattens these into other columns and tables, so a
+null one would be a column of its own that never gets data (dlt warns of it
+on the first load, and never makes it); left out, its columns are NULL all
+the same. A type hint instead would make those columns, always empty.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Coroutine, Iterable, Iterator, Mapping
 from datetime import date, datetime
 from typing import Any
 
 import dlt
 from dlt.extract.source import DltSource
 
-from ._query import Filter, build_query
-from ._records import CONVERTER
-from .export import DEFAULT_LAG, SyncReport, SyncState, state_from_json, sync_chats
-from .export._plan import RawRecord, UserQuery, to_us
-from .export._syncplan import check_user_filters, lag_us
+from ._query import Filter
+from .export import (
+    DEFAULT_LAG,
+    SyncReport,
+    SyncState,
+    check_sync_arguments,
+    state_from_json,
+    state_to_json,
+    sync_chats,
+)
 from .sync import ImiChatClient as BlockingClient
 from .sync import SyncTokenSource
 
@@ -69,6 +79,9 @@ __all__ = ["HANDOFF_SIZE", "chats_source"]
 HANDOFF_SIZE = 1000  # chats handed to dlt but not yet taken: the sync waits beyond this
 _BATCH = 500  # the most chats dlt takes in one hop between threads
 _END = object()  # the sync finished (or failed): nothing more will come
+RawRecord = Mapping[str, Any]  # a chat as the server sent it
+#: The fields dlt flattens into columns of their own (`asset__id`) or a child table (`tag`).
+_NESTED = ("asset", "other_details", "tag")
 
 
 def chats_source(
@@ -95,14 +108,12 @@ def chats_source(
 
     Raises `InvalidQueryError` here, before any request, for a bad filter,
     `since` or `lag`. While loading: the client's errors, and `CheckpointError`
-    when the resource state was made with another `since`, `lag` or filters
-    (load into a new pipeline, or run with `refresh="drop_resources"`).
+    when the resource state was made with another `since`, `lag` or filters, or
+    for another tenant (`base_url` host, port and path, `team_id`) (load into a
+    new pipeline, or run with `refresh="drop_resources"`).
     """
     filter_list = tuple(filters or ())
-    build_query(params, filter_list)
-    check_user_filters(UserQuery(filter_list, dict(params)))
-    to_us("since", since)
-    lag_us(lag)
+    check_sync_arguments(since=since, lag=lag, filters=filter_list, **params)
     client_kwargs = {
         **(client_options or {}),
         "base_url": base_url,
@@ -147,8 +158,8 @@ def _load(
     state = SyncState() if raw is None else state_from_json(raw)
     with BlockingClient(**client_kwargs) as blocking:
         # The blocking client's loop thread and async client: the sync's engine.
-        portal, client = blocking._portal, blocking._client
-        handoff = portal.call(lambda: DltHandoff(HANDOFF_SIZE))
+        client = blocking.async_client
+        handoff = DltHandoff(HANDOFF_SIZE)  # asyncio's queue and semaphore bind at first use
 
         async def produce() -> SyncReport:
             try:
@@ -156,21 +167,22 @@ def _load(
             finally:
                 handoff.finish()
 
-        task: asyncio.Task[SyncReport] = portal.call(lambda: asyncio.ensure_future(produce()))
+        task = blocking.run(_start(produce()))
         try:
-            while batch := portal.run(handoff.take(_BATCH)):
+            while batch := blocking.run(handoff.take(_BATCH)):
                 yield batch
-            report = portal.run(_result(task))
+            report = blocking.run(_result(task))
         finally:  # dlt stopped early, or the sync failed: nothing runs on
-            portal.run(_cancel(task))
-    saved["sync"] = CONVERTER.unstructure(state)
+            blocking.run(_cancel(task))
+    saved["sync"] = state_to_json(state)
     saved["last_run"] = report.summary()
 
 
 class DltHandoff:
     """The sync's sink: a bounded queue of chats, taken in batches by dlt's thread.
 
-    (Its class name is part of the sync state's identity: `CallableSink.describe`.)
+    (A callable sink is identified in the sync state by its kind alone, not by this
+    class's name: renaming it keeps every pipeline's state usable.)
     """
 
     def __init__(self, size: int) -> None:
@@ -179,7 +191,7 @@ class DltHandoff:
 
     async def __call__(self, chat: RawRecord) -> None:
         await self._slots.acquire()
-        self._queue.put_nowait(chat)
+        self._queue.put_nowait(_without_null_objects(chat))
 
     def finish(self) -> None:
         self._queue.put_nowait(_END)
@@ -196,6 +208,18 @@ class DltHandoff:
             item = self._queue.get_nowait()
         self._queue.put_nowait(_END)  # stays finished for the next take
         return out
+
+
+def _without_null_objects(chat: RawRecord) -> RawRecord:
+    """`chat`, or a copy without its null `_NESTED` fields (see the module docstring)."""
+    if all(chat.get(name, ()) is not None for name in _NESTED):
+        return chat
+    return {k: v for k, v in chat.items() if v is not None or k not in _NESTED}
+
+
+async def _start(coro: Coroutine[Any, Any, SyncReport]) -> asyncio.Task[SyncReport]:
+    """`coro` as a task of the running loop (the blocking client's)."""
+    return asyncio.ensure_future(coro)
 
 
 async def _result(task: asyncio.Task[SyncReport]) -> SyncReport:

@@ -35,12 +35,11 @@ import threading
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterator
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ._client import ImiChatClient as AsyncImiChatClient
 from ._errors import ConfigurationError, ImiChatError
 from ._fetch import ClientStats
-from ._limiter import Limiter
 from ._records import Chat
 from ._results import ChatPage
 
@@ -49,6 +48,19 @@ __all__ = ["ImiChatClient"]
 T = TypeVar("T")
 SyncTokenSource = str | Callable[[], str] | Callable[[], Awaitable[str]]
 _DONE = object()  # the async generator is exhausted
+
+
+class LimiterView(Protocol):
+    """What `ImiChatClient.limiter` shows of the client-wide limiter, whatever its class."""
+
+    @property
+    def peak(self) -> int: ...  # the most requests in flight at once so far
+
+    @property
+    def in_flight(self) -> int: ...
+
+    @property
+    def limit(self) -> int: ...  # the bound now (below `concurrency` while adaptive backs off)
 
 
 class ImiChatClient:
@@ -110,9 +122,24 @@ class ImiChatClient:
         return self._client.stats
 
     @property
-    def limiter(self) -> Limiter:
+    def limiter(self) -> LimiterView:
         """The client-wide limiter of requests in flight (`peak`, `in_flight`, `limit`)."""
         return self._client.limiter
+
+    @property
+    def async_client(self) -> AsyncImiChatClient:
+        """The async client this one drives; use it only in coroutines given to `run`."""
+        return self._client
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the client's event loop and wait for its result (or exception).
+
+        For async code using `async_client` (an export, a sync). Interrupted
+        (Ctrl-C), `coro` is cancelled on the loop and waited for. Raises
+        `ImiChatError` once the client is closed, `RuntimeError` if called from
+        the loop thread itself (a coroutine given to `run`).
+        """
+        return self._portal.run(coro)
 
     def search_chats(self, **kwargs: Any) -> Iterator[Chat]:
         """Every matching `Chat`, in page order: the keywords of the async `search_chats`.
@@ -123,7 +150,7 @@ class ImiChatClient:
         return _chats(self.search_pages(**kwargs))
 
     def search_pages(self, **kwargs: Any) -> Iterator[ChatPage[Any]]:
-        """Like `search_chats`, one `ChatPage(chats, page)` at a time."""
+        """Like `search_chats`, one `ChatPage` (`number`, `items`, `total`, `last`) at a time."""
         client = self._client
         pages: AsyncGenerator[ChatPage[Any], None] = self._portal.call(
             functools.partial(client.search_pages, **kwargs)
@@ -135,7 +162,7 @@ class ImiChatClient:
 def _chats(pages: Iterator[ChatPage[Any]]) -> Iterator[Chat]:
     with contextlib.closing(pages):  # type: ignore[type-var]  # a generator has close()
         for page in pages:
-            yield from page.chats
+            yield from page.items
 
 
 def _pages(

@@ -52,6 +52,10 @@ PACKAGE = "imichat_async"
 #: module -> its unit test files, where they are not just `tests/test_MODULE.py`.
 TESTS: dict[str, list[str]] = {
     "paging": ["tests/test_paging.py", "tests/test_engine.py"],
+    # The limiter's parts (issue 25) are tested through it and alone, in one file.
+    "sched": ["tests/test_limiter.py"],
+    "slots": ["tests/test_limiter.py"],
+    "gate": ["tests/test_limiter.py"],
 }
 
 #: module -> {mutant key: why it is equivalent}. Keys as printed by `--list`.
@@ -129,27 +133,47 @@ EQUIVALENT: dict[str, dict[str, str]] = {
             "tenacity always sets next_action before before_sleep: the fallback never runs"
         ),
     },
-    "limiter": {
-        "_Waiter.__init__: self.granted = False -> self.granted = None": (
-            "`granted` is only read for its truth, and None is false as False is"
+    "slots": {
+        "Slots.take: self.in_flight > self.peak -> self.in_flight >= self.peak": (
+            "when they are equal, peak is set to the value it already has"
         ),
-        "Limiter._token: return self.rate is None or self.rate.delay() <= 0 -> return None": (
-            "the fast path is only a shortcut: without it the request joins the empty queue"
-            " and `_wake` grants it at once (same slot, token and ticket, no await suspends)"
-        ),
-        "Limiter.release: 1 -> 2 #2": (
+        "Slots.release: 1 -> 2 #2": (
             "an epoch is only compared for equality with the current one: any bump that"
             " never repeats a value (+2 as +1) behaves the same"
         ),
-        "Limiter.release: self._epoch += 1 -> self._epoch -= 1": (
+        "Slots.release: self.epoch += 1 -> self.epoch -= 1": (
             "an epoch is only compared for equality with the current one: 0, -1, -2... never"
             " repeat either"
         ),
-        "Limiter._forget: queue is None or entry not in queue"
-        " -> queue is None and entry not in queue": (
-            "a waiter cancelled before its grant is always still in its queue (only `_wake`"
-            " pops one, and marks it granted in the same step): the guard never returns"
+    },
+    "gate": {
+        "Waiter.__init__: self.granted = False -> self.granted = None": (
+            "`granted` is only read for its truth, and None is false as False is"
         ),
+        "RateGate.delay: 0.0 -> 1.0": (
+            "without a rate, delay() is asked only by the limiter's fast path: without it the"
+            " request joins the empty queue and `_wake` (which asks no delay without a rate)"
+            " grants it at once, same slot and ticket, no await suspends"
+        ),
+        "RateGate.relieve: return False -> return None": (
+            "the result is only read for its truth, and None is false as False is"
+        ),
+    },
+    "sched": {
+        "<module>: 'T' -> ''": "a TypeVar's name matters to type checkers only",
+        "<module>: 'interactive' -> ''": (
+            "the `Priority` Literal is read by type checkers only (PRIORITIES is checked)"
+        ),
+        "<module>: 'background' -> ''": (
+            "the `Priority` Literal is read by type checkers only (PRIORITIES is checked)"
+        ),
+        "Scheduler.remove: return False -> return None": (
+            "the result is only read for its truth, and None is false as False is"
+        ),
+    },
+    "limiter": {
+        "<module>: 'Limiter' -> ''": "`__all__` of a private module: read by no import here",
+        "<module>: 'Ticket' -> ''": "`__all__` of a private module: read by no import here",
     },
 }
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import os
+from pathlib import Path
 
 import imichat_async
 
@@ -33,3 +35,18 @@ async def assert_no_stray_tasks() -> None:
         t for t in asyncio.all_tasks() if t is not current and not t.done() and _is_client_side(t)
     ]
     assert stray == [], f"tasks left behind: {stray}"
+
+
+def imported_modules(path: Path, package: str) -> set[str]:
+    """The absolute names of the modules `path` (a module of `package`) imports, and of
+    each name it imports from one (which may be a module)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            full = ".".join(part for part in (base, node.module) if part)
+            names.add(full)
+            names.update(f"{full}.{alias.name}" for alias in node.names)
+    return names

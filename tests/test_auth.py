@@ -8,7 +8,12 @@ from typing import Any
 import pytest
 
 from imichat_async._auth import TokenProvider
-from imichat_async._errors import ConfigurationError, ImiChatError, TokenExpiredError
+from imichat_async._errors import (
+    ConfigurationError,
+    ImiChatError,
+    TokenExpiredError,
+    TokenProviderError,
+)
 
 SECRET = "tok-SECRET-c0ffee"
 
@@ -95,12 +100,15 @@ async def test_late_refresh_of_an_old_token_reuses_the_new_one() -> None:
 
 
 async def test_failed_refresh_propagates_and_can_be_retried() -> None:
-    """A token callable failing raises its error; the next refresh calls it again."""
+    """A token callable failing raises TokenProviderError, its error chained; the next
+    refresh calls it again."""
     source = Source(fail_first=2)
     provider = TokenProvider(source)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(TokenProviderError) as info:
         await provider.get()
-    with pytest.raises(RuntimeError):
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert "RuntimeError" in str(info.value)
+    with pytest.raises(TokenProviderError):
         await provider.get()
     assert await provider.get() == f"{SECRET}-3"
     assert source.calls == 3
@@ -201,6 +209,26 @@ async def test_same_token_again_fails_after_one_refresh() -> None:
     with pytest.raises(TokenExpiredError, match="same token"):
         await provider.get()  # no request goes out with the dead token
     assert len(calls) == 2
+
+
+async def test_rearm_asks_the_callable_again_after_the_same_token() -> None:
+    """After the callable handed back the expired token, `rearm()` (a new search) makes the
+    next get() call it again; without it, get() fails at once without a call."""
+    tokens = iter([SECRET, SECRET, f"{SECRET}-fresh"])
+
+    async def source() -> str:
+        return next(tokens)
+
+    provider = TokenProvider(source)
+    stale = await provider.get()
+    with pytest.raises(TokenExpiredError, match="same token"):
+        await provider.refresh(stale)
+    with pytest.raises(TokenExpiredError, match="same token"):
+        await provider.get()
+    provider.rearm()
+    assert await provider.get() == f"{SECRET}-fresh"
+    provider.rearm()  # nothing dead: the fresh token is kept
+    assert provider.ready() == f"{SECRET}-fresh"
 
 
 async def test_ready_is_the_token_get_would_return_at_once() -> None:

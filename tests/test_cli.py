@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,7 @@ from click.testing import CliRunner, Result
 from imichat_async import ImiChatClient, cli
 from imichat_async.cli import _wiring
 from imichat_async.sandbox import Sandbox
+from imichat_async.sandbox import cli as sandbox_cli
 
 from .sandbox_thread import ThreadedSandbox, env_for
 from .test_export import _checkpoint
@@ -345,6 +350,64 @@ def test_sandbox_command_is_mounted() -> None:
     assert "--port" in result.stdout and "--p-429" in result.stdout
 
 
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["demo", "--token", "abc"], "--token"),
+        (["--base-url", "http://127.0.0.1:9/v3.0", "demo"], "--base-url"),
+        (["demo", "--team-id", "t"], "--team-id"),
+        (["--sandbox", "demo"], "--sandbox"),
+        (
+            ["demo", "--sandbox-chats", "10", "--sandbox-faults", "0.5"],
+            "--sandbox-chats, --sandbox-faults",
+        ),
+        (["--sandbox-latency", "0.1", "demo"], "--sandbox-latency"),
+    ],
+)
+def test_demo_refuses_the_options_it_would_ignore(args: list[str], named: str) -> None:
+    """`demo` runs its own sandbox: credentials and --sandbox* exit 2, naming them (issue #25)."""
+    result = invoke([*args, "--chats", "10", "--latency", "0"])
+    assert result.exit_code == 2, result.output
+    assert f"{named} given to demo" in result.stderr and "--chats" in result.stderr
+    assert result.stdout == ""
+
+
+def test_demo_ignores_credentials_from_the_environment() -> None:
+    """IMICHAT_* in the environment are not options given to demo: nothing is refused."""
+    env = {"IMICHAT_BASE_URL": "http://127.0.0.1:9/v3.0", "IMICHAT_TOKEN": "t"}
+    result = invoke(["demo", "--chats", "10", "--latency", "0", "--faults", "0"], env)
+    assert result.exit_code == 0, result.output
+
+
+def test_demo_quiet_prints_the_chats_only() -> None:
+    """`demo -q`: the chats table on stdout; no sandbox line, summary or next steps (issue #25)."""
+    result = invoke(["demo", "-q", "--chats", "30", "--latency", "0", "--show", "3"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("chat_id") and len(lines) == 1 + 3
+    assert "records=" not in result.output and "sandbox:" not in result.output
+    assert result.stderr == ""
+
+
+def test_sandbox_settings_are_ready_to_export() -> None:
+    """`sandbox` prints its settings also as IMICHAT_* lines, the variables the CLI reads:
+    exported as printed, they point `search` at the sandbox (issue #25)."""
+    names = (_wiring.ENV_BASE_URL, _wiring.ENV_TEAM_ID, _wiring.ENV_TOKEN)
+    assert names == sandbox_cli.ENV_NAMES
+    with ThreadedSandbox(chats=12, seed=5) as sb:
+        lines = sandbox_cli.settings_text(sb.base_url, sb.team_id, sb.token).splitlines()
+        assert lines[:3] == [
+            f"base_url={sb.base_url}",
+            f"team_id={sb.team_id}",
+            f"token={sb.token}",
+        ]
+        env = dict(shlex.split(line)[0].split("=", 1) for line in lines[3:])
+        assert env == dict(zip(names, (sb.base_url, sb.team_id, sb.token), strict=True))
+        result = invoke(["search", "-q"], env)
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 1 + 12
+
+
 def test_help_lists_commands_and_exit_codes() -> None:
     """The top-level help names every command and the exit codes."""
     result = invoke(["--help"])
@@ -358,18 +421,26 @@ class _Tty(io.StringIO):
         return True
 
 
-def test_progress_line_shows_records_rate_retries_and_eta() -> None:
-    """The progress line shows records of the total, pages/s, retries and the ETA."""
+def test_progress_line_shows_records_rate_retries_and_eta(monkeypatch: pytest.MonkeyPatch) -> None:
+    """click's bar on the terminal stream: records of the total, percentage, ETA, pages/s,
+    retries; a total that comes late or grows; the line ended on close (issue #25)."""
+    clock = itertools.count(0.0, 5.0)  # click's own clock (for its ETA): 5 s a reading
+    monkeypatch.setattr("click._termui_impl.time", types.SimpleNamespace(time=clock.__next__))
     stream = _Tty()
     bar = cli.ProgressLine(stream, enabled=True, interval=0.0)
+    bar.update(records=10, total=None, pages=1, retries=0, elapsed=1.0)
+    assert "]  records 10  1.0 pages/s, 0 retries" in stream.getvalue()
+    assert "%" not in stream.getvalue()  # no total yet: no percentage, no ETA
     bar.update(records=250, total=1000, pages=25, retries=3, elapsed=5.0)
-    text = stream.getvalue()
-    assert text.startswith("\r\x1b[K[######")
-    assert "250/1,000 records" in text and "25%" in text
-    assert "5.0 pages/s" in text and "3 retries" in text and "ETA 15s" in text
+    last = stream.getvalue().rsplit("\r", 1)[-1]
+    assert "[######" + "-" * 18 + "]  records 250/1000   25%  " in last
+    assert last.endswith("  5.0 pages/s, 3 retries")
+    assert re.search(r"%  \d\d:\d\d:\d\d  5.0 pages/s", last)  # click's ETA
+    bar.update(records=1000, total=1500, pages=100, retries=3, elapsed=9.0)
+    assert "1000/1500   66%" in stream.getvalue().rsplit("\r", 1)[-1]
     bar.close()
-    assert stream.getvalue().endswith("\r\x1b[K")
-    assert "ETA ?" in bar.render(records=10, total=None, pages=1, retries=0, elapsed=1.0)
+    assert stream.getvalue().endswith("\n")  # the summary starts on a line of its own
+    bar.close()  # idempotent
 
 
 def test_progress_line_is_silent_when_disabled() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from functools import partial
@@ -174,23 +175,9 @@ def test_one_load_carrying_two_versions_of_a_chat_keeps_the_newer(
     new = {"chat_id": "c1", "status": "closed", "updated_at": "2024-05-01T10:00:00.5Z"}
     old = {"chat_id": "c1", "status": "active", "updated_at": "2024-05-01T10:00:00Z"}
 
-    async def fake_sync(client: Any, *, sink: Any, **kwargs: Any) -> Any:
-        for chat in (new, old, {"chat_id": "c2", "updated_at": "2024-05-02T00:00:00Z"}):
-            await sink(chat)
-        return _Report()
-
-    monkeypatch.setattr(imi_dlt, "sync_chats", fake_sync)
-    source = imi_dlt.chats_source(
-        base_url="http://127.0.0.1:9", token="t", team_id="x", since=SINCE
-    )
-    pipeline = dlt.pipeline(
-        pipeline_name="dedup",
-        destination=dlt.destinations.duckdb(str(tmp_path / "dedup.duckdb")),
-        dataset_name="imichat",
-        pipelines_dir=str(tmp_path / "p"),
-    )
-    pipeline.run(source)
-    with duckdb.connect(str(tmp_path / "dedup.duckdb"), read_only=True) as con:
+    other = {"chat_id": "c2", "updated_at": "2024-05-02T00:00:00Z"}
+    db = _load_with_a_fake_sync(tmp_path, monkeypatch, [new, old, other])
+    with duckdb.connect(str(db), read_only=True) as con:
         got = con.sql("SELECT chat_id, status FROM imichat.chats ORDER BY chat_id").fetchall()
     assert got == [("c1", "closed"), ("c2", None)]
 
@@ -198,6 +185,76 @@ def test_one_load_carrying_two_versions_of_a_chat_keeps_the_newer(
 class _Report:
     def summary(self) -> str:
         return "fake"
+
+
+def _load_with_a_fake_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chats: list[dict[str, Any]]
+) -> Path:
+    """One `pipeline.run` of `chats_source` whose sync hands `chats` over; the DuckDB file."""
+
+    async def fake_sync(client: Any, *, sink: Any, **kwargs: Any) -> Any:
+        for chat in chats:
+            await sink(chat)
+        return _Report()
+
+    monkeypatch.setattr(imi_dlt, "sync_chats", fake_sync)
+    source = imi_dlt.chats_source(
+        base_url="http://127.0.0.1:9", token="t", team_id="x", since=SINCE
+    )
+    db = tmp_path / "fake.duckdb"
+    pipeline = dlt.pipeline(
+        pipeline_name="fake",
+        destination=dlt.destinations.duckdb(str(db)),
+        dataset_name="imichat",
+        pipelines_dir=str(tmp_path / "p"),
+    )
+    pipeline.run(source)
+    return db
+
+
+class _Records(logging.Handler):
+    """The messages logged to it at `level` or above."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_null_objects_load_without_a_warning_or_an_empty_column(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Null `asset`, `other_details`, `tag` (the contract allows them): the first load warns of
+    no column without data, and makes none; the objects of the other chats still flatten."""
+    full: dict[str, Any] = {
+        "chat_id": "c1",
+        "updated_at": "2024-05-01T10:00:00Z",
+        "asset": {"id": 7, "name": "Support"},
+        "other_details": {"intent": "billing"},
+        "tag": ["vip"],
+    }
+    empty: dict[str, Any] = {"chat_id": "c2", "updated_at": "2024-05-01T10:00:00Z"}
+    empty |= {"asset": None, "other_details": None, "tag": None}
+
+    warnings = _Records(logging.WARNING)
+    dlt_logger = logging.getLogger("dlt")  # dlt's own logger: it does not propagate
+    dlt_logger.addHandler(warnings)
+    try:
+        db = _load_with_a_fake_sync(tmp_path, monkeypatch, [empty, full])
+    finally:
+        dlt_logger.removeHandler(warnings)
+    assert warnings.messages == []
+    with duckdb.connect(str(db), read_only=True) as con:
+        columns = {row[0] for row in con.sql("DESCRIBE imichat.chats").fetchall()}
+        got = con.sql(
+            "SELECT chat_id, asset__id, asset__name, other_details__intent "
+            "FROM imichat.chats ORDER BY chat_id"
+        ).fetchall()
+    assert not {"asset", "other_details", "tag"} & columns
+    assert got == [("c1", "7", "Support", "billing"), ("c2", None, None, None)]
+    assert empty["asset"] is None  # the sync's record itself is left as it was
 
 
 def test_bad_arguments_are_refused_when_the_source_is_made() -> None:

@@ -21,11 +21,20 @@ import pytest
 import imichat_async as imi
 from imichat_async import _protocol as protocol
 from imichat_async._limiter import Limiter
-from imichat_async._paging import Hedger, Page, PagingStats, _Alarm, iterate_pages
+from imichat_async._paging import (
+    Hedger,
+    Page,
+    PagingStats,
+    _Alarm,
+    hedge_lost,
+    iterate_pages,
+)
 from imichat_async._transport import RawResponse
 from tests.helpers import assert_no_stray_tasks
 
 PAGE_SIZE = 10
+#: The wire's end-of-data rule, as the client gives it to the engine.
+RULE: dict[str, Any] = {"last_page": protocol.last_page, "ends": protocol.ends_search}
 
 
 class VirtualClock:
@@ -72,6 +81,7 @@ class Fetcher:
         self.events: list[tuple[str, int]] = []  # ("ask", page) and ("grant", page)
         self.busy_at_release: list[tuple[int, int]] = []  # (in flight, waiting) after each
         self.cancelled: list[int] = []
+        self.hedge_lost: list[bool] = []  # per cancellation: a hedge race's loser?
         self.answered: list[int] = []
 
     def release(self, *pages: int) -> None:
@@ -97,8 +107,9 @@ class Fetcher:
                 items = list(range(start, min(start + PAGE_SIZE, self.n_items)))
                 self.answered.append(n)
                 return Page(n, items, self.n_items if self.total else None)
-            except asyncio.CancelledError:
+            except asyncio.CancelledError as exc:
                 self.cancelled.append(n)
+                self.hedge_lost.append(hedge_lost(exc))
                 raise
             finally:
                 self.limiter.release(epoch)
@@ -106,7 +117,7 @@ class Fetcher:
 
 
 def run(fetcher: Fetcher, prefetch: int, stats: PagingStats, **kw: Any) -> Any:
-    return iterate_pages(fetcher.fetch, page_size=PAGE_SIZE, prefetch=prefetch, stats=stats, **kw)
+    return iterate_pages(fetcher.fetch, **RULE, prefetch=prefetch, stats=stats, **kw)
 
 
 async def test_slow_head_keeps_every_slot_busy_within_the_window() -> None:
@@ -192,6 +203,7 @@ async def test_hedge_only_past_the_delay_and_the_loser_is_cancelled(
         assert fetcher.attempts[2] == 2
         await spin()
         assert fetcher.cancelled == [2]  # the original, still held, lost and was cancelled
+        assert fetcher.hedge_lost == [True]  # told so: it may finish a request on the wire
         got.append(page.number)
         items.extend(page.items)
         async for page in it:
@@ -375,9 +387,7 @@ class Script:
 
 
 def script_run(script: Script, stats: PagingStats, **kw: Any) -> Any:
-    return iterate_pages(
-        script.fetch, page_size=PAGE_SIZE, prefetch=8, stats=stats, hedger=hedger(0.5), **kw
-    )
+    return iterate_pages(script.fetch, **RULE, prefetch=8, stats=stats, hedger=hedger(0.5), **kw)
 
 
 async def test_overdue_first_page_is_hedged(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -555,7 +565,7 @@ async def test_second_cancel_during_cleanup_still_awaits_every_task() -> None:
             running -= 1
 
     async def consumer() -> None:
-        async with aclosing(iterate_pages(fetch, page_size=10, prefetch=4)) as it:
+        async with aclosing(iterate_pages(fetch, **RULE, prefetch=4)) as it:
             async for _ in it:
                 pass
 
@@ -581,7 +591,7 @@ async def test_cancel_during_cleanup_after_break_is_not_lost() -> None:
     went_on: list[bool] = []
 
     async def consumer() -> None:
-        async with aclosing(iterate_pages(script.fetch, page_size=10, prefetch=4)) as it:
+        async with aclosing(iterate_pages(script.fetch, **RULE, prefetch=4)) as it:
             async for _ in it:
                 await spin(3)  # pages 2..4 start
                 break

@@ -29,6 +29,7 @@ from imichat_async.export import (
     NdjsonSink,
     _plan,
     export_chats,
+    sync_chats,
 )
 from imichat_async.sandbox import END, Sandbox, serve
 
@@ -89,6 +90,66 @@ async def test_ndjson_export_equals_sandbox_data(tmp_path: Path) -> None:
     assert report.slices >= 8 and not report.resumed and report.output == out
     assert not (tmp_path / "chats.ndjson.part").exists()
     await assert_no_stray_tasks()
+
+
+#: Text that JSON encoders write in different ways: escapes, non-ASCII, an astral character.
+ODD_TEXT = 'caf\u00e9 \u2713 \U0001f600 "quoted" back\\slash /slash \t tab \n newline \u2028'
+
+
+@pytest.mark.parametrize("style", ["compact", "spaced", "pretty"])
+async def test_ndjson_lines_are_the_bytes_the_server_sent(tmp_path: Path, style: str) -> None:
+    """Each NDJSON line is the record's JSON text byte for byte as the server sent it, however
+    the server serializes (compact with ASCII escapes, or spaced with UTF-8 characters); a
+    server that spreads a record over several lines gets it written compact, on one line."""
+    out = tmp_path / "chats.ndjson"
+    async with serve(chats=300, seed=5, json_style=style) as sb, client_for(sb) as client:
+        for chat in sb.data[::7]:  # before the first request: no body is cached yet
+            chat["other_details"] = {"note": ODD_TEXT, "n": [1.5, -0.0, 10**20, None, True]}
+        await export_chats(client, since=SINCE, until=UNTIL, sink=NdjsonSink(out))
+        data = list(sb.data)
+    if style == "pretty":
+        sent = [json.dumps(c, ensure_ascii=False, separators=(",", ":")) for c in data]
+    else:
+        options: dict[str, Any] = {"separators": (",", ":")} if style == "compact" else {}
+        sent = [json.dumps(c, ensure_ascii=style == "compact", **options) for c in data]
+    lines = out.read_bytes().split(b"\n")
+    assert lines.pop() == b""
+    assert sorted(lines) == sorted(t.encode() for t in sent)
+    assert any(b"\\u00e9" in line for line in lines) == (style == "compact")
+
+
+def test_ndjson_encode_writes_raw_bytes_and_one_line_per_record(tmp_path: Path) -> None:
+    """Records as sent are written as their bytes; a plain mapping, or a text with a line
+    break in it, as compact UTF-8 JSON: always one line per record."""
+    sink = NdjsonSink(tmp_path / "x.ndjson")
+    spaced = imi.RawChat({"chat_id": "a", "n": 1}, b'{ "chat_id" : "a", "n" : 1 }')
+    broken = imi.RawChat({"chat_id": "b"}, b'{"chat_id":\r\n"b"}')
+    plain = {"chat_id": "c", "note": "caf\u00e9"}
+    assert sink.encode([spaced, spaced]) == b'{ "chat_id" : "a", "n" : 1 }\n' * 2
+    assert sink.encode([spaced, broken, plain]) == (
+        b'{ "chat_id" : "a", "n" : 1 }\n{"chat_id":"b"}\n{"chat_id":"c","note":"caf\xc3\xa9"}\n'
+    )
+
+
+async def test_export_and_sync_read_at_background_priority(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every page an export or a sync reads is asked for at background priority."""
+    async with serve(chats=300, seed=1) as sb, client_for(sb, concurrency=4) as client:
+        asked: list[Any] = []
+        search_pages = client.search_pages
+
+        def spy(**kwargs: Any) -> Any:
+            if "prefetch" in kwargs:  # a read (the first call only checks the arguments)
+                asked.append(kwargs.get("priority"))
+            return search_pages(**kwargs)
+
+        monkeypatch.setattr(client, "search_pages", spy)
+        await export_chats(client, since=SINCE, until=UNTIL, sink=NdjsonSink(tmp_path / "e"))
+        exported = len(asked)
+        await sync_chats(client, since=SINCE, state=tmp_path / "s.json", sink=tmp_path / "log")
+    assert 0 < exported < len(asked)
+    assert set(asked) == {"background"}
 
 
 async def test_csv_export_equals_sandbox_data(tmp_path: Path) -> None:
@@ -668,8 +729,10 @@ def test_export_package_all_lists_its_public_names() -> None:
     """`imichat_async.export.__all__` is exactly its public names, each importable."""
     assert sorted(ex.__all__) == sorted(
         [
+            "CHAT_SCHEMA",
             "CSV_COLUMNS",
             "DEFAULT_LAG",
+            "DEFAULT_ROWS_PER_PARTITION",
             "CallableSink",
             "CheckpointError",
             "CsvSink",
@@ -677,12 +740,19 @@ def test_export_package_all_lists_its_public_names() -> None:
             "ExportReport",
             "FileSink",
             "NdjsonSink",
+            "ParquetSink",
+            "Partition",
             "Sink",
             "SyncReport",
             "SyncState",
+            "chats_table",
+            "check_sync_arguments",
             "export_chats",
             "make_sink",
+            "plan_partitions",
+            "read_partition",
             "state_from_json",
+            "state_to_json",
             "sync_chats",
         ]
     )

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import ast
 import builtins
 import importlib
 import inspect
 import pickle
 import sys
+from pathlib import Path
 
 import pytest
 
 import imichat_async as imi
+import imichat_async.export as ex
 from imichat_async import _errors as errors
 from imichat_async import _protocol as protocol
 
@@ -77,6 +80,7 @@ PUBLIC_NAMES = [
     "PagingStats",
     "PreparedRequest",
     "RateLimitedError",
+    "RawChat",
     "RawResponse",
     "ResponseTooLargeError",
     "RetryPolicy",
@@ -84,6 +88,7 @@ PUBLIC_NAMES = [
     "TLSError",
     "TeamNotFoundError",
     "TokenExpiredError",
+    "TokenProviderError",
     "TransientError",
     "Transport",
     "UnexpectedResponseError",
@@ -137,6 +142,7 @@ def test_row_classes_are_distinct() -> None:
         ("InvalidFilterValueError", ["BadRequestError"]),
         ("DecodeError", ["ImiChatError"]),
         ("SearchTimeoutError", ["ImiChatError", "TimeoutError"]),
+        ("TokenProviderError", ["ImiChatError"]),
         ("ConfigurationError", ["ImiChatError", "ValueError"]),
     ],
 )
@@ -239,3 +245,62 @@ def test_search_chats_keywords() -> None:
     assert params["start_page"].default == 1
     assert params["max_pages"].default is None
     assert any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+# -- integrations use public surfaces (issue #25) ------------------------------------------------
+
+_LIBRARY = Path(imi.__file__).parent
+_PUBLIC = {*imi.__all__, *ex.__all__}
+
+
+def _private_reach(source: str) -> list[str]:
+    """What a module of `imichat_async` takes of the library's privates: a private name, or a
+    name no public `__all__` lists, imported from a private module (`export._plan.RawRecord`,
+    `_limiter.Limiter`); a private attribute of another object (`client._portal`; its own
+    `self._x` and dunders are fine)."""
+    found: list[str] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (
+            node.level or "imichat_async" in (node.module or "")
+        ):
+            parts = (node.module or "").split(".")
+            private_module = any(p.startswith("_") for p in parts)
+            for alias in node.names:
+                if alias.name.startswith("_") or (private_module and alias.name not in _PUBLIC):
+                    found.append(f"{node.module}.{alias.name}")
+        elif (
+            isinstance(node, ast.Attribute)
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+        ):
+            found.append(ast.unparse(node))
+    return found
+
+
+@pytest.mark.parametrize("module", ["dlt.py", "sync.py", "dask.py"])
+def test_integrations_use_public_surfaces(module: str) -> None:
+    """dlt.py and sync.py take only public names from the library: no `export._plan`,
+    `export._syncplan`, `_limiter.Limiter`, `CONVERTER`, nor another object's `_portal`."""
+    assert _private_reach((_LIBRARY / module).read_text()) == []
+
+
+def test_private_reach_sees_what_the_integrations_did() -> None:
+    """The check above catches each reach issue #25 found, and lets public names through."""
+    source = (
+        "from .export._plan import RawRecord, UserQuery\n"
+        "from .export import _syncplan, sync_chats\n"
+        "from ._limiter import Limiter\n"
+        "from ._records import CONVERTER, Chat\n"
+        "portal, client = blocking._portal, blocking._client\n"
+        "x = self._ok\n"
+    )
+    assert _private_reach(source) == [
+        "export._plan.RawRecord",
+        "export._plan.UserQuery",
+        "export._syncplan",
+        "_limiter.Limiter",
+        "_records.CONVERTER",
+        "blocking._portal",
+        "blocking._client",
+    ]

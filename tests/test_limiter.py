@@ -1,14 +1,21 @@
-"""The client-wide limiter: fixed bound, cancellation safety, adaptive AIMD."""
+"""The client-wide limiter: fixed bound, cancellation safety, adaptive AIMD, send rate, and
+the order of service between searches (fewest pages left first, aging, priority)."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import statistics
+from collections.abc import Coroutine
+from typing import Any
 
 import pytest
 
+from imichat_async._gate import MAX_KEEP, RateGate, SendRateLike, Waiter
 from imichat_async._limiter import Limiter
 from imichat_async._rate import SendRate
+from imichat_async._sched import SHARE, TYPICAL_OF, Flow, Priority, Scheduler
+from imichat_async._slots import Slots
 from tests.helpers import assert_no_stray_tasks
 
 
@@ -102,8 +109,9 @@ async def test_cancel_just_after_grant_gives_the_slot_back() -> None:
     with pytest.raises(asyncio.CancelledError):
         await waiter
     assert limiter.in_flight == 0
-    assert await asyncio.wait_for(limiter.acquire(), 1) == 0  # the slot is free again
-    limiter.release(0)
+    ticket = await asyncio.wait_for(limiter.acquire(), 1)  # the slot is free again
+    assert (ticket.epoch, limiter.in_flight) == (0, 1)
+    limiter.release(ticket)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -242,7 +250,7 @@ async def test_cancelled_ranked_waiter_leaves_its_queue() -> None:
     await asyncio.gather(tasks[2], tasks[3])
     assert order == [2, 3]
     assert limiter.in_flight == 0
-    assert await asyncio.wait_for(limiter.acquire("s", 0), 1) == 0
+    limiter.release(await asyncio.wait_for(limiter.acquire("s", 0), 1))
 
 
 # -- the send rate, waited for before a slot --------------------------------------------------
@@ -325,15 +333,16 @@ async def test_cancel_while_waiting_for_the_rate_leaks_nothing() -> None:
 async def test_throttled_release_lowers_a_learned_rate() -> None:
     """`release(throttled=True)` reaches the adaptive send rate; `overloaded` alone does not."""
     t = FakeTime()
-    limiter = Limiter(4, send_rate=SendRate(adaptive=True, clock=t), sleep=t.sleep)
+    rate = SendRate(adaptive=True, clock=t)
+    limiter = Limiter(4, send_rate=rate, sleep=t.sleep)
     for _ in range(10):
         t.now += 0.01
         limiter.release(await limiter.acquire(), ok=True)
     limiter.release(await limiter.acquire(), overloaded=True)  # a bare 503: not a throttle
-    assert limiter.rate is not None and limiter.rate.rate is None
+    assert limiter.rate is rate and rate.rate is None
     limiter.release(await limiter.acquire(), overloaded=True, throttled=True)
-    assert limiter.rate.decreases == 1
-    assert limiter.rate.rate is not None
+    assert rate.decreases == 1
+    assert rate.rate is not None
     assert limiter.limit == 4  # the concurrency bound stays where it was
 
 
@@ -469,7 +478,7 @@ async def test_fresh_limiter_stats_and_repr() -> None:
 async def test_min_limit_is_the_floor_of_halvings(limit: int, min_limit: int, floor: int) -> None:
     """Halvings stop at min_limit, itself kept within 1..limit (0 would stall every request)."""
     limiter = Limiter(limit, adaptive=True, min_limit=min_limit)
-    assert limiter.min_limit == floor
+    assert limiter.slots.min_limit == floor
     for _ in range(6):
         limiter.release(await limiter.acquire(), overloaded=True)
     assert limiter.limit == floor
@@ -532,16 +541,16 @@ def test_rate_limit_builds_a_fixed_send_rate() -> None:
 async def test_release_tells_a_learned_rate_only_what_was_accepted() -> None:
     """ok=True counts as accepted for the learned rate; a plain release (5xx) counts as nothing."""
     t = FakeTime()
-    limiter = Limiter(4, send_rate=SendRate(adaptive=True, clock=t), sleep=t.sleep)
-    assert limiter.rate is not None
+    rate = SendRate(adaptive=True, clock=t)
+    limiter = Limiter(4, send_rate=rate, sleep=t.sleep)
     for _ in range(3):
         t.now += 0.1
         limiter.release(await limiter.acquire())
-    assert limiter.rate.accepted.rate(t.now) == 0.0
+    assert rate.accepted.rate(t.now) == 0.0
     for _ in range(3):
         t.now += 0.1
         limiter.release(await limiter.acquire(), ok=True)
-    assert limiter.rate.accepted.rate(t.now) > 0.0
+    assert rate.accepted.rate(t.now) > 0.0
 
 
 async def test_token_freed_during_the_wait_goes_to_the_head_not_a_newcomer() -> None:
@@ -597,3 +606,403 @@ async def test_keeper_granted_before_it_sleeps_hands_the_wait_on() -> None:
     limiter.release(b.result())
     limiter.release(c.result())
     assert limiter.waiting == 0 and limiter.in_flight == 0
+
+
+# -- the order between searches: fewest pages left first, aging, priority (issue 26) ---------
+
+
+class Rounds:
+    """A fake server answering every request granted in a round at the round's end.
+
+    Time goes in rounds of one latency L, driven by the test (`tick`): no wall time.
+    """
+
+    def __init__(self, limiter: Limiter) -> None:
+        self.limiter = limiter
+        self.round = 0
+        self._end: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.grants: list[tuple[str, int, int]] = []  # (search, page, round granted)
+
+    async def request(self, name: str, flow: Flow[Any], page: int) -> None:
+        ticket = await self.limiter.acquire(flow, page)
+        try:
+            self.grants.append((name, page, self.round))
+            await self._end
+        finally:
+            self.limiter.release(ticket, ok=True)
+
+    async def at(self, round_: int) -> None:
+        while self.round < round_:
+            await self._end
+
+    async def tick(self) -> None:
+        """Let everything queue, then answer the round's requests (their slots go on at once)."""
+        await _turns(30)
+        end, self._end = self._end, asyncio.get_running_loop().create_future()
+        self.round += 1
+        end.set_result(None)
+        await _turns(30)
+
+    async def search(
+        self,
+        name: str,
+        pages: int,
+        *,
+        start: int = 0,
+        window: int = 16,
+        priority: Priority = "interactive",
+    ) -> int:
+        """As the paging engine does: page 1 alone, its total sizes the search, then the
+        rest within `window`; returns the round the search ended in."""
+        await self.at(start)
+        flow = self.limiter.flow(priority)
+        await self.request(name, flow, 1)
+        flow.ends_at(pages)  # the first page's total: that many pages
+        ahead = asyncio.Semaphore(window)
+
+        async def page(n: int) -> None:
+            async with ahead:
+                await self.request(name, flow, n)
+
+        await asyncio.gather(*(page(n) for n in range(2, pages + 1)))
+        return self.round
+
+    async def run(self, searches: list[Coroutine[Any, Any, int]], rounds: int = 400) -> list[int]:
+        """Each search's last round, once all are done."""
+        tasks = [asyncio.ensure_future(s) for s in searches]
+        for _ in range(rounds):
+            if all(t.done() for t in tasks):
+                break
+            await self.tick()
+        assert all(t.done() for t in tasks), "searches left unfinished"
+        assert self.limiter.in_flight == 0 and self.limiter.waiting == 0
+        return [t.result() for t in tasks]
+
+
+async def test_equal_searches_finish_one_after_the_other() -> None:
+    """Sized searches of equal length, all pages waiting: each is served to its end before
+    the next starts (round-robin served them a page each, so they all ended together)."""
+    limiter = Limiter(1)
+    flows = [limiter.flow(cap=3) for _ in range(3)]
+    asks: list[tuple[object, float | None]] = [
+        (flows[i], page) for page in (1, 2, 3) for i in range(3)
+    ]
+    order = await _grant_order(limiter, asks)
+    assert [asks[i] for i in order] == [(f, page) for f in flows for page in (1, 2, 3)]
+
+
+async def test_equal_searches_through_a_fake_server_end_in_turn() -> None:
+    """12 searches of 3 pages on 4 slots, page 1 alone then the rest: they end in the order
+    they came, the median by round 6 of 9 (a page each in turn: every one near round 9)."""
+    limiter = Limiter(4)
+    rounds = Rounds(limiter)
+    ends = await rounds.run([rounds.search(f"s{i}", 3) for i in range(12)])
+    assert ends == sorted(ends)
+    assert statistics.median(ends) <= 6
+    assert max(ends) <= 10  # 36 pages on 4 slots: 9 rounds at best, one slot idle at most
+
+
+async def test_small_searches_beside_a_big_one_finish_first() -> None:
+    """8 small searches arriving beside a big one (sized: 60 pages) end within a few rounds,
+    in turn, well before it; the big one still ends as early as the slots allow."""
+    limiter = Limiter(4)
+    rounds = Rounds(limiter)
+    smalls = [rounds.search(f"s{i}", 3, start=2) for i in range(8)]
+    big, *ends = await rounds.run([rounds.search("big", 60), *smalls])
+    assert statistics.median(ends) <= 2 + 5  # round-robin with the big one: round 2 + 10
+    assert max(ends) <= 2 + 9
+    assert big >= max(ends)
+    assert big <= (60 + 24) // 4 + 2  # every slot busy: the work of all, in rounds, and a little
+
+
+async def test_a_big_search_keeps_its_share_beside_a_stream_of_small_ones() -> None:
+    """A stream of small searches (3 new ones each round, 9 pages for 4 slots) beside a big one:
+    the big one still gets at least 1 grant in `SHARE` while it waits, never starved."""
+    limiter = Limiter(4)
+    rounds = Rounds(limiter)
+    big = asyncio.ensure_future(rounds.search("big", 200))
+    stream = [
+        asyncio.ensure_future(rounds.search(f"s{r}.{i}", 3, start=r))
+        for r in range(1, 41)
+        for i in range(3)
+    ]
+    for _ in range(40):
+        await rounds.tick()
+    granted = [name for name, _, r in rounds.grants if 1 <= r <= 40]
+    assert len(granted) == 40 * 4  # every slot busy every round
+    assert granted.count("big") >= len(granted) // SHARE
+    assert limiter.sched.aged >= 40 * 4 // SHARE - 1
+    for t in [big, *stream]:
+        t.cancel()
+    await asyncio.gather(big, *stream, return_exceptions=True)
+    assert limiter.in_flight == 0 and limiter.waiting == 0
+
+
+async def test_background_yields_to_interactive_but_ages() -> None:
+    """A background search (shorter) waits behind an interactive one, but for one grant in
+    `SHARE`: the aging turn goes to the search served last, the background one."""
+    limiter = Limiter(1)
+    background = limiter.flow("background", cap=5)
+    interactive = limiter.flow(cap=40)
+    asks: list[tuple[object, float | None]] = [
+        *((background, page) for page in range(1, 6)),
+        *((interactive, page) for page in range(1, 41)),
+    ]
+    order = await _grant_order(limiter, asks)
+    kinds = ["b" if asks[i][0] is background else "i" for i in order]
+    assert kinds[: 2 * SHARE] == (["i"] * (SHARE - 1) + ["b"]) * 2
+    assert kinds.count("b") == 5
+
+
+async def test_a_search_not_sized_yet_waits_behind_started_ones_but_not_a_long_one() -> None:
+    """A new search is ranked as the typical one (median size, capped at the concurrency):
+    behind a search with fewer pages left, before one with more."""
+    limiter = Limiter(1)
+    for _ in range(3):
+        limiter.flow(cap=3)  # three searches of 3 pages sized: typical 3
+    started, fresh, long = limiter.flow(cap=3), limiter.flow(), limiter.flow(cap=50)
+    assert limiter.sched.typical == 1  # capped at the concurrency
+    limiter.sched.horizon = None
+    limiter.sched.flow(cap=3)
+    assert limiter.sched.typical == 3
+    limiter.sched.granted(started)  # its page 1 went: 2 left
+    asks: list[tuple[object, float | None]] = [(long, 2), (fresh, 1), (started, 2)]
+    assert await _grant_order(limiter, asks) == [2, 1, 0]
+
+
+async def test_searches_not_sized_are_served_least_served_first() -> None:
+    """Before any search is sized, the one that has had fewest requests goes first."""
+    limiter = Limiter(1)
+    a, b = limiter.flow(), limiter.flow()
+    for _ in range(3):
+        limiter.sched.granted(a)
+    asks: list[tuple[object, float | None]] = [(a, 4), (a, 5), (b, 1), (b, 2), (b, 3), (b, 4)]
+    assert await _grant_order(limiter, asks) == [2, 3, 4, 0, 5, 1]
+
+
+def test_scheduler_typical_size_is_the_capped_median_of_recent_sizes() -> None:
+    """The rank of a new search: the median of the sizes seen, at most the horizon."""
+    sched: Scheduler[int] = Scheduler(horizon=16)
+    for pages in (3, 200, 3, 5):
+        sched.flow().ends_at(pages)
+    assert sched.typical == 3
+    for _ in range(5):
+        sched.flow(cap=100)
+    assert sched.typical == 16
+    flow = sched.flow(first=11, cap=5)
+    flow.ends_at(12)  # pages 11 and 12
+    assert (flow.pages, flow.left) == (2, 2)
+    flow.ends_at(40)  # more, but the cap stays
+    assert flow.pages == 5
+
+
+def test_scheduler_priority_is_checked() -> None:
+    """Only "interactive" and "background" are priorities."""
+    with pytest.raises(ValueError, match="priority"):
+        Scheduler[int]().flow("urgent")  # type: ignore[arg-type]
+
+
+def test_slots_alone_bound_and_adapt() -> None:
+    """`Slots` without a limiter: free until the limit, AIMD halving once per epoch."""
+    slots = Slots(4, adaptive=True)
+    epochs = [slots.take() for _ in range(4)]
+    assert not slots.free() and slots.peak == 4
+    for epoch in epochs:
+        slots.release(epoch, overloaded=True)
+    assert (slots.limit, slots.decreases, slots.in_flight) == (2, 1, 0)
+    assert repr(slots) == "<Slots in_flight=0 limit=2/4>"
+    for _ in range(5):
+        slots.release(slots.take())  # neither overloaded nor ok (a 5xx): no change
+    assert slots.limit == 2
+    for _ in range(3):
+        slots.release(slots.take(), overloaded=True)
+    assert slots.limit == 1  # the default floor
+
+
+def test_fixed_slots_are_the_default_and_ignore_feedback() -> None:
+    """`Slots(n)` is fixed: overloads and successes leave the limit at n."""
+    slots = Slots(3)
+    slots.release(slots.take(), overloaded=True)
+    slots.release(slots.take(), ok=True)
+    assert (slots.limit, slots.decreases) == (3, 0)
+
+
+async def test_rate_gate_alone_keeper_and_feedback() -> None:
+    """`RateGate`: one keeper at a time, told to sleep at most MAX_KEEP; feedback needs both a
+    rate and a ticket; without a rate, a token is always there."""
+    loop = asyncio.get_running_loop()
+    assert RateGate(None).delay() <= 0
+    RateGate(None).feedback(1, throttled=True, ok=False)  # no rate: nothing to tell
+    duck = DuckRate()
+    gate = RateGate(duck)
+    gate.feedback(None, throttled=True, ok=False)  # no ticket: nothing to tell
+    assert duck.feedbacks == []
+    first, second = Waiter(loop.create_future()), Waiter(loop.create_future())
+    gate.appoint(first, 1.0)
+    gate.appoint(second, 1.0)
+    assert gate.keeper is first and first.fut.result() == MAX_KEEP
+    assert not second.fut.done()
+    assert not gate.relieve(second)
+    assert gate.relieve(first) and gate.keeper is None
+
+
+class DuckRate:
+    """A send rate that is not a `SendRate` (as a shared one would be): the protocol alone."""
+
+    adaptive = True
+
+    def __init__(self) -> None:
+        self.tokens = 1
+        self.feedbacks: list[tuple[int, bool, bool]] = []
+        self._seq = 0
+
+    @property
+    def rate(self) -> float | None:
+        return 10.0
+
+    def delay(self) -> float:
+        if self.tokens > 0:
+            self.tokens -= 1
+            return 0.0
+        return 0.1
+
+    def sent(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def feedback(self, ticket: int, *, throttled: bool, ok: bool) -> None:
+        self.feedbacks.append((ticket, throttled, ok))
+
+
+async def test_any_send_rate_like_object_gates_the_limiter() -> None:
+    """A duck-typed rate plugs in: its token gates a grant, its ticket comes back with feedback."""
+    t = FakeTime()
+    duck = DuckRate()
+    rate: SendRateLike = duck  # type-checks against the protocol
+    limiter = Limiter(4, send_rate=rate, sleep=t.sleep)
+    first = await limiter.acquire()
+    waiter = asyncio.ensure_future(limiter.acquire())
+    await _turns()
+    assert not waiter.done() and limiter.in_flight == 1  # no token: no slot taken
+    duck.tokens = 1
+    await _turns()
+    second = await asyncio.wait_for(waiter, 1)
+    limiter.release(first, ok=True)
+    limiter.release(second, overloaded=True, ok=True, throttled=True)
+    assert duck.feedbacks == [(1, False, True), (2, True, False)]
+    assert (first.sent, second.sent) == (1, 2)
+
+
+# -- the scheduler alone (pinned by mutation testing: scripts/mutation.py sched) -------------
+
+
+def test_flow_sizes_from_its_first_page_and_cap() -> None:
+    """A flow's size: pages from its first (1 by default) to the last, at least 1, within its cap;
+    pages left never below 0 (retries and hedges are granted too)."""
+    sched: Scheduler[int] = Scheduler()
+    flow = sched.flow()
+    assert (flow.pages, flow.left, flow.background) == (None, None, False)
+    flow.ends_at(3)
+    assert (flow.pages, flow.left) == (3, 3)
+    for _ in range(5):
+        sched.granted(flow)
+    assert flow.left == 0
+    empty = sched.flow()
+    empty.ends_at(0)  # a total of 0: the first page only
+    assert empty.pages == 1
+    assert sched.flow(cap=0).pages == 1
+    background = sched.flow("background")
+    assert background.background
+    assert repr(background) == "<Flow background pages=None granted=0 waiting=0>"
+    assert repr(flow) == "<Flow interactive pages=3 granted=5 waiting=0>"
+
+
+def test_scheduler_arguments_and_empty_pop() -> None:
+    """share below 2 is refused (every grant would be the aging turn); nothing to pop raises."""
+    with pytest.raises(ValueError, match="share must be at least 2"):
+        Scheduler[int](share=1)
+    sched: Scheduler[int] = Scheduler(share=2)
+    with pytest.raises(IndexError, match="nothing waits"):
+        sched.pop()
+
+
+def test_scheduler_remove_says_whether_it_was_there() -> None:
+    """`remove` takes a queued item out (True) and knows one already popped (False)."""
+    sched: Scheduler[str] = Scheduler()
+    flow = sched.flow()
+    _, a = sched.push(flow, 1, "a")
+    _, b = sched.push(flow, 2, "b")
+    assert sched.remove(flow, b) and len(sched) == 1
+    assert sched.pop() == "a"
+    assert not sched.remove(flow, a) and not sched
+
+
+def test_over_granted_search_goes_before_one_with_a_page_left() -> None:
+    """Pages left are never negative: a search granted past its size (a retry) ranks at 0,
+    before an earlier search with 1 left."""
+    sched: Scheduler[str] = Scheduler()
+    one, over = sched.flow(cap=2), sched.flow(cap=1)
+    sched.granted(one)
+    for _ in range(3):
+        sched.granted(over)
+    sched.push(one, 2, "one")
+    sched.push(over, 1, "over")
+    assert sched.pop() == "over"
+
+
+def test_nothing_sized_means_the_least_served_first() -> None:
+    """Before any size is known the typical size is 0: 0 requests had beats 1."""
+    sched: Scheduler[str] = Scheduler()
+    a, b = sched.flow(), sched.flow()
+    sched.granted(a)
+    sched.push(a, 2, "a")
+    sched.push(b, 1, "b")
+    assert sched.pop() == "b"
+
+
+def test_typical_size_forgets_old_searches() -> None:
+    """The typical size is the median of the last `TYPICAL_OF` sizes, not of all."""
+    assert TYPICAL_OF == 64  # README, "Choices"
+    sched: Scheduler[int] = Scheduler()
+    for _ in range(TYPICAL_OF):
+        sched.flow(cap=2)
+    for _ in range(TYPICAL_OF):
+        sched.flow(cap=100)
+    assert sched.typical == 100
+
+
+def test_aging_turn_counts_only_grants_with_several_searches_waiting() -> None:
+    """Grants to a search alone do not bring the aging turn nearer; with two waiting, the
+    `SHARE`-th grant goes to the search served last, counted once in `aged`."""
+    assert SHARE == 16  # the share documented in README, "Choices"
+    sched: Scheduler[str] = Scheduler()
+    alone = sched.flow()
+    for i in range(SHARE - 1):
+        sched.push(alone, i, "alone")
+    assert [sched.pop() for _ in range(SHARE - 1)] == ["alone"] * (SHARE - 1)
+    short, long = sched.flow(cap=50), sched.flow(cap=100)
+    for i in range(SHARE):
+        sched.push(short, i, "short")
+        sched.push(long, i, "long")
+    got = [sched.pop() for _ in range(SHARE)]
+    assert got == ["short"] * (SHARE - 1) + ["long"]
+    assert sched.aged == 1
+
+
+async def test_limiter_flows_tickets_and_peak() -> None:
+    """`Limiter.flow` passes its first page and cap on; a ticket shows both parts; `peak` can
+    be reset between runs (as the cancellation tests do)."""
+    limiter = Limiter(2)
+    default, later = limiter.flow(), limiter.flow(first=11)
+    default.ends_at(3)
+    later.ends_at(12)
+    assert (default.pages, later.pages) == (3, 2)
+    bare = Flow(limiter.sched, 0)  # a flow's own defaults: interactive, from page 1
+    bare.ends_at(2)
+    assert (bare.background, bare.pages) == (False, 2)
+    ticket = await limiter.acquire(default, 1)
+    assert repr(ticket) == "Ticket(epoch=0, sent=None)"
+    limiter.release(ticket)
+    assert limiter.peak == 1
+    limiter.peak = 0
+    assert limiter.peak == 0

@@ -129,6 +129,25 @@ async def test_a_503_page_gives_one_search_span_and_a_child_per_attempt(otel: Te
     assert sb.token not in otel.everything()
 
 
+async def test_a_hedge_is_an_event_and_its_request_a_second_attempt(otel: Telemetry) -> None:
+    """A hedged head page: one `imichat.hedge` event without attributes (as `_otel` says), and
+    the duplicate's own POST span carries the page and attempt 2 (issue #25)."""
+    async with (
+        sandbox.serve(chats=400, seed=3, fault_pages={30: "hang"}, hang_seconds=2) as sb,
+        client_for(sb, otel, concurrency=1) as client,
+    ):
+        got = [chat async for chat in client.search_chats()]
+        hedges = client.stats.hedges
+    assert len(got) == 400 and hedges == 1
+    (hedge,) = [e for e in otel.search_span().events if e.name == "imichat.hedge"]
+    assert not hedge.attributes
+    pages = Counter(attributes_of(a)["imichat.page"] for a in otel.attempts())
+    assert pages[30] >= 2 and all(n == 1 for page, n in pages.items() if page != 30)
+    (second,) = [a for a in otel.attempts() if attributes_of(a)["imichat.attempt"] == 2]
+    assert attributes_of(second)["imichat.page"] == 30  # the hedge, sent before the hang ends
+    assert attributes_of(second)["imichat.status_code"] == 4305
+
+
 async def test_metrics_count_requests_by_outcome_durations_and_records(otel: Telemetry) -> None:
     """Requests by outcome, one duration per attempt (seconds), records yielded."""
     async with (

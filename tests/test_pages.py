@@ -26,15 +26,16 @@ async def test_raw_pages_carry_number_total_last_and_the_objects_as_sent() -> No
     assert [r for p in pages for r in p.items] == data
 
 
-async def test_decoded_pages_keep_the_first_names() -> None:
-    """Without raw, items are Chat records; `chats` and `page` still name them."""
+async def test_decoded_pages_hold_chat_records() -> None:
+    """Without raw, items are Chat records; a page has one name per field, no aliases."""
     async with serve(chats=15, seed=42) as sb, client_for(sb) as client:
         pages = [p async for p in client.search_pages(status="closed")]
         expected = sb.expected([("status", "eq", "closed")])
-    chats = [c for p in pages for c in p.chats]
+    chats = [c for p in pages for c in p.items]
     assert all(isinstance(c, imi.Chat) for c in chats)
     assert [c.chat_id for c in chats] == [c["chat_id"] for c in expected]
-    assert [p.page for p in pages] == [p.number for p in pages]
+    public = {name for name in dir(pages[0]) if not name.startswith("_")}
+    assert public == {"number", "items", "total", "last"}  # no `chats`/`page` (issue #25)
 
 
 async def test_limit_requests_only_the_pages_it_needs() -> None:

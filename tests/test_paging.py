@@ -9,17 +9,21 @@ import asyncio
 import gc
 import math
 import random
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
 
 import pytest
 
 from imichat_async import _errors as e
+from imichat_async import _protocol as protocol
 from imichat_async._paging import Page, PagingStats, iterate_pages
 from tests.helpers import assert_no_stray_tasks
 
 PAGE_SIZE = 10
+FetchPage = Callable[[int], Awaitable[Page[int]]]
+#: The wire's end-of-data rule, as the client gives it to the engine.
+RULE: dict[str, Any] = {"last_page": protocol.last_page, "ends": protocol.ends_search}
 TOTALS = [0, 1, 9, 10, 11, 95]
 PREFETCHES = list(range(1, 9))
 
@@ -91,7 +95,7 @@ class FakeServer:
 def pages(
     server: FakeServer, prefetch: int, stats: PagingStats | None = None, **kw: Any
 ) -> AsyncGenerator[Page[int], None]:
-    return iterate_pages(server.fetch, page_size=PAGE_SIZE, prefetch=prefetch, stats=stats, **kw)
+    return iterate_pages(server.fetch, **RULE, prefetch=prefetch, stats=stats, **kw)
 
 
 async def consume(
@@ -288,21 +292,55 @@ async def test_failures_past_the_end_are_never_logged_as_unretrieved() -> None:
     assert reported == []
 
 
-async def test_short_page_before_total_ends_it() -> None:
-    """A short page ends the run even if the total promised more (data shrank)."""
-    server = FakeServer(25, seed=None)
-    original = server.fetch
+def sized_pages(sizes: dict[int, int], total: int | None) -> tuple[FetchPage, list[int]]:
+    """A fetch answering page n with `sizes[n]` consecutive ints (0 past them), and `total`."""
+    requested: list[int] = []
 
     async def fetch(n: int) -> Page[int]:
-        page = await original(n)
-        return Page(page.number, page.items, 95)  # a stale, larger total
+        requested.append(n)
+        await asyncio.sleep(0)
+        start = sum(sizes.get(k, 0) for k in range(1, n))
+        return Page(n, list(range(start, start + sizes.get(n, 0))), total)
 
-    got = []
-    async with aclosing(iterate_pages(fetch, page_size=PAGE_SIZE, prefetch=4)) as it:
-        async for page in it:
-            got.append(page.number)
-    assert got == [1, 2, 3]
+    return fetch, requested
+
+
+@pytest.mark.parametrize("prefetch", [1, 4])
+async def test_short_page_before_the_totals_last_page_does_not_end_it(prefetch: int) -> None:
+    """With a total, a short page before the total's last page is read past (the contract
+    promises at most 10 records a page, not exactly 10); nothing past the last is asked."""
+    fetch, requested = sized_pages({1: 10, 2: 4, 3: 10, 4: 5}, total=35)
+    stats = PagingStats()
+    got = [p async for p in iterate_pages(fetch, **RULE, prefetch=prefetch, stats=stats)]
+    assert [p.number for p in got] == [1, 2, 3, 4]
+    assert [i for p in got for i in p.items] == list(range(29))
+    assert sorted(requested) == [1, 2, 3, 4]
+    assert (stats.last_page, stats.wasted, stats.empty_before_end) == (4, 0, 0)
+
+
+@pytest.mark.parametrize("prefetch", [1, 4])
+async def test_empty_page_before_the_totals_last_page_ends_it(prefetch: int) -> None:
+    """With a total, an empty page before the total's last page ends the search (the data
+    shrank), counted in `stats.empty_before_end`; pages launched past it are cancelled."""
+    fetch, requested = sized_pages({1: 10, 2: 7}, total=95)  # page 3 comes back empty
+    stats = PagingStats()
+    got = [p async for p in iterate_pages(fetch, **RULE, prefetch=prefetch, stats=stats)]
+    assert [p.number for p in got] == [1, 2]
+    assert [i for p in got for i in p.items] == list(range(17))
+    assert (stats.last_page, stats.empty_before_end) == (3, 1)
+    assert stats.pages_requested - stats.wasted == 3
+    assert {1, 2, 3} <= set(requested)
     await assert_no_stray_tasks()
+
+
+async def test_short_page_without_total_still_ends_it() -> None:
+    """Without a total the first short page ends the search, as before."""
+    fetch, requested = sized_pages({1: 10, 2: 4, 3: 10}, total=None)
+    stats = PagingStats()
+    got = [p async for p in iterate_pages(fetch, **RULE, prefetch=1, stats=stats)]
+    assert [p.number for p in got] == [1, 2]
+    assert requested == [1, 2]
+    assert (stats.last_page, stats.empty_before_end) == (2, 0)
 
 
 # -- start_page and max_pages -----------------------------------------------------------
@@ -348,7 +386,7 @@ async def test_start_page_and_max_pages(
 async def test_bad_arguments(kw: dict[str, Any], match: str) -> None:
     """prefetch < 1, start_page < 1 and max_pages < 0 raise ValueError before any fetch."""
     server = FakeServer(95)
-    args: dict[str, Any] = {"page_size": PAGE_SIZE, "prefetch": 4, **kw}
+    args: dict[str, Any] = {**RULE, "prefetch": 4, **kw}
     with pytest.raises(ValueError, match=match):
         async with aclosing(iterate_pages(server.fetch, **args)) as it:
             await anext(it)

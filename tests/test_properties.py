@@ -313,6 +313,53 @@ def test_every_fast_path_decodes_as_the_converter_does(raws: list[dict[str, Any]
         assert decode_page(raws) == expected
 
 
+JSON_DUMPS_STYLES: list[dict[str, Any]] = [
+    {"separators": (",", ":")},
+    {"ensure_ascii": False},
+    {"ensure_ascii": False, "indent": 1},
+]
+
+
+@SETTINGS
+@given(raws=st.lists(mutated_chats(), max_size=10), style=st.sampled_from(JSON_DUMPS_STYLES))
+def test_the_client_path_from_bytes_decodes_as_the_converter_does(
+    raws: list[dict[str, Any]], style: dict[str, Any]
+) -> None:
+    """The client's whole path, a page body parsed by msgspec then decoded by the fast hooks,
+    gives exactly what the converter gives from `json.loads` of the same body; and the
+    records as sent (`raw_records`) are those objects, each with its own text."""
+    body = json.dumps({"status_code": 4305, "response": raws}, **style).encode()
+    reference = json.loads(body)["response"]
+    data = protocol.parse_response(200, {}, body, page=4)
+    assert repr(list(data.records)) == repr(reference)
+    expected: list[Chat] = []
+    for raw in reference:
+        try:
+            expected.append(CONVERTER.structure(raw, Chat))
+        except Exception:
+            break
+    if len(expected) < len(reference):
+        with pytest.raises(imi.DecodeError):
+            decode_page(data.records, 4)
+    else:
+        assert decode_page(data.records, 4) == expected
+    sent = protocol.raw_records(data)
+    assert sent == reference
+    assert [json.loads(r.raw) for r in sent] == reference
+    at = 0
+    for r in sent:  # each text is the body's own bytes, in order
+        at = body.index(r.raw, at) + len(r.raw)
+
+
+@SETTINGS
+@given(value=json_values | st.floats(), style=st.sampled_from(JSON_DUMPS_STYLES))
+def test_msgspec_reads_any_json_as_json_loads_does(value: Any, style: dict[str, Any]) -> None:
+    """Whatever msgspec reads, it reads as `json.loads` (value and type); what it refuses
+    (NaN, infinities) goes to `json.loads` itself."""
+    body = json.dumps({"v": value}, **style).encode()
+    assert repr(protocol._decode_json(body)) == repr(json.loads(body))
+
+
 @SETTINGS
 @given(raw=mutated_chats())
 def test_unknown_enums_and_extra_fields_never_fail(raw: dict[str, Any]) -> None:

@@ -195,6 +195,36 @@ def test_gateway_status_wins_over_an_odd_status_code(status: int, status_code: A
     assert info.value.retry_after == 2.0
 
 
+#: The wire contract's error classes table, literally: its transient row's HTTP statuses
+#: ("HTTP 429/502/503/504") and the vendor codes of every row.
+CONTRACT_TRANSIENT_HTTP = (429, 502, 503, 504)
+CONTRACT_TRANSIENT_CODES = (2007, 3454)
+CONTRACT_TOKEN_EXPIRED_CODES = (2004,)
+CONTRACT_PERMANENT_CODES = (2002, 2003, 2010, 2099, 3114, 3115, 3445, 3446, 3447, 3451, 4303)
+
+
+@pytest.mark.parametrize("status", CONTRACT_TRANSIENT_HTTP)
+@pytest.mark.parametrize(
+    "status_code",
+    CONTRACT_TRANSIENT_CODES + CONTRACT_TOKEN_EXPIRED_CODES + CONTRACT_PERMANENT_CODES,
+)
+def test_gateway_status_is_transient_whatever_vendor_code(status: int, status_code: int) -> None:
+    """HTTP 429/502/503/504 are transient whatever vendor code the body carries (a 503 with
+    3115, a 429 with 2003): retried, Retry-After kept, the body's code and text reported."""
+    with pytest.raises(e.ApiError) as info:
+        protocol.parse_response(status, {"Retry-After": "2"}, _body(status_code, "odd"), page=4)
+    err = info.value
+    assert type(err) is (e.RateLimitedError if status == 429 else e.GatewayError)
+    assert isinstance(err, e.TransientError)
+    assert (err.http_status, err.status_code, err.description, err.page) == (
+        status,
+        status_code,
+        "odd",
+        4,
+    )
+    assert err.retry_after == 2.0
+
+
 def test_unknown_status_code_is_unexpected_response() -> None:
     """A status_code outside the vendor's table raises UnexpectedResponseError, keeping it."""
     with pytest.raises(e.UnexpectedResponseError) as info:
@@ -503,6 +533,30 @@ def test_last_page(total: int, last: int) -> None:
 
 
 @pytest.mark.parametrize(
+    ("page", "count", "total", "ends"),
+    [
+        # with a total: its last page, or an empty page; a short page before it does not end
+        (1, 10, 35, False),
+        (2, 4, 35, False),
+        (3, 10, 35, False),
+        (4, 5, 35, True),
+        (4, 10, 40, True),
+        (2, 0, 35, True),
+        (1, 0, 0, True),
+        (5, 3, 35, True),
+        # without one: a short page
+        (1, 10, None, False),
+        (2, 9, None, True),
+        (2, 4, None, True),
+        (3, 0, None, True),
+    ],
+)
+def test_ends_search(page: int, count: int, total: int | None, ends: bool) -> None:
+    """The end-of-data rule: at most 10 records a page, not exactly 10 (wire contract)."""
+    assert protocol.ends_search(page, count, total) is ends
+
+
+@pytest.mark.parametrize(
     ("host", "loopback"),
     [
         ("localhost", True),
@@ -592,9 +646,9 @@ def test_decode_json_reads_what_json_loads_reads(body: bytes) -> None:
     assert type(got) is type(expected)
 
 
-def test_a_json_object_body_is_scanned_without_json_loads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The common body, a UTF-8 JSON object, skips `json.loads`' encoding sniff and wrapper
-    (the reason `_decode_json` exists); anything else still goes through it."""
+def test_a_body_msgspec_reads_skips_json_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The common body, UTF-8 JSON, is read by msgspec alone (the reason `_decode_json`
+    exists); a body msgspec refuses (here a BOM) still goes through `json.loads`."""
     calls: list[bytes] = []
     loads = json.loads
 
@@ -604,6 +658,87 @@ def test_a_json_object_body_is_scanned_without_json_loads(monkeypatch: pytest.Mo
 
     monkeypatch.setattr("imichat_async._protocol.json.loads", counting_loads)
     assert protocol._decode_json(_DOC.encode()) == loads(_DOC)
+    assert protocol._decode_json(b' {"a":1} ') == {"a": 1}
     assert calls == []
-    assert protocol._decode_json(b' {"a":1}') == {"a": 1}
-    assert calls == [b' {"a":1}']
+    bom = b"\xef\xbb\xbf" + _DOC.encode()
+    assert protocol._decode_json(bom) == loads(_DOC)
+    assert calls == [bom]
+
+
+# -- records as sent ---------------------------------------------------------------------------
+
+_ODD_RECORDS = [
+    '{"chat_id":"c-1","tag":["\\u00e9","\\u2713"]}',  # escapes, as an ASCII server sends them
+    '{ "chat_id" : "c-2" ,\t"note": "caf\u00e9 \u2713 \U0001f600" }',  # spaces, UTF-8 as is
+    '{"chat_id":"c-3","q":"\\"quoted\\" \\\\ back\\/slash \\n \\t \\ud83d\\ude00"}',
+    '{"chat_id":"c-4","n":1.50e+2,"big":123456789012345678901234567890,"z":-0.0}',
+    '{"chat_id":"c-5","nested":{"a":[1,{"b":null}],"c":true}}',
+]
+
+
+def _success_body(records: list[str], sep: str = ",") -> bytes:
+    return (
+        '{"status_code": 4305, "description": "ok",\n "response": [ ' + sep.join(records) + " ]}"
+    ).encode()
+
+
+@pytest.mark.parametrize("sep", [",", " ,\n  ", "\r\n,\t"])
+def test_raw_records_are_the_bytes_the_server_sent(sep: str) -> None:
+    """Each record's `raw` is its JSON text exactly as in the body (whitespace, escapes and
+    UTF-8 kept); the record itself is the dict `json.loads` reads from that text."""
+    body = _success_body(_ODD_RECORDS, sep)
+    data = protocol.parse_response(200, {}, body, page=1)
+    got = protocol.raw_records(data)
+    assert [r.raw for r in got] == [t.encode() for t in _ODD_RECORDS]
+    assert got == [json.loads(t) for t in _ODD_RECORDS]
+    assert all(type(r) is protocol.RawChat and isinstance(r, dict) for r in got)
+
+
+def test_raw_records_of_a_body_msgspec_refuses_are_compact_json() -> None:
+    """A body only `json.loads` reads (a BOM here) has no slices: `raw` is compact UTF-8 JSON."""
+    body = b"\xef\xbb\xbf" + _success_body(_ODD_RECORDS)
+    got = protocol.raw_records(protocol.parse_response(200, {}, body, page=1))
+    assert got == [json.loads(t) for t in _ODD_RECORDS]
+    compact = [
+        json.dumps(json.loads(t), ensure_ascii=False, separators=(",", ":")) for t in _ODD_RECORDS
+    ]
+    assert [r.raw for r in got] == [text.encode() for text in compact]
+
+
+def test_raw_records_of_a_body_with_response_twice_are_the_last_ones() -> None:
+    """A body naming `response` twice: the records and their texts are both the last one's
+    (as `json.loads` reads it), never one's objects with the other's bytes."""
+    body = b'{"status_code":4305,"response":[{"a":1}],"response":[{"b": 2}]}'
+    got = protocol.raw_records(protocol.parse_response(200, {}, body, page=1))
+    assert got == [{"b": 2}] and [r.raw for r in got] == [b'{"b": 2}']
+
+
+def test_raw_chat_pickles_and_copies_with_its_bytes() -> None:
+    import copy
+    import pickle
+
+    chat = protocol.RawChat({"chat_id": "c-1"}, b'{"chat_id": "c-1"}')
+    for clone in (pickle.loads(pickle.dumps(chat)), copy.deepcopy(chat), copy.copy(chat)):
+        assert clone == {"chat_id": "c-1"} and clone.raw == chat.raw
+        assert type(clone) is protocol.RawChat
+    assert json.loads(json.dumps(chat)) == chat  # a dict to every JSON encoder
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        # RFC 9110 section 5.6.7's three forms of one instant
+        ({"Date": "Sun, 06 Nov 1994 08:49:37 GMT"}, 784111777),
+        ({"date": "Sunday, 06-Nov-94 08:49:37 GMT"}, 784111777),
+        ({"DATE": "Sun Nov  6 08:49:37 1994"}, 784111777),
+        ({}, None),
+        ({"Date": ""}, None),
+        ({"Date": "yesterday"}, None),
+        ({"Date": "Sun, 31 Feb 1994 08:49:37 GMT"}, None),
+    ],
+)
+def test_parse_date_reads_the_servers_clock_in_whole_seconds(
+    headers: dict[str, str], expected: int | None
+) -> None:
+    """The Date header in any of its three forms, any case; None when absent or unreadable."""
+    assert protocol.parse_date(headers) == expected

@@ -221,12 +221,13 @@ async def test_wrong_team_is_2010(session: aiohttp.ClientSession) -> None:
 
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
 async def test_other_methods_are_2099(session: aiohttp.ClientSession, method: str) -> None:
-    """Any method but POST on the search path answers 2099 (HTTP 405)."""
+    """Any method but POST on the search path answers 2099 (HTTP 405), with `Allow: POST`."""
     async with (
         sandbox.serve(chats=5) as sb,
         session.request(method, sb.search_url, headers=headers(sb)) as resp,
     ):
         assert_error(resp.status, await resp.json(), 2099)
+        assert resp.headers["Allow"] == "POST"  # RFC 9110: a 405 lists the allowed methods
 
 
 @pytest.mark.parametrize(
@@ -737,15 +738,17 @@ async def test_expire_token_by_hand(session: aiohttp.ClientSession) -> None:
 
 
 async def test_token_endpoint(session: aiohttp.ClientSession) -> None:
-    """POST to token_url issues a working token; other methods answer 2099."""
+    """POST to token_url issues a working token; other methods answer 2099 with `Allow: POST`."""
     async with sandbox.serve(chats=20, token_ttl=60) as sb:
         async with session.post(sb.token_url) as resp:
             doc = await resp.json()
         assert resp.status == 200 and doc["expires_in"] == 60
         assert (await post(session, sb, 1, hdrs=headers(sb, doc["access_token"])))[0] == 200
         assert sb.stats.tokens_issued == 1
-        async with session.get(sb.token_url) as resp:
-            assert_error(resp.status, await resp.json(), 2099)
+        for method in ("GET", "PUT", "DELETE"):
+            async with session.request(method, sb.token_url) as resp:
+                assert_error(resp.status, await resp.json(), 2099)
+                assert resp.headers["Allow"] == "POST"
 
 
 # -- stats, app, command line ------------------------------------------------------------------
@@ -772,7 +775,8 @@ def test_make_app_builds_an_application() -> None:
 
 @pytest.mark.slow
 async def test_command_line_serves_and_stops_on_sigterm() -> None:
-    """`python -m imichat_async.sandbox` prints base_url, team_id, token; SIGTERM stops it."""
+    """`python -m imichat_async.sandbox` prints base_url, team_id, token, then the same as
+    IMICHAT_* lines; SIGTERM stops it."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -789,9 +793,14 @@ async def test_command_line_serves_and_stops_on_sigterm() -> None:
     )
     try:
         assert proc.stdout is not None
-        lines = [(await asyncio.wait_for(proc.stdout.readline(), 20)).decode() for _ in range(3)]
+        lines = [(await asyncio.wait_for(proc.stdout.readline(), 20)).decode() for _ in range(6)]
         info = dict(line.strip().split("=", 1) for line in lines)
         assert info["base_url"].startswith("http://127.0.0.1:")
+        assert (info["IMICHAT_BASE_URL"], info["IMICHAT_TEAM_ID"], info["IMICHAT_TOKEN"]) == (
+            info["base_url"],
+            info["team_id"],
+            info["token"],
+        )
         hdrs = {"Authorization": f"Bearer {info['token']}", "teamid": info["team_id"]}
         async with aiohttp.ClientSession(headers=hdrs) as s:
             url = info["base_url"] + "/chats/search"
@@ -838,25 +847,37 @@ async def test_body_over_the_limit_is_3115_json(session: aiohttp.ClientSession) 
 
 
 @pytest.mark.parametrize(
-    ("method", "path"),
-    [("POST", "/v3.0/chats"), ("GET", "/"), ("POST", "/v3.0/chats/search/x"), ("PUT", "/v2/a")],
+    ("method", "path", "api"),
+    [
+        ("POST", "/v3.0/chats", True),
+        ("GET", "/v3.0/", True),
+        ("POST", "/v3.0/chats/search/x", True),
+        ("POST", "/chats/search", False),
+        ("GET", "/", False),
+        ("PUT", "/v2/a", False),
+        ("POST", "/v3.0", False),
+    ],
 )
-async def test_unknown_path_is_404_json(
-    session: aiohttp.ClientSession, method: str, path: str
+async def test_unknown_path_is_404(
+    session: aiohttp.ClientSession, method: str, path: str, api: bool
 ) -> None:
-    """An unknown path answers HTTP 404 with {"status_code", "description", "response": null}."""
+    """An unknown path under /v3.0/ answers the API's 404 in the vendor's JSON form; outside
+    it (a base URL without /v3.0) the front server's HTML 404, without that body (issue #25)."""
     async with sandbox.serve(chats=5) as sb:
         url = f"http://127.0.0.1:{sb.port}{path}"
         async with session.request(method, url, headers=headers(sb)) as resp:
             assert resp.status == 404
-            assert resp.content_type == "application/json"
-            doc = await resp.json()
-        assert doc == {
-            "status_code": 404,
-            "description": f"No such resource: {method} {path}",
-            "response": None,
-        }
-        assert sb.stats.requests_total == 0  # not the search path
+            assert resp.content_type == ("application/json" if api else "text/html")
+            text = await resp.text()
+        if api:
+            assert json.loads(text) == {
+                "status_code": 404,
+                "description": f"No such resource: {method} {path}",
+                "response": None,
+            }
+        else:
+            assert "404 Not Found" in text and "status_code" not in text
+        assert sb.stats.errors_by_code[404] == 1 and sb.stats.requests_total == 0
 
 
 class _WatchedSandbox(sandbox.Sandbox):
@@ -1155,3 +1176,16 @@ def test_command_line_passes_rate_and_churn_knobs(monkeypatch: pytest.MonkeyPatc
     assert (faults.churn_every, faults.churn_updates, faults.churn_inserts) == (7, 3, 2)
     bad = CliRunner().invoke(sandbox_cli.sandbox_command, ["--rate-limit", "0"])
     assert bad.exit_code == 2
+
+
+def test_command_line_passes_the_clock_offset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sandbox --clock-offset -3600` serves a tenant whose clock is an hour behind."""
+    seen: list[Any] = []
+
+    async def fake_serve(*args: Any) -> None:
+        seen.extend(args)
+
+    monkeypatch.setattr(sandbox_cli, "_serve", fake_serve)
+    result = CliRunner().invoke(sandbox_cli.sandbox_command, ["--clock-offset", "-3600"])
+    assert result.exit_code == 0, result.output
+    assert seen[-1] == -3600.0

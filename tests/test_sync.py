@@ -62,11 +62,11 @@ def test_search_chats_from_plain_code_returns_every_chat_in_order(sb: sandbox.Sa
 
 
 def test_search_pages_yields_numbered_pages(sb: sandbox.Sandbox) -> None:
-    """search_pages: ChatPage(chats, page) for pages 1..10 of 95 chats."""
+    """search_pages: ChatPage(number, items) for pages 1..10 of 95 chats."""
     with client_for(sb) as client:
         pages = list(client.search_pages(max_pages=20))
-    assert [p.page for p in pages] == list(range(1, 11))
-    assert [len(p.chats) for p in pages] == [10] * 9 + [5]
+    assert [p.number for p in pages] == list(range(1, 11))
+    assert [len(p.items) for p in pages] == [10] * 9 + [5]
 
 
 async def test_works_from_inside_a_running_event_loop(sb: sandbox.Sandbox) -> None:
@@ -188,3 +188,20 @@ def test_a_closed_client_refuses_to_search(sb: sandbox.Sandbox) -> None:
     with pytest.raises(imi.ImiChatError, match="closed"):
         client.search_chats()
     assert "token" in repr(client) and sb.token not in repr(client)
+
+
+def test_run_drives_async_code_with_the_async_client(sb: sandbox.Sandbox) -> None:
+    """`run(coro)` runs async code using `async_client` on the client's own loop and returns
+    its result; once closed, it refuses (and closes the coroutine: no warning) (issue #25)."""
+    client = client_for(sb)
+
+    async def first_ids() -> list[str]:
+        async for page in client.async_client.search_pages(raw=True, max_pages=1):
+            return [chat["chat_id"] for chat in page.items]
+        return []
+
+    with client:
+        assert client.run(first_ids()) == [c["chat_id"] for c in sb.data[:10]]
+        assert client.limiter.in_flight == 0 and client.limiter.peak >= 1
+    with pytest.raises(imi.ImiChatError, match="closed"):
+        client.run(first_ids())

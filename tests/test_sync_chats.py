@@ -19,9 +19,18 @@ import pytest
 from click.testing import CliRunner
 
 import imichat_async as imi
+from imichat_async._protocol import parse_date
 from imichat_async._retry import RetryPolicy
 from imichat_async.cli import main
-from imichat_async.export import CheckpointError, SyncState, _plan, sync_chats
+from imichat_async.export import (
+    CheckpointError,
+    SyncState,
+    _plan,
+    check_sync_arguments,
+    state_from_json,
+    state_to_json,
+    sync_chats,
+)
 from imichat_async.export._syncplan import (
     SyncRun,
     VersionRange,
@@ -158,10 +167,33 @@ async def test_runs_with_changes_between_and_during_runs_keep_the_log_exact(
         assert sb.stats.updated > 80  # the busy chats changed again and again
 
 
-async def test_a_run_with_nothing_changed_appends_nothing_in_two_requests(
+async def test_the_log_holds_each_version_as_the_bytes_the_server_sent(
     tmp_path: Path, clock: FakeClock
 ) -> None:
-    """Nothing changed since the lag window: nothing appended, one request per query family."""
+    """Each line the sync appends is the record's JSON text byte for byte as the server
+    sent it (spaced, UTF-8 characters as they are), across runs and changes."""
+    log, state = tmp_path / "log.ndjson", tmp_path / "state.json"
+    async with serve(chats=300, seed=4, wall_clock=clock, json_style="spaced") as sb:
+        for chat in sb.data[::5]:  # before the first request: no body is cached yet
+            chat["other_details"] = {"note": 'caf\u00e9 \u2713 \U0001f600 "q" \\ \n'}
+        versions = Versions(sb)
+        args: dict[str, Any] = {"since": SINCE, "state": state, "sink": log}
+        async with client_for(sb) as client:
+            await sync_chats(client, **args)
+            sb.churn(updates=20, inserts=3)
+            clock.now += 60
+            await sync_chats(client, **args)
+    lines = log.read_bytes().split(b"\n")
+    assert lines.pop() == b""
+    sent = {json.dumps(c, ensure_ascii=False).encode() for c in versions.known.values()}
+    assert len(lines) > 200 and set(lines) <= sent
+
+
+async def test_a_run_with_nothing_changed_appends_nothing_in_three_requests(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Nothing changed since the lag window: nothing appended; one request reads the server's
+    clock, one per query family."""
     log, state = tmp_path / "log.ndjson", tmp_path / "state.json"
     async with serve(chats=500, seed=2, wall_clock=clock) as sb:
         args: dict[str, Any] = {"since": SINCE, "state": state, "sink": log, "lag": 300}
@@ -177,7 +209,7 @@ async def test_a_run_with_nothing_changed_appends_nothing_in_two_requests(
     # a chat updated twice in a row shows its last version only: one version per chat changed
     assert changed.appended == len(in_scope([*made.updated, *made.inserted]))
     assert idle.appended == 0 and log.stat().st_size == size
-    assert idle.requests == 2 == sb.stats.requests_total - before
+    assert idle.requests == 3 == sb.stats.requests_total - before
     assert idle.pages_past_end == 0
 
 
@@ -394,7 +426,25 @@ def test_versions_key_by_chat_and_update_time() -> None:
     b = {"chat_id": "c", "updated_at": "2024-05-01T00:00:00.001Z"}
     same = {"chat_id": "c", "updated_at": "2024-05-01T00:00:00.000Z"}
     assert plan.key(a) != plan.key(b) and plan.key(a) == plan.key(same)
-    assert plan.key({"chat_id": "c"}) is None
+    assert plan.key({"updated_at": "2024-05-01T00:00:00Z"}) is None  # no chat_id
+
+
+def test_a_record_without_updated_at_is_keyed_by_its_content() -> None:
+    """No usable updated_at: the same content (in any key order) is one version, other
+    content another; it is remembered with the run's T1 and pruned like the others."""
+    plan = VersionRange(_plan.UserQuery(), 0, 1)
+    a = {"chat_id": "c", "status": "open", "updated_at": None}
+    assert plan.key(a) == plan.key(dict(reversed(a.items())))
+    assert plan.key(a) != plan.key({**a, "status": "closed"})
+    assert plan.key(a) != plan.key({"chat_id": "c", "status": "open"})  # missing, not null
+    assert plan.key({**a, "updated_at": "soon"}) not in (None, plan.key(a))
+    undated: dict[tuple[str, str], int] = {}
+    out, skipped = admit([a, dict(a), {"status": "x"}], set(), 0, undated, t1=7 * S)
+    assert (len(out), skipped) == (2, 1) and list(undated.values()) == [7 * S]
+    state = SyncState(run=SyncRun(t1=1_000 * S, lo=0))
+    state.undated = [("old", "d1", 600 * S), ("new", "d2", 800 * S)]
+    finish_run(state, lag=300 * S)
+    assert state.undated == [("new", "d2", 800 * S)]
 
 
 def test_admit_skips_known_versions_and_remembers_recent_ones() -> None:
@@ -429,3 +479,231 @@ def test_user_filters_on_time_and_bad_lags_are_refused() -> None:
     for bad in (-1, "5", True, float("nan")):
         with pytest.raises(imi.InvalidQueryError, match="lag"):
             lag_us(bad)
+
+
+# -- issue 23: null updated_at, the server's clock, a log written by another, a failed start ---
+
+
+async def test_a_chat_without_updated_at_is_appended_once_until_it_gains_one(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """A chat served with updated_at null (or missing) and read again by every run (created
+    within the lag) is appended once; when it gains an updated_at, that is a new version."""
+    log, state = tmp_path / "log.ndjson", tmp_path / "state.json"
+    async with serve(chats=50, seed=3, wall_clock=clock) as sb, client_for(sb) as client:
+        args: dict[str, Any] = {"since": SINCE, "state": state, "sink": log}
+        null_id, missing_id = (c["chat_id"] for c in sb.churn(inserts=2).inserted)
+        sb.drop_updated_at(null_id)
+        sb.drop_updated_at(missing_id, missing=True)
+        clock.now += 5
+        for _ in range(3):  # every run's created_at window holds both chats
+            await sync_chats(client, **args)
+            clock.now += 10
+        stamped = sb.update_chat(null_id)
+        clock.now += 10
+        gained = await sync_chats(client, **args)
+        clock.now += 10
+        idle = await sync_chats(client, **args)
+    quirky = [r for r in read_log(log) if r["chat_id"] in (null_id, missing_id)]
+    got = sorted((r["chat_id"], str(r.get("updated_at", "-"))) for r in quirky)
+    assert got == sorted([(null_id, "None"), (missing_id, "-"), (null_id, stamped["updated_at"])])
+    assert (gained.appended, idle.appended) == (1, 0)
+
+
+def _log_lines(path: Path) -> int:
+    return len(path.read_bytes().splitlines())
+
+
+def _append(path: Path, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+
+
+async def test_a_client_clock_ahead_of_the_server_loses_no_chat(
+    tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server's clock an hour behind ours (more than the lag): T1 is the server's, so
+    the chats it changes after a run are read by the next; the skew is reported and logged."""
+    log, state = tmp_path / "log.ndjson", tmp_path / "state.json"
+    caplog.set_level("INFO", logger="imichat_async")
+    async with (
+        serve(chats=300, seed=7, wall_clock=clock, clock_offset=-3600) as sb,
+        client_for(sb) as client,
+    ):
+        versions = Versions(sb)
+        args: dict[str, Any] = {"since": SINCE, "state": state, "sink": log}
+        first = await sync_chats(client, **args)
+        clock.now += 30
+        made = sb.churn(updates=6, inserts=2)
+        clock.now += 30
+        later = await sync_chats(client, **args)
+        assert_log_settled(read_log(log), sb, versions)
+    assert later.appended == len(in_scope([*made.updated, *made.inserted])) > 0
+    server_now = int(clock.now - 3600)
+    assert later.until == datetime.fromtimestamp(server_now, UTC)  # rounded down to the second
+    for report in (first, later):
+        assert report.clock_skew is not None and -3601 <= report.clock_skew <= -3599
+        assert "clock_skew=-3600s" in report.summary()
+    assert any("-3600" in r.getMessage() and "clock" in r.getMessage() for r in caplog.records)
+
+
+async def test_without_a_usable_date_the_sync_falls_back_to_the_client_clock(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """A server whose Date cannot be read: T1 is the client's clock, and a note says so."""
+    async with (
+        serve(chats=40, seed=2, wall_clock=clock, date_header=False) as sb,
+        client_for(sb) as client,
+    ):
+        report = await sync_chats(client, since=SINCE, state=SyncState(), sink=tmp_path / "l")
+    assert report.until == clock.dt() and report.clock_skew is None
+    assert any("Date" in note and "this machine's clock" in note for note in report.notes)
+    assert "clock_skew=n/a" in report.summary()
+
+
+def test_cli_summary_reports_the_measured_skew(tmp_path: Path) -> None:
+    """`imichat-async sync` against a server 2 hours ahead: the summary shows the skew."""
+    with ThreadedSandbox(chats=30, seed=3, clock_offset=7200) as sb:
+        argv = ["sync", "--since", SINCE, "--state", str(tmp_path / "s.json")]
+        result = CliRunner().invoke(
+            main, [*argv, "-o", str(tmp_path / "l.ndjson")], env=env_for(sb)
+        )
+    assert result.exit_code == 0, result.output
+    assert "clock_skew=+7200s" in result.output or "clock_skew=+7199s" in result.output
+
+
+async def test_bytes_after_a_completed_run_are_refused_not_truncated(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """A line someone appended to LOG after a completed run: the next run refuses, naming the
+    file and both lengths, and LOG keeps it."""
+    log, state = tmp_path / "log.ndjson", tmp_path / "state.json"
+    async with serve(chats=120, seed=4, wall_clock=clock) as sb, client_for(sb) as client:
+        args: dict[str, Any] = {"since": SINCE, "state": state, "sink": log}
+        await sync_chats(client, **args)
+        committed = log.stat().st_size
+        _append(log, b'{"chat_id":"written-by-someone-else"}\n')
+        grown = log.stat().st_size
+        clock.now += 10
+        before = sb.stats.requests_total
+        with pytest.raises(CheckpointError) as info:
+            await sync_chats(client, **args)
+        assert sb.stats.requests_total == before
+    message = str(info.value)
+    assert str(log) in message and str(committed) in message and str(grown) in message
+    assert log.stat().st_size == grown and b"written-by-someone-else" in log.read_bytes()
+
+
+async def test_bytes_of_an_interrupted_run_are_still_truncated(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Bytes past the committed length of a run in progress (a crash) are dropped on resume."""
+    log, state = tmp_path / "log.ndjson", tmp_path / "state.json"
+    async with serve(chats=120, seed=4, wall_clock=clock) as sb, client_for(sb) as client:
+        args: dict[str, Any] = {"since": SINCE, "state": state, "sink": log}
+        await sync_chats(client, **args)
+        size = log.stat().st_size
+        raw = json.loads(state.read_text())
+        raw["run"] = {"t1": raw["bound"] + 10 * S, "lo": raw["bound"] - 300 * S}  # interrupted
+        state.write_text(json.dumps(raw))
+        _append(log, b'{"chat_id":"torn')  # what the crashed run wrote after its last leaf
+        report = await sync_chats(client, **args)
+    assert report.resumed and report.appended == 0
+    assert log.stat().st_size == size
+
+
+def test_cli_refuses_a_log_grown_after_a_completed_run(tmp_path: Path) -> None:
+    """CLI: a line appended by hand after a completed run is refused (exit 2), left as it is."""
+    log = tmp_path / "l.ndjson"
+    with ThreadedSandbox(chats=60, seed=5) as sb:
+        argv = ["--quiet", "sync", "--since", SINCE, "--state", str(tmp_path / "s.json")]
+        argv += ["-o", str(log)]
+        runner = CliRunner()
+        assert runner.invoke(main, argv, env=env_for(sb)).exit_code == 0
+        lines = _log_lines(log)
+        _append(log, b'{"chat_id":"by-hand"}\n')
+        again = runner.invoke(main, argv, env=env_for(sb))
+    assert again.exit_code == 2, again.output
+    assert str(log) in again.output and "completed" in again.output
+    assert _log_lines(log) == lines + 1
+
+
+def test_cli_a_first_run_with_a_bad_token_leaves_nothing(tmp_path: Path) -> None:
+    """Exit 3 on a refused token leaves no state and no log: a corrected --since then runs."""
+    log, state = tmp_path / "l.ndjson", tmp_path / "s.json"
+    with ThreadedSandbox(chats=60, seed=5) as sb:
+        argv = ["--quiet", "sync", "--state", str(state), "-o", str(log)]
+        runner = CliRunner()
+        bad = runner.invoke(main, [*argv, "--since", "2021-01-01"], env=env_for(sb, "bad"))
+        assert bad.exit_code == 3, bad.output
+        assert not state.exists() and not log.exists()
+        fixed = runner.invoke(main, [*argv, "--since", SINCE], env=env_for(sb))
+    assert fixed.exit_code == 0, fixed.output
+    assert state.exists() and _log_lines(log) > 0
+
+
+async def test_a_first_run_failing_midway_with_nothing_written_leaves_nothing(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """A first run whose token expires before any chat is written (a static token cannot be
+    refreshed): no state, no log, so other arguments work next."""
+    log, state = tmp_path / "log.ndjson", tmp_path / "state.json"
+    async with serve(chats=80, seed=6, wall_clock=clock, token_max_uses=1) as sb:
+        async with client_for(sb) as client:
+            with pytest.raises(imi.TokenExpiredError):
+                await sync_chats(client, since=SINCE, state=state, sink=log)
+        assert sb.stats.requests_total >= 2  # it failed after its first request
+        assert not state.exists() and not log.exists()
+        memory = SyncState()
+        fresh = sb._issue()
+        async with imi.ImiChatClient(
+            base_url=sb.base_url, token=fresh, team_id=sb.team_id
+        ) as client:
+            with pytest.raises(imi.TokenExpiredError):
+                await sync_chats(client, since=SINCE, state=memory, sink=log)
+        assert memory == SyncState() and not log.exists()
+
+
+async def test_sandbox_clock_offset_moves_its_date_header_and_its_stamps() -> None:
+    """`clock_offset`: the Date header and the times of chats changed now, both shifted."""
+    now = 1_800_000_000.25
+    async with serve(chats=5, seed=1, wall_clock=lambda: now, clock_offset=-90) as sb:
+        async with client_for(sb) as client:
+            async for _ in client.search_pages(max_pages=1):
+                pass
+            assert client._last_headers is not None
+            assert parse_date(client._last_headers) == 1_800_000_000 - 90
+        made = sb.churn(inserts=1).inserted[0]
+    assert _plan.to_us("c", made["created_at"]) == (1_800_000_000 - 90) * S + 250_000
+
+
+def test_cli_a_first_run_out_of_retries_says_nothing_was_written(tmp_path: Path) -> None:
+    """Every request failing (exit 4): no state is left, and the message does not claim one."""
+    log, state = tmp_path / "l.ndjson", tmp_path / "s.json"
+    with ThreadedSandbox(chats=20, seed=5, p_429=1.0, retry_after=0) as sb:
+        argv = ["--quiet", "sync", "--since", SINCE, "--state", str(state), "-o", str(log)]
+        result = CliRunner().invoke(main, argv, env=env_for(sb))
+    assert result.exit_code == 4, result.output
+    assert "nothing was written" in result.output and "state saved" not in result.output
+    assert not state.exists() and not log.exists()
+
+
+def test_sync_arguments_are_checked_without_a_client() -> None:
+    """`check_sync_arguments` refuses what `sync_chats` would, with no client (issue #25)."""
+    check_sync_arguments(since="2024-01-01", lag=0, status="closed")
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"since": "2024-01-01", "created_at__gte": "2024-02-01"}, "created_at__gte"),
+        ({"since": "someday"}, "since"),
+        ({"since": "2024-01-01", "lag": -1}, "lag"),
+        ({"since": "2024-01-01", "filters": [("stauts", "eq", "x")]}, "stauts"),
+    ]
+    for bad, match in cases:
+        with pytest.raises(imi.InvalidQueryError, match=match):
+            check_sync_arguments(**bad)
+
+
+def test_state_to_json_is_plain_json_read_back_by_state_from_json() -> None:
+    """A state's JSON form survives `json.dumps` and comes back equal (issue #25)."""
+    state = SyncState()
+    raw = state_to_json(state)
+    assert state_from_json(json.loads(json.dumps(raw))) == state

@@ -170,6 +170,34 @@ async def test_invalid_query_sends_nothing(api: Api) -> None:
     assert api.calls == []
 
 
+async def test_short_page_with_a_total_does_not_end_the_search(api: Api) -> None:
+    """X-Total-Count: 35 and a 4-record page 2: pages 3 and 4 are still read, page 4 last;
+    an empty page 5 past the total is never asked for."""
+    api.script = {
+        1: [ok(10, 1, total=35)],
+        2: [ok(4, 2, total=35)],
+        3: [ok(10, 3, total=35)],
+        4: [ok(5, 4, total=35)],
+    }
+    stats = imi.PagingStats()
+    async with make_client(api) as client:
+        got = [(p.number, len(p.items), p.last) async for p in client.search_pages(stats=stats)]
+    assert got == [(1, 10, False), (2, 4, False), (3, 10, False), (4, 5, True)]
+    assert sorted(api.pages) == [1, 2, 3, 4]
+    assert (stats.last_page, stats.empty_before_end) == (4, 0)
+
+
+async def test_empty_page_before_the_total_ends_the_search_counted(api: Api) -> None:
+    """X-Total-Count: 95 but page 3 comes back empty (the data shrank): the search ends
+    there, counted in `stats.empty_before_end`."""
+    api.script = {1: [ok(10, 1, total=95)], 2: [ok(3, 2, total=95)], 3: [ok(0, 3, total=95)]}
+    stats = imi.PagingStats()
+    async with make_client(api) as client:
+        got = [c.chat_id async for p in client.search_pages(stats=stats) for c in p.items]
+    assert len(got) == 13
+    assert (stats.last_page, stats.empty_before_end) == (3, 1)
+
+
 # -- transient failures: retried --------------------------------------------------------
 
 
@@ -179,7 +207,7 @@ TRANSIENT_REPLIES: list[tuple[str, Callable[[], Reply], type[e.TransientError]]]
         for r in TRANSIENT_ROWS
     ],
     ("429", lambda: http(429), e.RateLimitedError),
-    ("429-json", lambda: api_error({**row(2007), "http_status": 429}), e.InternalServerError),
+    ("429-json", lambda: api_error({**row(2007), "http_status": 429}), e.RateLimitedError),
     ("502-html", lambda: http(502, GATEWAY_HTML), e.GatewayError),
     ("503-empty", lambda: http(503), e.GatewayError),
     ("504-html", lambda: http(504, GATEWAY_HTML), e.GatewayError),
@@ -721,7 +749,9 @@ def mocked() -> Any:
 def _key(host: str, port: int, ssl: bool = False) -> Any:
     from aiohttp.client_reqrep import ConnectionKey
 
-    return ConnectionKey(host, port, ssl, ssl, None, None, None, None)
+    # By keyword: aiohttp 3.14 added a field (server_hostname) the lowest supported lacks.
+    unset: dict[str, Any] = dict.fromkeys(("proxy", "proxy_auth", "proxy_headers_hash"))
+    return ConnectionKey(host=host, port=port, is_ssl=ssl, ssl=ssl, **unset)
 
 
 AIOHTTP_FAILURES: list[tuple[str, Callable[[], BaseException], type[Exception], str]] = [

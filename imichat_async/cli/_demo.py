@@ -10,7 +10,10 @@ from .. import Chat, ImiChatClient
 from ._exit import run
 from ._progress import ProgressLine, summary
 from ._render import table_header, table_row
-from ._wiring import Settings, concurrency_option
+from ._wiring import CREDENTIALS, SANDBOX_SETTINGS, Settings, concurrency_option
+
+#: The global options `demo` has no use for: it always runs its own sandbox.
+IGNORED = (*CREDENTIALS, "sandbox", *SANDBOX_SETTINGS)
 
 
 @click.command()
@@ -37,9 +40,14 @@ from ._wiring import Settings, concurrency_option
 def demo(
     settings: Settings, chats: int, latency: float, faults: float, concurrency: int, show: int
 ) -> None:
-    """Start an embedded sandbox, search all its chats, print a few and a summary."""
+    """Start an embedded sandbox, search all its chats, print a few and a summary.
+
+    It always runs its own sandbox (set up by --chats, --latency, --faults): the
+    credentials and --sandbox* options are refused. -q prints the chats only.
+    """
     from ..sandbox import serve
 
+    refuse_ignored(settings)
     bar = ProgressLine.for_stderr(settings.quiet)
 
     async def go() -> None:
@@ -73,14 +81,17 @@ def demo(
                 finally:
                     bar.close()
                 elapsed = time.monotonic() - started
-            click.echo(
-                f"sandbox: {chats} chats at {sb.base_url}, {latency * 1000:g} ms latency, "
-                f"{faults:.0%} transient faults"
-            )
+            if not settings.quiet:
+                click.echo(
+                    f"sandbox: {chats} chats at {sb.base_url}, {latency * 1000:g} ms latency, "
+                    f"{faults:.0%} transient faults"
+                )
             if first:
                 click.echo(table_header())
                 for chat in first:
                     click.echo(table_row(chat))
+            if settings.quiet:
+                return
             faults_seen = sum(sb.stats.faults.values())
             click.echo(
                 summary(
@@ -97,6 +108,17 @@ def demo(
             click.echo(NEXT_STEPS, err=True)
 
     run(go())
+
+
+def refuse_ignored(settings: Settings) -> None:
+    """`click.UsageError` naming the `IGNORED` options given on the command line."""
+    named = ["--" + name.replace("_", "-") for name in IGNORED if name in settings.given]
+    if named:
+        raise click.UsageError(
+            f"{', '.join(named)} given to demo, which runs its own sandbox "
+            "(set it up with --chats, --latency, --faults): drop "
+            + ("it" if len(named) == 1 else "them")
+        )
 
 
 NEXT_STEPS = """

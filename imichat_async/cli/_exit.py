@@ -101,11 +101,12 @@ def run(
     on_interrupt: Callable[[], NoReturn] | None = None,
     on_transient: Callable[[TransientError], NoReturn] | None = None,
     on_refused: Callable[[ApiError], NoReturn] | None = None,
+    on_os_error: Callable[[OSError], NoReturn] | None = None,
 ) -> None:
     """`asyncio.run(coro)`, each failure turned into its message and exit code.
 
-    The hooks raise a command's own error for an interruption, retries run out, or a
-    permanent API error (the default: exit 130, 1 and 3).
+    The hooks raise a command's own error for an interruption, retries run out, a
+    permanent API error, or an OS error (a full disk) (the default: exit 130, 1, 3 and 1).
 
     Ctrl-C and SIGTERM cancel the coroutine (it cleans up), then `on_interrupt` raises the
     command's error (`Resumable` for an export); by default exit 130. A closed stdout pipe
@@ -146,6 +147,8 @@ def run(
     except ImiChatError as exc:
         raise CliError(str(exc)) from None
     except OSError as exc:
+        if on_os_error is not None:
+            on_os_error(exc)
         raise CliError(os_message(exc)) from None
 
 
@@ -156,7 +159,8 @@ def run_resumable(
     on_refused: Callable[[ApiError], NoReturn] | None = None,
 ) -> None:
     """`run` for a command that can pick up where it stopped (export, sync): an
-    interruption or retries run out exit 4 (`Resumable`), with `hint()` saying how."""
+    interruption or retries run out exit 4 (`Resumable`), with `hint()` saying how; an
+    OS error (a full disk: the message names the file) exits 1, with `hint()` too."""
 
     def interrupted() -> NoReturn:
         raise Resumable(f"interrupted; {hint()}")
@@ -164,7 +168,16 @@ def run_resumable(
     def transient(exc: TransientError) -> NoReturn:
         raise Resumable(f"{api_message(exc)} (retries exhausted); {hint()}")
 
-    run(coro, on_interrupt=interrupted, on_transient=transient, on_refused=on_refused)
+    def os_error(exc: OSError) -> NoReturn:
+        raise CliError(f"{os_message(exc)}; {hint()}")
+
+    run(
+        coro,
+        on_interrupt=interrupted,
+        on_transient=transient,
+        on_refused=on_refused,
+        on_os_error=os_error,
+    )
 
 
 def os_message(exc: OSError) -> str:

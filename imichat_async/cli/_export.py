@@ -8,16 +8,19 @@ from typing import NoReturn
 import click
 
 from .. import ApiError
-from ..export import ExportProgress, export_chats, make_sink
-from ._exit import ApiFailure, api_message, run_resumable
+from ..export import ExportProgress, export_chats
+from ._exit import ApiFailure, UsageFailure, api_message, run_resumable
 from ._progress import ProgressLine
 from ._wiring import (
+    UNVERIFIED,
     Settings,
     concurrency_option,
     echo_err,
     filter_option,
     format_option,
+    max_rows_option,
     open_client,
+    output_sink,
     parse_filters,
 )
 
@@ -41,15 +44,17 @@ from ._wiring import (
     "-o",
     "--output",
     required=True,
-    type=click.Path(dir_okay=False, writable=True),
-    help="Output file (not `-`: the export resumes into a real file; see `search --json`).",
+    help="Output file (not `-`: the export resumes into a real file; see `search --json`); "
+    "with --format parquet a directory or an fsspec URL (s3://bucket/prefix).",
 )
+@max_rows_option
 @concurrency_option
 @click.option(
     "--checkpoint",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Checkpoint file; default: OUTPUT.checkpoint.json.",
+    help="Checkpoint file (always local); default: OUTPUT.checkpoint.json "
+    "(required for a URL output).",
 )
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint, if there is one.")
 @click.option(
@@ -67,6 +72,7 @@ def export(
     filters: tuple[str, ...],
     fmt: str | None,
     output: str,
+    max_rows: int | None,
     concurrency: int,
     checkpoint: str | None,
     resume: bool,
@@ -85,8 +91,23 @@ def export(
             "`imichat-async search --json` (the same objects, one per line)",
             param_hint="'-o' / '--output'",
         )
+    if checkpoint is None and "://" in output:
+        raise click.BadParameter(
+            "an output URL needs a local --checkpoint FILE", param_hint="'--checkpoint'"
+        )
+    sink = output_sink(output, fmt, max_rows, append=False)
     parsed = parse_filters(filters)
-    ckpt = checkpoint if checkpoint is not None else output + ".checkpoint.json"
+    default_ckpt = output.rstrip("/") + ".checkpoint.json"
+    ckpt = checkpoint if checkpoint is not None else default_ckpt
+    mistyped = not Path(ckpt).exists() and Path(default_ckpt).exists()
+    if resume and mistyped and Path(default_ckpt).resolve() != Path(ckpt).resolve():
+        # A mistyped --checkpoint would start over and overwrite the partial output that the
+        # real checkpoint points to (the library refuses that too, naming the .part).
+        raise UsageFailure(
+            f"--checkpoint {ckpt} does not exist, but {default_ckpt} (the default "
+            "checkpoint of this output) does: resume with that one (drop --checkpoint), "
+            "or delete it to start over"
+        )
     bar = ProgressLine.for_stderr(settings.quiet)
 
     def show(p: ExportProgress) -> None:
@@ -111,7 +132,7 @@ def export(
                     since=since,
                     until=until,
                     filters=parsed,
-                    sink=make_sink(output, fmt),
+                    sink=sink,
                     checkpoint=ckpt,
                     resume=resume,
                     slice_pages=slice_pages,
@@ -123,7 +144,7 @@ def export(
             for note in report.notes:
                 click.echo(f"note: {note}", err=True)
         if not report.verified:
-            echo_err(settings, "note: the server sent no totals; slice counts were not verified")
+            echo_err(settings, UNVERIFIED)
         echo_err(settings, f"{report.summary()} output={output}")
 
     def refused(exc: ApiError) -> NoReturn:

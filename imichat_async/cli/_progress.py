@@ -1,17 +1,23 @@
-"""The progress line drawn on stderr, and the summary line that follows it."""
+"""The progress bar drawn on stderr (click's), and the summary line that follows it."""
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+import click
+
+if TYPE_CHECKING:  # the class `click.progressbar` returns; click does not export it
+    from click._termui_impl import ProgressBar
 
 
 class ProgressLine:
-    """A one-line progress bar on a terminal stream, redrawn at most every `interval` seconds.
+    """click's progress bar on a terminal stream, redrawn at most every `interval` seconds.
 
-    Shows records (of the total when known), pages/s, retries and the ETA.
-    Disabled (every call a no-op) when `enabled` is False.
+    Shows the bar, records (of the total when known, with the percentage and
+    click's ETA), pages/s and retries. Disabled (every call a no-op, nothing
+    written) when `enabled` is False; `for_stderr` enables it on a terminal only.
     """
 
     def __init__(self, stream: TextIO, *, enabled: bool, interval: float = 0.1) -> None:
@@ -19,7 +25,7 @@ class ProgressLine:
         self.enabled = enabled
         self.interval = interval
         self._last = 0.0
-        self._drawn = False
+        self._bar: ProgressBar[str] | None = None
 
     @classmethod
     def for_stderr(cls, quiet: bool) -> ProgressLine:
@@ -27,58 +33,39 @@ class ProgressLine:
         stream = sys.stderr
         return cls(stream, enabled=not quiet and _isatty(stream))
 
-    def render(
-        self,
-        *,
-        records: int,
-        total: int | None,
-        pages: int,
-        retries: int,
-        elapsed: float,
-        width: int = 24,
-    ) -> str:
-        """The text of the bar for these numbers."""
-        rate = pages / elapsed if elapsed > 0 else 0.0
-        if total:
-            done = min(1.0, records / total)
-            filled = int(done * width)
-            bar = "#" * filled + "." * (width - filled)
-            head = f"[{bar}] {records:,}/{total:,} records {done:4.0%}"
-            per_record = elapsed / records if records else None
-            if per_record is not None and records < total:
-                eta = f"ETA {_duration(per_record * (total - records))}"
-            elif records >= total:
-                eta = "ETA 0s"
-            else:
-                eta = "ETA ?"
-        else:
-            head = f"{records:,} records"
-            eta = "ETA ?"
-        return f"{head} | {rate:.1f} pages/s | {retries} retries | {eta}"
-
     def update(
         self, *, records: int, total: int | None, pages: int, retries: int, elapsed: float
     ) -> None:
-        """Redraw (throttled)."""
+        """Redraw (throttled) for these counts; `total` may come late, or grow."""
         if not self.enabled:
             return
         now = time.monotonic()
-        if self._drawn and now - self._last < self.interval:
+        bar = self._bar
+        if bar is not None and now - self._last < self.interval:
             return
         self._last = now
-        text = self.render(
-            records=records, total=total, pages=pages, retries=retries, elapsed=elapsed
-        )
-        self.stream.write("\r\x1b[K" + text)
-        self.stream.flush()
-        self._drawn = True
+        if bar is None:
+            bar = self._bar = click.progressbar(
+                length=total or 0,
+                file=self.stream,
+                width=24,
+                bar_template="[%(bar)s]  records %(info)s",
+                show_pos=True,
+                item_show_func=lambda info: info,
+            )
+        bar.length = total or None  # unknown: no percentage, ETA or end; a moving mark
+        bar.show_percent = bar.length is not None
+        bar.finished = False  # a total that grew reopens a bar that had reached it
+        rate = pages / elapsed if elapsed > 0 else 0.0
+        bar.current_item = f"{rate:.1f} pages/s, {retries} retries"
+        bar.make_step(records - bar.pos)  # records may also go back (a slice read again)
+        bar.render_progress()
 
     def close(self) -> None:
-        """Erase the bar, leaving the line free for the summary."""
-        if self.enabled and self._drawn:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self._drawn = False
+        """End the bar's line (click's finish: the cursor shown again), for the summary."""
+        bar, self._bar = self._bar, None
+        if bar is not None:
+            bar.render_finish()
 
 
 def _isatty(stream: TextIO) -> bool:
@@ -86,17 +73,6 @@ def _isatty(stream: TextIO) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError):
         return False
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
 
 
 def summary(records: int, pages: int, requests: int, retries: int, elapsed: float) -> str:

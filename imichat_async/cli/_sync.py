@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from ..export import DEFAULT_LAG, ExportProgress, make_sink, sync_chats
+from ..export import DEFAULT_LAG, ExportProgress, sync_chats
 from ._exit import run_resumable
 from ._progress import ProgressLine
 from ._wiring import (
+    UNVERIFIED,
     Settings,
     concurrency_option,
     echo_err,
     filter_option,
     format_option,
+    max_rows_option,
     open_client,
+    output_sink,
     parse_filters,
 )
 
@@ -35,10 +40,11 @@ from ._wiring import (
     "-o",
     "--output",
     required=True,
-    type=click.Path(dir_okay=False, writable=True),
-    help="Change log, appended to: one line per new version of a chat.",
+    help="Change log, appended to: one line per new version of a chat; with --format "
+    "parquet a dataset directory or fsspec URL, new files added by each run.",
 )
 @format_option
+@max_rows_option
 @click.option(
     "--lag",
     type=click.FloatRange(min=0.0),
@@ -56,6 +62,7 @@ def sync(
     state: str,
     output: str,
     fmt: str | None,
+    max_rows: int | None,
     lag: float,
     concurrency: int,
     filters: tuple[str, ...],
@@ -67,6 +74,7 @@ def sync(
     each version (chat_id, updated_at) once across runs. After a crash or
     Ctrl-C, run the same command again: it finishes the interrupted run.
     """
+    sink = output_sink(output, fmt, max_rows, append=True)
     parsed = parse_filters(filters)
     bar = ProgressLine.for_stderr(settings.quiet)
 
@@ -82,7 +90,7 @@ def sync(
                     client,
                     since=since,
                     state=state,
-                    sink=make_sink(output, fmt, append=True),
+                    sink=sink,
                     lag=lag,
                     filters=parsed,
                     progress=show if bar.enabled else None,
@@ -92,9 +100,14 @@ def sync(
         if not settings.quiet:
             for note in report.notes:
                 click.echo(f"note: {note}", err=True)
+        if not report.verified:
+            echo_err(settings, UNVERIFIED)
         echo_err(settings, f"{report.summary()} output={output}")
 
     def hint() -> str:
-        return f"state saved to {state}. Run the same command to finish the run."
+        if Path(state).exists():
+            return f"state saved to {state}. Run the same command to finish the run."
+        # A first run that wrote nothing leaves nothing (issue #23): no state to finish.
+        return "nothing was written yet. Run the same command to start again."
 
     run_resumable(go(), hint)

@@ -50,9 +50,10 @@ Layout, one concern per module:
   (sink write, sync, checkpoint).
 - `_checkpoint.py`: the attrs state, (un)structured by the library's
   converter, written by one atomic-write helper.
-- `_sinks.py`: NDJSON, CSV, async callable. `_progress.py`: the tally,
-  progress snapshots, the report. `_aio.py`: waiting through cancellations,
-  blocking calls in threads. `_export.py`: `export_chats`, the wiring.
+- `_sinks.py`: NDJSON, CSV, async callable. `_parquet.py`: a partitioned Parquet
+  dataset, written in batches of slices (`Sink.holds`); the Arrow side is `.._arrow`.
+  `_progress.py`: the tally, progress snapshots, the report. `_aio.py`: waiting
+  through cancellations, blocking calls in threads. `_export.py`: `export_chats`, the wiring.
 
 One engine, many plans (the seam for `sync`, issue #14): the runner asks a
 plan (`_plan.Plan`) only for the `search_pages` keywords of a slice, the key
@@ -63,8 +64,10 @@ helper and progress: windows on `created_at` and on `updated_at`, keyed by
 `Checkpoint`/`atomic_write`.
 """
 
+from .._arrow import CHAT_SCHEMA, chats_table
 from ._checkpoint import CheckpointError
 from ._export import export_chats
+from ._parquet import ParquetSink
 from ._partitions import (
     DEFAULT_ROWS_PER_PARTITION,
     Partition,
@@ -73,10 +76,11 @@ from ._partitions import (
 )
 from ._progress import ExportProgress, ExportReport
 from ._sinks import CSV_COLUMNS, CallableSink, CsvSink, FileSink, NdjsonSink, Sink, make_sink
-from ._sync import SyncReport, state_from_json, sync_chats
+from ._sync import SyncReport, check_sync_arguments, state_from_json, state_to_json, sync_chats
 from ._syncplan import DEFAULT_LAG, SyncState
 
 __all__ = [
+    "CHAT_SCHEMA",
     "CSV_COLUMNS",
     "DEFAULT_LAG",
     "DEFAULT_ROWS_PER_PARTITION",
@@ -87,14 +91,18 @@ __all__ = [
     "ExportReport",
     "FileSink",
     "NdjsonSink",
+    "ParquetSink",
     "Partition",
     "Sink",
     "SyncReport",
     "SyncState",
+    "chats_table",
+    "check_sync_arguments",
     "export_chats",
     "make_sink",
     "plan_partitions",
     "read_partition",
     "state_from_json",
+    "state_to_json",
     "sync_chats",
 ]

@@ -12,7 +12,7 @@ import attrs
 
 from .. import Filter, ImiChatClient, InvalidQueryError
 from . import _plan
-from ._checkpoint import Checkpoint, CheckpointError, ExportState
+from ._checkpoint import Checkpoint, CheckpointError, ExportState, tenant_of
 from ._plan import Intervals, RawRecord, TimeRange, UserQuery, fmt, plan_range, to_dt, to_us
 from ._progress import ExportProgress, ExportReport, Progress, Tally
 from ._runner import Runner
@@ -133,9 +133,7 @@ async def export_chats(
     subclasses for the API's errors. On any failure or cancellation the
     checkpoint stays consistent; no task outlives the call.
     """
-    # The client checks the filters at the call, before any request; nothing is read here.
-    await client.search_pages(filters=filters, condition=condition, raw=True, **params).aclose()
-    user = UserQuery(tuple(filters or ()), dict(params))
+    user = UserQuery.checked(filters, params, condition)
     if condition == "or" and user.count() > 1:
         raise InvalidQueryError(
             "export slices the range with created_at filters, which needs "
@@ -153,11 +151,14 @@ async def export_chats(
         "since": since_us,
         "until": until_us,
         "sink": out.describe(),
+        **tenant_of(client.base_url, client.team_id),
     }
     ckpt: Checkpoint[ExportState] = Checkpoint(
         Path(checkpoint) if checkpoint is not None else None, resume=resume
     )
     state = ckpt.load(key)
+    if state is None and resume and ckpt.path is not None and isinstance(out, FileSink):
+        _check_no_orphan(ckpt.path, out)
     if state is None:
         now = to_us("now", _plan.utcnow())
         run = _Run(key, plan_range(user, since_us, until_us, now), ckpt)
@@ -182,10 +183,10 @@ async def _run(
     a checkpoint of nothing would only make the same command, run again once the cause
     is fixed, refuse to start without `--resume` (issue #12).
     """
-    count = await out.open(run.offset if run.resumed else None)
     ok = False
     nothing_written = False
     try:
+        count = await out.open(run.offset if run.resumed else None)
         if run.offset is not None and count is not None and count != run.tally.records:
             raise CheckpointError(
                 f"cannot resume: the partial output holds {count} chats, "
@@ -232,6 +233,17 @@ async def _finish_published(out: Sink, ckpt: Checkpoint[ExportState]) -> None:
                 f"its .part file exists; delete the checkpoint to start over"
             )
     ckpt.drop()
+
+
+def _check_no_orphan(path: Path, out: FileSink) -> None:
+    """Resuming from a checkpoint that does not exist while the output's `.part` holds chats
+    (a mistyped `--checkpoint`): starting over would overwrite what the real one points to."""
+    if out.holds_partial():
+        raise CheckpointError(
+            f"cannot resume: checkpoint {str(path)!r} does not exist, but the partial output "
+            f"{str(out.temp_path)!r} does; give the checkpoint that wrote it, or delete "
+            "the partial output to start over"
+        )
 
 
 def _check_count(name: str, value: Any) -> None:

@@ -37,7 +37,6 @@ from typing import Any
 import attrs
 
 from .. import Filter, ImiChatClient, InvalidQueryError, PagingStats
-from .._query import build_query
 from ._export import export_chats
 from ._plan import (
     MAX_SPLIT,
@@ -143,8 +142,7 @@ async def plan_partitions(
     span_us = span_without_total // timedelta(microseconds=1)
     if span_us < 1:
         raise ValueError(f"span_without_total must be positive, got {span_without_total!r}")
-    query = build_query(params, filters, condition)  # InvalidQueryError before any request
-    wire = tuple(sorted(query.filters))
+    wire = UserQuery.checked(filters, params, condition).wire(condition)  # before any request
     if condition == "or" and len(wire) > 1:
         raise InvalidQueryError(
             "partitions slice the range with created_at filters, which needs "

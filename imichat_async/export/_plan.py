@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import attrs
 
 from .. import Filter, InvalidQueryError
+from .._query import build_query
 from .._records import CONVERTER as converter  # the one converter: its datetime rule
 
 RawRecord = Mapping[str, Any]
@@ -206,6 +207,30 @@ class UserQuery:
 
     filters: tuple[Any, ...] = ()
     params: Mapping[str, Any] = attrs.field(factory=dict)
+
+    @classmethod
+    def checked(
+        cls,
+        filters: Iterable[Any] | None,
+        params: Mapping[str, Any],
+        condition: str = "and",
+    ) -> UserQuery:
+        """The user's filters, checked the one way every search checks them (`build_query`).
+
+        Raises `InvalidQueryError` naming the first fault, before any request: a keyword
+        that is not a filter (`limit`, `start_page`, `max_pages`, `prefetch`, `deadline`:
+        an export or a sync reads every page itself) is refused, never sent as a filter.
+        """
+        given: Any = filters  # as the user gave it: build_query refuses a wrong form, named
+        if isinstance(given, Iterable) and not isinstance(given, (str, bytes, Mapping)):
+            given = tuple(given)  # read once: a generator is checked and kept alike
+        build_query(params, given, condition)
+        return cls(tuple(given or ()), dict(params))
+
+    def wire(self, condition: str = "and") -> tuple[tuple[str, str, str], ...]:
+        """The filters as the request sends them (checked; values as wire strings), sorted:
+        a canonical form that travels (a partition of a distributed read)."""
+        return tuple(sorted(build_query(self.params, self.filters, condition).filters))
 
     def items(self) -> list[tuple[str, str, Any]]:
         """Every filter as (param, operator, value), keyword or explicit alike."""

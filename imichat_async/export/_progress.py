@@ -47,7 +47,7 @@ class ExportReport:
     since: datetime
     until: datetime
     until_frozen: bool  # True when `until` is the instant frozen at the start
-    verified: bool  # every slice's count was checked against a total from the server
+    verified: bool  # every slice's count met a total the server sent (none accepted short)
     resumed: bool
     output: Path | None = None
     notes: tuple[str, ...] = ()

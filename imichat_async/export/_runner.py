@@ -17,10 +17,11 @@ however long the export. A plan whose records may come up in several slices
 called under the commit lock before each write.
 
 Atomic leaves (`atomic=True`, a sync): a slice is read as ONE page, the only
-read that is a snapshot of the server at one instant. A page that is not
-complete (fewer than a page of records, or a total within the page) means
-"maybe more": the slice is split by time (into pieces from the total when
-the server sends one) and its children are read the same way. A slice one
+read that is a snapshot of the server at one instant. A short page (fewer
+than a page of records, or a total within the page) holds the whole slice:
+it is done. A full page means "maybe more": the slice is split by time (into
+pieces from the total when the server sends one) and its children are read
+the same way. A slice one
 microsecond wide that still fills a page cannot be split: it is paged whole,
 again and again, until two reads in a row give the same records
 (`MAX_REREADS` at most; a note says when they never agreed).
@@ -117,7 +118,12 @@ class SliceReader:
         """Atomic mode: page 1 alone; complete, or split (from its total when it has one)."""
         stats = PagingStats()
         pages = self.client.search_pages(
-            raw=True, prefetch=1, max_pages=1, stats=stats, **self.plan.search_args(s)
+            raw=True,
+            prefetch=1,
+            max_pages=1,
+            stats=stats,
+            priority="background",
+            **self.plan.search_args(s),
         )
         items: Sequence[RawRecord] = ()
         total: int | None = None
@@ -129,7 +135,8 @@ class SliceReader:
             self.tally.wasted += stats.wasted
         self.tally.pages += 1
         self.tally.fetched += len(items)
-        self.has_total = total is not None
+        if items:  # an empty result yields no page: it says nothing of the header
+            self.has_total = total is not None
         if total is not None:
             s.estimate = total
         self.on_page()
@@ -162,6 +169,7 @@ class SliceReader:
                 self.tally.rereads += 1
             previous = keys
         else:
+            self.tally.verified = False  # kept a read that no other read confirmed
             self.tally.notes.append(
                 f"{where}: too narrow to split and its reads never agreed; kept the last"
             )
@@ -203,6 +211,7 @@ class SliceReader:
                 )
             return False
         if attempt > MAX_REREADS:
+            t.verified = False  # accepted short: its count never matched the total
             t.notes.append(
                 f"{where}: still short after {MAX_REREADS} re-reads: {got} chats of "
                 f"{expected}; kept what was read"
@@ -220,7 +229,11 @@ class SliceReader:
         totals: list[int | None] = []
         stats = PagingStats()
         pages = self.client.search_pages(
-            raw=True, prefetch=self.prefetch(), stats=stats, **self.plan.search_args(s)
+            raw=True,
+            prefetch=self.prefetch(),
+            stats=stats,
+            priority="background",
+            **self.plan.search_args(s),
         )
         try:
             async with aclosing(pages) as it:
@@ -273,7 +286,12 @@ class SliceReader:
     async def probe(self, s: Slice, number: int) -> Sequence[RawRecord]:
         """The records of page `number` of slice `s` (empty past its end)."""
         pages = self.client.search_pages(
-            raw=True, prefetch=1, start_page=number, max_pages=1, **self.plan.search_args(s)
+            raw=True,
+            prefetch=1,
+            start_page=number,
+            max_pages=1,
+            priority="background",
+            **self.plan.search_args(s),
         )
         async with aclosing(pages) as it:
             async for page in it:
@@ -320,6 +338,9 @@ class Runner:
         self.progress = progress
         self.workers = workers
         self.active: set[Slice] = set()
+        self.pending: list[tuple[Slice, int]] = []  # written, not yet synced: (slice, records)
+        self.durable = asyncio.Lock()  # a batching sink's batch being written (one at a time)
+        self.broken: BaseException | None = None  # why a batch could not be written
         self.running = 0
         self.queue: asyncio.Queue[Slice] = asyncio.Queue()
         self.lock = asyncio.Lock()
@@ -361,6 +382,7 @@ class Runner:
                     t.result()  # a worker only ends by raising: re-raise its error here
         finally:
             await cancel_and_wait([joiner, *tasks])
+        await self.flush()
 
     def enqueue(self, s: Slice) -> None:
         self.active.add(s)
@@ -402,19 +424,78 @@ class Runner:
         self.tell()
 
     async def commit(self, s: Slice, records: Sequence[RawRecord]) -> None:
-        """Write a finished slice, make it durable, then record it in the checkpoint."""
+        """Write a finished slice, make it durable, then record it in the checkpoint.
+
+        A batching sink (`Sink.batching`) keeps finished slices until a batch is full
+        (`Sink.holds`): they are recorded in the checkpoint only once the sink has written
+        them, all at once. Without `admit`, a full batch is written while the next fills
+        (one batch in flight at most, recorded in order); with it (a sync: what `admit`
+        has seen goes into the saved state), each batch is written before the next slice.
+        """
+        finish: list[Callable[[], Awaitable[None]]] = []
         async with self.lock:
             if self.admit is not None:
                 records = self.admit(records)
+            if self.pending and not self.sink.holds(len(records)):
+                finish.append(await self.detach())  # the batch is full: it goes first
             await self.sink.write(records)  # a file sink does not await: no cancellation here
-            await uncancelled(self.make_durable(s, len(records)))
+            self.pending.append((s, len(records)))
+            if not self.sink.batching:
+                await uncancelled(self.make_durable(self.take(), self.sink.sync))
+            elif not self.sink.holds(0):  # one slice over a batch on its own
+                if finish:
+                    await finish.pop()()
+                finish.append(await self.detach())
+            if self.admit is not None and finish:
+                await finish.pop()()
+        if finish:
+            await finish.pop()()
         self.tell(force=True)
 
-    async def make_durable(self, s: Slice, records: int) -> None:
-        """Sync the sink, mark the slice done, save the checkpoint: all of it, once started."""
-        offset = await self.sink.sync()
-        self.done.add(s.lo, s.hi)
-        self.tally.records += records
-        self.tally.slices_done += 1
-        self.active.discard(s)
+    def take(self) -> list[tuple[Slice, int]]:
+        taken, self.pending = self.pending, []
+        return taken
+
+    async def detach(self) -> Callable[[], Awaitable[None]]:
+        """Take the slices a batching sink holds as one batch, once the batch before it is
+        written; return the call that writes it and records it (in order)."""
+        await self.durable.acquire()
+        try:
+            if self.broken is not None:
+                raise self.broken  # the run ends with that batch's error, whichever worker
+            slices = self.take()
+            write = self.sink.detach()
+        except BaseException:
+            self.durable.release()
+            raise
+
+        async def finish() -> None:
+            try:
+                await uncancelled(self.make_durable(slices, write))
+            except BaseException as exc:
+                self.broken = exc  # no later batch may be recorded before this one
+                raise
+            finally:
+                self.durable.release()
+
+        return finish
+
+    async def flush(self) -> None:
+        """Write and record the slices a batching sink still holds (the run's end)."""
+        async with self.lock:
+            finish = await self.detach() if self.pending else None
+        if finish is not None:
+            await finish()
+
+    async def make_durable(
+        self, slices: Sequence[tuple[Slice, int]], write: Callable[[], Awaitable[int | None]]
+    ) -> None:
+        """Make the sink durable (`write`), mark `slices` done, save the checkpoint: all of
+        it, once started."""
+        offset = await write()
+        for s, records in slices:
+            self.done.add(s.lo, s.hi)
+            self.tally.records += records
+            self.tally.slices_done += 1
+            self.active.discard(s)
         await self.save(offset)

@@ -15,16 +15,17 @@ import inspect
 import io
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
-from .. import InvalidQueryError
+from .. import InvalidQueryError, RawChat
 from ._aio import in_thread
-from ._checkpoint import CheckpointError, fsync_dir
+from ._checkpoint import CheckpointError, fsync_dir, named_on_error
 
 RawRecord = Mapping[str, Any]
 _CHUNK = 1 << 20  # bytes read at a time when counting a partial file
+_HEAD = 1 << 16  # bytes of a log read to tell whether it holds more than a header
 
 
 class Sink(abc.ABC):
@@ -35,12 +36,21 @@ class Sink(abc.ABC):
     (one finished slice at a time), `await sync` (make it durable; return the
     byte length, or None when the sink cannot resume), then `await complete`
     (publish) or `close` (leave it unpublished, for a resume).
+
+    A batching sink (`batching`, `ParquetSink`) keeps finished slices in memory while
+    `holds` says so; the runner then `detach`es them as one batch, writes it, and only
+    then records its slices in the checkpoint (also at the end of the run). `sync`'s
+    result is then whatever `open` needs to resume (for Parquet: batches written).
     """
 
     kind: ClassVar[str] = "sink"
+    #: Keeps finished slices and writes them in batches (`holds`, `detach`).
+    batching: ClassVar[bool] = False
 
     def describe(self) -> dict[str, Any]:
-        """What identifies this sink in a checkpoint (so a resume writes to the same place)."""
+        """What identifies this sink in a checkpoint (so a resume writes to the same place):
+        its `kind` (and a file's path), never a class's name, so renaming a class (a
+        user's sink, a callable's) keeps a saved state usable."""
         return {"kind": self.kind}
 
     async def open(self, offset: int | None) -> int | None:
@@ -55,6 +65,16 @@ class Sink(abc.ABC):
     async def sync(self) -> int | None:
         """Flush what was written to durable storage; return its byte length (None: not a file)."""
         return None
+
+    def holds(self, records: int) -> bool:
+        """A batching sink: whether `records` more may wait, unwritten, with the slices
+        written since the last batch (False: the runner syncs after every slice)."""
+        return False
+
+    def detach(self) -> Callable[[], Awaitable[int | None]]:
+        """A batching sink: take what was written so far as one batch; return the call that
+        writes it durably (later writes are not part of it) and returns what `sync` does."""
+        return self.sync
 
     async def complete(self) -> None:  # noqa: B027 (optional hook)
         """The export is complete: publish the result."""
@@ -124,23 +144,42 @@ class FileSink(Sink):
                 f"cannot resume: {str(self.temp_path)!r} holds {size} bytes, "
                 f"fewer than the {offset} the checkpoint recorded"
             )
-        f: IO[bytes] = open(self.temp_path, "r+b")  # noqa: SIM115 (kept open)
+        f: IO[bytes] = open(self.temp_path, "r+b")  # noqa: SIM115 (kept open, closed by close)
         self._file = f
         f.truncate(offset)  # drop whatever was written after the last checkpoint
         f.seek(0)
-        records = self.count(f)
+        try:
+            records = self.count(f)
+        except (ValueError, csv.Error) as exc:  # not UTF-8, a CSV field past csv's limit
+            raise CheckpointError(
+                f"cannot resume: the partial output {str(self.temp_path)!r} is damaged "
+                f"({type(exc).__name__}: {exc!s:.200}); delete it and the checkpoint "
+                "to start over"
+            ) from None
         f.seek(offset)
         return records
+
+    def holds_partial(self) -> bool:
+        """Whether an unpublished `.part` holding chats (more than its header) is there."""
+        try:
+            return not self.append and self.temp_path.stat().st_size > len(self.header())
+        except FileNotFoundError:
+            return False
+
+    def check_unrecorded_log(self) -> None:
+        """Append mode, no state yet: refuse a log that already holds records (reading only
+        its head), so that nothing of someone else's is overwritten."""
+        with contextlib.suppress(FileNotFoundError), open(self.path, "rb") as head:
+            if head.read(_HEAD) not in (b"", self.header()):
+                raise CheckpointError(
+                    f"{str(self.path)!r} exists and is not empty, but the state has no "
+                    "record of it: give the state it was written with, or another output"
+                )
 
     def _open_log(self, offset: int | None) -> None:
         """Append mode: create the log (offset None) or truncate it to `offset` and go on."""
         if offset is None:
-            with contextlib.suppress(FileNotFoundError):
-                if self.path.read_bytes()[:65536] not in (b"", self.header()):
-                    raise CheckpointError(
-                        f"{str(self.path)!r} exists and is not empty, but the state has no "
-                        "record of it: give the state it was written with, or another output"
-                    )
+            self.check_unrecorded_log()
             f: IO[bytes] = open(self.path, "wb")  # noqa: SIM115 (kept open)
             f.write(self.header())
         else:
@@ -166,14 +205,16 @@ class FileSink(Sink):
         if self._file is None:
             raise RuntimeError("sink is not open")
         if records:
-            self._file.write(self.encode(records))
+            with named_on_error(self.temp_path):
+                self._file.write(self.encode(records))
 
     async def sync(self) -> int | None:
         f = self._file
         if f is None:
             raise RuntimeError("sink is not open")
-        f.flush()
-        await in_thread(os.fsync, f.fileno())
+        with named_on_error(self.temp_path):
+            f.flush()
+            await in_thread(os.fsync, f.fileno())
         return f.tell()
 
     async def complete(self) -> None:
@@ -199,17 +240,33 @@ class FileSink(Sink):
                 self.temp_path.unlink()
 
 
-def _json_line(record: RawRecord) -> str:
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+def _json_text(record: RawRecord) -> bytes:
+    """The record's text as the server sent it (`RawChat.raw`), else compact JSON, UTF-8.
+
+    A text spanning lines (a server that pretty-prints) is written compact: one line.
+    """
+    if isinstance(record, RawChat):
+        raw = record.raw
+        if b"\n" not in raw and b"\r" not in raw:
+            return raw
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 class NdjsonSink(FileSink):
-    """One JSON object per line, exactly the object the server sent (key order kept, UTF-8)."""
+    """One JSON object per line: the bytes of the record's JSON text exactly as the server
+    sent them (a `RawChat`, what searches with `raw=True` give); any other mapping as its
+    compact JSON, UTF-8. A record the server sent over several lines is written compact.
+    """
 
     kind = "ndjson"
 
     def encode(self, records: Sequence[RawRecord]) -> bytes:
-        return "".join(map(_json_line, records)).encode()
+        texts = [r.raw for r in records if r.__class__ is RawChat]
+        if len(texts) == len(records):  # the common case: every record as sent, joined
+            out = b"\n".join(texts) + b"\n"
+            if out.count(b"\n") == len(texts) and b"\r" not in out:
+                return out
+        return b"\n".join(map(_json_text, records)) + b"\n"
 
     def count(self, f: IO[bytes]) -> int:
         # Every record is one line; JSON text holds no raw newline.
@@ -327,10 +384,6 @@ class CallableSink(Sink):
             raise TypeError("CallableSink takes a callable: fn(chat), async or plain")
         self.fn = fn
 
-    def describe(self) -> dict[str, Any]:
-        name = getattr(self.fn, "__qualname__", type(self.fn).__qualname__)
-        return {"kind": self.kind, "name": str(name)}
-
     async def write(self, records: Sequence[RawRecord]) -> None:
         fn = self.fn
         for record in records:
@@ -345,13 +398,20 @@ def make_sink(
     *,
     append: bool = False,
 ) -> Sink:
-    """A sink from a `Sink`, an async callable, or a path (`format` "ndjson" or "csv";
-    by default from the suffix: `.csv` is CSV, anything else NDJSON). `append`: a file
-    sink appends to the path itself (a sync's log; a `FileSink` given is reopened so)."""
+    """A sink from a `Sink`, an async callable, or a path (`format` "ndjson", "csv" or
+    "parquet", a directory or fsspec URL; by default from the suffix: `.csv` is CSV,
+    anything else NDJSON). `append`: a file sink appends to the path itself (a sync's log;
+    a `FileSink` or `ParquetSink` given is reopened so)."""
     if isinstance(target, FileSink) and target.append != append:
         return type(target)(target.path, append=append)
+    from ._parquet import ParquetSink  # here: that module builds on this one
+
+    if isinstance(target, ParquetSink) and target.append != append:
+        return target.reopened(append=append)
     if isinstance(target, Sink):
         return target
+    if isinstance(target, (str, os.PathLike)) and format == "parquet":
+        return ParquetSink(target, append=append)
     if isinstance(target, (str, os.PathLike)):
         path = Path(target)
         fmt = format or ("csv" if path.suffix.lower() == ".csv" else "ndjson")
@@ -359,7 +419,7 @@ def make_sink(
             return NdjsonSink(path, append=append)
         if fmt == "csv":
             return CsvSink(path, append=append)
-        raise InvalidQueryError(f"unknown export format {fmt!r}: expected ndjson or csv")
+        raise InvalidQueryError(f"unknown export format {fmt!r}: expected ndjson, csv or parquet")
     if callable(target):
         return CallableSink(target)
     raise TypeError(

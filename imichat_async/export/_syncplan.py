@@ -7,7 +7,8 @@ microseconds since the epoch, as in `_plan`.
 Windows (`plan_windows`):
 
 - the first run reads `created_at` in `[since, T1)`, T1 the instant the run
-  started (frozen in the state, so a resumed run reads the same windows);
+  started by the server's clock (frozen in the state, so a resumed run reads
+  the same windows);
 - a later run reads two query families, `created_at` in `[B - lag, T1)` and
   `updated_at` in `[B - lag, T1)` (the latter with `created_at >= since`, so
   the log holds the chats created since `since` and nothing else), B the T1
@@ -28,11 +29,22 @@ and no others (`prune`). Within a run the two families may return the same
 version: the run remembers every version it appended from its lower bound on
 (`Windows.remember_from`); the first run needs no more than the next run
 will (a chat's `created_at` puts it in exactly one leaf).
+
+Undated versions (`SyncState.undated`): a record whose `updated_at` is missing,
+null or not a datetime (the wire contract lets any optional field be) has no
+time to key or prune by. Its version is (`chat_id`, a digest of the record as
+sent): read again unchanged it is skipped, changed (or given an `updated_at`)
+it is a new version. It is remembered with the T1 of the run that appended
+it and pruned like the others: whatever window read it (`created_at`, or an
+`updated_at` the server holds but did not send) lies below that T1, so no run
+after the next one can read it again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+import hashlib
+import json
+from collections.abc import Hashable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -45,6 +57,7 @@ STATE_VERSION = 1
 _US = 1_000_000
 
 Version = tuple[str, int]  # (chat_id, updated_at in microseconds)
+Undated = tuple[str, str]  # (chat_id, digest of the record): a version without updated_at
 
 
 def version_of(record: RawRecord) -> Version | None:
@@ -59,12 +72,29 @@ def version_of(record: RawRecord) -> Version | None:
         return None
 
 
+def undated_of(record: RawRecord) -> Undated | None:
+    """A record's (`chat_id`, digest of its content), or None without a `chat_id`: the version
+    of a record without a usable `updated_at`. Key order does not change the digest."""
+    chat_id = chat_key(record)
+    if chat_id is None:
+        return None
+    text = json.dumps(
+        record, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str
+    )
+    return (chat_id, hashlib.blake2b(text.encode(), digest_size=10).hexdigest())
+
+
+def key_of(record: RawRecord) -> Version | Undated | None:
+    """A record's version: dated when it has an `updated_at`, else undated; None without id."""
+    return version_of(record) or undated_of(record)
+
+
 @attrs.frozen
 class VersionRange(TimeRange):
     """A `TimeRange` whose records are told apart by version, not by chat."""
 
     def key(self, record: RawRecord) -> Hashable | None:
-        return version_of(record)
+        return key_of(record)
 
 
 @attrs.define
@@ -89,6 +119,8 @@ class SyncState:
     run: SyncRun | None = None
     offset: int | None = None  # the log's committed byte length (None: not a file, or new)
     recent: list[tuple[str, int]] = attrs.field(factory=list)  # versions >= the next bound
+    #: undated versions (no usable updated_at): (chat_id, digest, T1 of the run that read it)
+    undated: list[tuple[str, str, int]] = attrs.field(factory=list)
     runs: int = 0  # completed runs
     appended: int = 0  # versions appended by completed runs
     bound_at: str | None = None  # B, for people reading the file
@@ -164,6 +196,11 @@ def prune(versions: Iterable[Version], floor: int) -> list[tuple[str, int]]:
     return sorted((cid, at) for cid, at in versions if at >= floor)
 
 
+def prune_undated(undated: Mapping[Undated, int], floor: int) -> list[tuple[str, str, int]]:
+    """The undated versions remembered at or after `floor`, sorted (what the state keeps)."""
+    return sorted((cid, digest, at) for (cid, digest), at in undated.items() if at >= floor)
+
+
 def finish_run(state: SyncState, lag: int) -> None:
     """The run completed: B becomes its T1, the recent versions are pruned, the run cleared."""
     run = state.run
@@ -172,25 +209,39 @@ def finish_run(state: SyncState, lag: int) -> None:
     state.bound = run.t1
     state.bound_at = fmt(run.t1)
     state.recent = prune(state.recent, run.t1 - lag)
+    state.undated = [u for u in state.undated if u[2] >= run.t1 - lag]
     state.runs += 1
     state.appended += run.appended
     state.run = None
 
 
 def admit(
-    records: Iterable[RawRecord], seen: set[Version], remember_from: int
+    records: Iterable[RawRecord],
+    seen: set[Version],
+    remember_from: int,
+    undated: dict[Undated, int] | None = None,
+    t1: int = 0,
 ) -> tuple[list[RawRecord], int]:
     """The records whose version is not in `seen` (each once), and how many were skipped.
 
-    Versions appended with `updated_at >= remember_from` join `seen`. A record without a
-    version (no `chat_id` or `updated_at`) cannot be told apart: it is kept.
+    Versions appended with `updated_at >= remember_from` join `seen`. A record without
+    a usable `updated_at` is looked up in `undated` by its undated version and joins it
+    with `t1` (the run's T1); without `undated`, or without a `chat_id`, it cannot be
+    told apart: it is kept.
     """
     out: list[RawRecord] = []
     skipped = 0
     for r in records:
         v = version_of(r)
         if v is None:
-            out.append(r)
+            u = undated_of(r)
+            if undated is None or u is None:
+                out.append(r)
+            elif u in undated:
+                skipped += 1
+            else:
+                undated[u] = t1
+                out.append(r)
         elif v in seen:
             skipped += 1
         else:

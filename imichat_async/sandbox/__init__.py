@@ -10,7 +10,8 @@
         sb.current_records()                 # chat_id -> the record served now
 
 The server speaks the wire contract (`shared/spec/wire-contract.md`) exactly,
-filters for real, and injects the `Faults` asked for. `python -m
+from its own copy of the vendor's table (`vendor`, never the client's), filters
+for real, and injects the `Faults` asked for. `python -m
 imichat_async.sandbox` serves one from the command line (see `cli`).
 """
 

@@ -3,19 +3,22 @@
 The vendor's JSON error form (`{"status_code", "description", "response":
 null}`, the status table's HTTP status) and a gateway's own answers, which are
 not in that form: 429 with `{"message": "Too Many Requests"}`, nginx's HTML
-502 and 504, an empty 503.
+404 (a path outside the API), 502 and 504, an empty 503.
 """
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from imichat_async._protocol import RETRY_AFTER_HEADER, STATUS_TABLE
-
 from .faults import Stats
+from .vendor import CODES, RETRY_AFTER_HEADER, describe
 
 _TOO_MANY = {"message": "Too Many Requests"}
 
+_HTML_404 = (
+    "<html><head><title>404 Not Found</title></head><body><center><h1>404 Not Found</h1>"
+    "</center><hr><center>nginx</center></body></html>\n"
+)
 _HTML_502 = (
     "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1>"
     "</center><hr><center>nginx</center></body></html>\n"
@@ -26,11 +29,16 @@ _HTML_504 = (
 )
 
 
-def vendor_error(stats: Stats, code: int, **fields: str) -> web.Response:
-    """The status table's row `code`, its description formatted with `fields`."""
-    row = STATUS_TABLE[code]
-    description = row.description.format(**fields) if fields else row.description
-    return error_response(stats, code, row.http_status, description)
+def vendor_error(stats: Stats, code: int) -> web.Response:
+    """The vendor's row `code` (one without blanks to fill), in the vendor's JSON form."""
+    return error_response(stats, code, CODES[code].http_status, describe(code))
+
+
+def method_not_allowed(stats: Stats) -> web.Response:
+    """2099 (HTTP 405) with the `Allow` header RFC 9110 requires of a 405: only POST is."""
+    response = vendor_error(stats, 2099)
+    response.headers["Allow"] = "POST"
+    return response
 
 
 def error_response(stats: Stats, code: int, http_status: int, description: str) -> web.Response:
@@ -40,6 +48,12 @@ def error_response(stats: Stats, code: int, http_status: int, description: str) 
         stats.expired_hits += 1
     body = {"status_code": code, "description": description, "response": None}
     return web.json_response(body, status=http_status)
+
+
+def not_found(stats: Stats) -> web.Response:
+    """The front server's 404 for a path outside the API (nginx's HTML, not the vendor's JSON)."""
+    stats.errors_by_code[404] += 1
+    return web.Response(status=404, text=_HTML_404, content_type="text/html")
 
 
 def too_many(stats: Stats, retry_after: str | None) -> web.Response:

@@ -20,18 +20,21 @@ from typing import Any
 
 import attrs
 
-from imichat_async._protocol import PAGE_SIZE, STATUS_TABLE, SUCCESS_CODE
-
 from .data import AGENTS, END_US, ChatFactory, Row, Table, format_us, row_of
 from .query import Query, make_query, select
+from .vendor import PAGE_SIZE, STATUSES, SUCCESS, describe
 
-#: The statuses `churn` moves chats between (the vendor's four).
-STATUSES = ("queued", "picked", "onhold", "closed")
 HOT_SHARE = 0.8  # share of churn updates that hit the hot set
 HOT_SIZE = 20  # the most chats in the hot set
 _BODY_CACHE_SIZE = 20_000  # serialized pages kept (about 5 KB each)
 _CACHE_SIZE = 128
 _MS = 1000
+#: How a success body is serialized (`Sandbox(json_style=)`): json.dumps' keywords.
+JSON_STYLES: dict[str, dict[str, Any]] = {
+    "compact": {"separators": (",", ":")},  # ASCII only: other characters as \u escapes
+    "spaced": {"ensure_ascii": False},  # ", " and ": ", characters as they are (UTF-8)
+    "pretty": {"ensure_ascii": False, "indent": 2},  # every record over several lines
+}
 
 
 @attrs.frozen
@@ -52,7 +55,12 @@ class Tenant:
     changed now.
     """
 
-    def __init__(self, chats: int, seed: int, wall_clock: Callable[[], float]) -> None:
+    def __init__(
+        self, chats: int, seed: int, wall_clock: Callable[[], float], json_style: str = "compact"
+    ) -> None:
+        if json_style not in JSON_STYLES:
+            raise ValueError(f"json_style must be one of {sorted(JSON_STYLES)}, got {json_style!r}")
+        self._json = JSON_STYLES[json_style]
         self._wall_clock = wall_clock
         self._factory = ChatFactory(seed)
         self._table = Table(*self._factory.generate(chats))
@@ -84,11 +92,11 @@ class Tenant:
         if body is None:
             start = (page - 1) * PAGE_SIZE
             doc = {
-                "status_code": SUCCESS_CODE,
-                "description": STATUS_TABLE[SUCCESS_CODE].description,
+                "status_code": SUCCESS,
+                "description": describe(SUCCESS),
                 "response": results[start : start + PAGE_SIZE],
             }
-            body = json.dumps(doc, separators=(",", ":")).encode()
+            body = json.dumps(doc, **self._json).encode()
             if len(self._bodies) >= _BODY_CACHE_SIZE:
                 self._bodies.clear()
             self._bodies[(query, page)] = body
@@ -144,6 +152,21 @@ class Tenant:
             elif new["assignee"] is None:
                 new["assignee"] = AGENTS[int(self._churn_rng.random() * len(AGENTS))]
         self._table.replace(new, row_of(new, row.created_us, updated_us))
+        self._changed()
+        return new
+
+    def drop_updated_at(self, chat_id: str, missing: bool = False) -> dict[str, Any]:
+        """See `Sandbox.drop_updated_at`; raises `KeyError` for an unknown id."""
+        try:
+            chat, row = self._table.get(chat_id)
+        except KeyError:
+            raise KeyError(f"no chat {chat_id!r} in this sandbox") from None
+        new = dict(chat)
+        if missing:
+            new.pop("updated_at", None)
+        else:
+            new["updated_at"] = None
+        self._table.replace(new, row)
         self._changed()
         return new
 

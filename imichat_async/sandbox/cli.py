@@ -1,18 +1,24 @@
 """The `sandbox` command: serve a simulated tenant on 127.0.0.1 until SIGINT or SIGTERM.
 
 Mounted by the main CLI as `imichat-async sandbox`, and run by `python -m
-imichat_async.sandbox`. On start it prints three lines to stdout, flushed, for
-scripts and benchmarks that start it with `--port 0`::
+imichat_async.sandbox`. On start it prints its settings to stdout, flushed:
+three lines for scripts and benchmarks that start it with `--port 0`, then
+the same as the variables `imichat-async` reads, ready to `export` in a
+shell::
 
     base_url=http://127.0.0.1:8765/v3.0
     team_id=...
     token=...
+    IMICHAT_BASE_URL=http://127.0.0.1:8765/v3.0
+    IMICHAT_TEAM_ID=...
+    IMICHAT_TOKEN=...
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import shlex
 import signal
 import sys
 from typing import Any
@@ -33,6 +39,22 @@ def _fault_page(
             raise click.BadParameter(f"{item!r}: expected PAGE=KIND, KIND one of {FAULT_KINDS}")
         pages[int(page)] = kind
     return pages
+
+
+#: The variables `imichat-async` reads its credentials from (its `--base-url`, `--team-id`,
+#: `--token`); written here, not imported: the sandbox imports nothing of the client.
+ENV_NAMES = ("IMICHAT_BASE_URL", "IMICHAT_TEAM_ID", "IMICHAT_TOKEN")
+
+
+def settings_text(base_url: str, team_id: str, token: str) -> str:
+    """What the command prints on start: `key=value` lines, then `IMICHAT_*=value` lines."""
+    values = (base_url, team_id, token)
+    plain = [
+        f"{key}={value}"
+        for key, value in zip(("base_url", "team_id", "token"), values, strict=True)
+    ]
+    env = [f"{name}={shlex.quote(value)}" for name, value in zip(ENV_NAMES, values, strict=True)]
+    return "\n".join(plain + env) + "\n"
 
 
 _PROBABILITY = click.FloatRange(0.0, 1.0)
@@ -117,6 +139,13 @@ _SECONDS = click.FloatRange(min=0.0)
 )
 @click.option("--token-ttl", type=_SECONDS, default=None, help="Token lifetime, seconds.")
 @click.option(
+    "--clock-offset",
+    type=float,
+    default=0.0,
+    metavar="SECONDS",
+    help="The server's clock this far from this machine's (Date headers, times of changes).",
+)
+@click.option(
     "--token-max-uses",
     type=click.IntRange(min=1),
     default=None,
@@ -129,12 +158,15 @@ def sandbox_command(
     no_total: bool,
     token_ttl: float | None,
     token_max_uses: int | None,
+    clock_offset: float,
     **knobs: Any,
 ) -> None:
     """Serve a simulated IMIchat tenant on 127.0.0.1 until interrupted."""
     faults = Faults(**knobs)
     with contextlib.suppress(KeyboardInterrupt):  # platforms without loop signal handlers
-        asyncio.run(_serve(port, chats, seed, not no_total, faults, token_ttl, token_max_uses))
+        asyncio.run(
+            _serve(port, chats, seed, not no_total, faults, token_ttl, token_max_uses, clock_offset)
+        )
 
 
 async def _serve(
@@ -145,6 +177,7 @@ async def _serve(
     faults: Faults,
     token_ttl: float | None,
     token_max_uses: int | None,
+    clock_offset: float = 0.0,
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -159,8 +192,13 @@ async def _serve(
         token_ttl=token_ttl,
         token_max_uses=token_max_uses,
         port=port,
+        clock_offset=clock_offset,
     ) as sb:
-        sys.stdout.write(f"base_url={sb.base_url}\nteam_id={sb.team_id}\ntoken={sb.token}\n")
+        sys.stdout.write(settings_text(sb.base_url, sb.team_id, sb.token))
         sys.stdout.flush()
-        click.echo(f"serving {chats} chats; SIGINT or SIGTERM to stop", err=True)
+        click.echo(
+            f"serving {chats} chats; SIGINT or SIGTERM to stop "
+            "(`export` the IMICHAT_* lines to point imichat-async at it)",
+            err=True,
+        )
         await stop.wait()

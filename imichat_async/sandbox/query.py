@@ -7,8 +7,9 @@ of a `data.Row`; `select` answers a `Query` from a `data.Table` as an indexed
 server does: the `created_at`/`updated_at` filters of an `and` query become
 one range each, the narrower range is read from its index, and only those
 candidates meet the other filters (an `or` query scans every row).
-Everything about params and operators comes from `imichat_async._protocol`,
-so the sandbox and the client read the same table.
+Everything about params and operators comes from the sandbox's own copy of
+the vendor's table (`vendor`), never from the client's: a wrong row in the
+client's table then shows as a refused or mis-filtered search.
 """
 
 from __future__ import annotations
@@ -19,16 +20,8 @@ from typing import Any
 
 import attrs
 
-from imichat_async._protocol import (
-    CONDITIONS,
-    DATETIME_PARAMS,
-    DESTINATION_PARAMS,
-    ENUM_PARAM_VALUES,
-    PARAM_OPERATORS,
-    STATUS_TABLE,
-)
-
 from .data import Row, Table, parse_datetime_us
+from .vendor import CLOSED_VALUES, CODES, CONDITIONS, DATETIMES, DESTINATIONS, OPERATORS, describe
 
 #: One normalized filter: (param, operator, value); a datetime value is in microseconds.
 Term = tuple[str, str, "str | int"]
@@ -47,11 +40,10 @@ _ORDER: Mapping[str, Callable[[Any, Any], bool]] = {
 class QueryError(ValueError):
     """A body the vendor would refuse: `code`, `http_status` and `description` of the table."""
 
-    def __init__(self, code: int, **fields: str) -> None:
-        row = STATUS_TABLE[code]
+    def __init__(self, code: int, param: str = "", value: str = "") -> None:
         self.code = code
-        self.http_status = row.http_status
-        self.description = row.description.format(**fields) if fields else row.description
+        self.http_status = CODES[code].http_status
+        self.description = describe(code, param, value)
         super().__init__(f"{code}: {self.description}")
 
 
@@ -66,17 +58,17 @@ class Query:
 def _term(param: Any, op: Any, value: Any) -> Term:
     if not (isinstance(param, str) and isinstance(op, str) and isinstance(value, str)):
         raise QueryError(3451)
-    operators = PARAM_OPERATORS.get(param)
+    operators = OPERATORS.get(param)
     if operators is None:
         raise QueryError(3445, param=param)
     if op not in operators:
         raise QueryError(3446, param=param)
-    if param in DATETIME_PARAMS:
+    if param in DATETIMES:
         us = parse_datetime_us(value)
         if us is None:
             raise QueryError(4303, value=value, param=param)
         return (param, op, us)
-    allowed = ENUM_PARAM_VALUES.get(param)
+    allowed = CLOSED_VALUES.get(param)
     if allowed is not None and value not in allowed:
         raise QueryError(4303, value=value, param=param)
     return (param, op, value)
@@ -131,8 +123,8 @@ def _predicate(term: Term) -> Predicate:
         return lambda row: value in row.tags
     if param == "assignee":
         return lambda row: row.assignee == value
-    if param in DESTINATION_PARAMS:
-        channel = DESTINATION_PARAMS[param]
+    if param in DESTINATIONS:
+        channel = DESTINATIONS[param]
         return lambda row: row.channel == channel and row.destination_id == value
     if param == "intent":
         return lambda row: row.channel == "abc" and row.intent == value
@@ -163,7 +155,7 @@ def _ranges(terms: Iterable[Term]) -> tuple[dict[str, tuple[int, int]], list[Ter
     rest: list[Term] = []
     for term in terms:
         param, op, value = term
-        if param not in DATETIME_PARAMS or not isinstance(value, int):
+        if param not in DATETIMES or not isinstance(value, int):
             rest.append(term)
             continue
         lo, hi = ranges.get(param, _ALL)

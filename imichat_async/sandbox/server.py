@@ -12,9 +12,13 @@ Routes, under `{base_url}` = `http://127.0.0.1:{port}/v3.0`:
   filtering for real, 10 chats a page, `X-Total-Count` unless disabled;
   then the `Faults` (latency, 5xx, 429, resets, hangs, throttling, inserts).
 - `POST /oauth/token`: a fresh token, `{"access_token", "token_type", "expires_in"}`.
-- Any other path: HTTP 404 with the vendor's JSON form and a `status_code`
-  of 404 (no row of the vendor's table fits an unknown path):
-  `{"status_code": 404, "description": "No such resource: POST /x", "response": null}`.
+- Another method on either path: 2099 (HTTP 405) with `Allow: POST` (RFC 9110).
+- Any other path under `/v3.0/`: the API's own 404, in the vendor's JSON form
+  with a `status_code` of 404 (no row of the vendor's table fits an unknown path):
+  `{"status_code": 404, "description": "No such resource: POST /v3.0/x", "response": null}`.
+- Any path outside `/v3.0/` (a base URL without `/v3.0`): the front server's
+  plain HTML 404, without the vendor's JSON, as a real tenant's host answers;
+  the client then says to check `base_url`.
 
 Order of checks on the search path: the rate limit (429, a gateway's answer,
 before anything else), method (2099), headers (2002), token (2003), team
@@ -42,23 +46,24 @@ The server never binds anything but 127.0.0.1.
 This module is the aiohttp side: the app, its handlers, the order of the
 checks and `serve()`. `Sandbox` composes the parts, each in its own module:
 `_tenant` (the chats and their changes), `_tokens`, `_gateway` (the rate
-limit), `_injection` (the faults) and `_replies` (every answer but a page).
+limit), `_injection` (the faults), `_replies` (every answer but a page) and
+`vendor` (its own copy of the vendor's table: it imports nothing of the client).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import json
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import attrs
-from aiohttp import web
-
-from imichat_async._protocol import AUTH_HEADER, SEARCH_PATH, TEAM_HEADER, TOTAL_HEADER
+from aiohttp import hdrs, web
 
 from . import _replies
 from ._gateway import TokenBucket
@@ -67,11 +72,11 @@ from ._tenant import Churn, Tenant
 from ._tokens import Tokens
 from .faults import Faults, Stats
 from .query import Query, QueryError, parse_body
+from .vendor import API_ROOT, AUTH_HEADER, SEARCH_PATH, TEAM_HEADER, TOTAL_HEADER
 
 __all__ = ["SANDBOX_KEY", "Churn", "Sandbox", "make_app", "serve"]
 
 HOST = "127.0.0.1"
-API_ROOT = "/v3.0"
 TOKEN_PATH = "/oauth/token"
 MAX_PAGE = 2**63 - 1  # the largest page a 64-bit server integer holds
 
@@ -82,7 +87,14 @@ class Sandbox:
     Use `serve(...)` (or `async with Sandbox(...)`). See the module docstring for the routes.
     `clock` (monotonic seconds) drives the rate limit and token lifetimes,
     `wall_clock` (epoch seconds) the `created_at`/`updated_at` of changed
-    chats; tests may pass fakes.
+    chats and every response's `Date` header; tests may pass fakes.
+    `clock_offset` (seconds) sets the server's clock that far from `wall_clock`
+    (its `Date` headers and the times it stamps alike): a server whose clock
+    is skewed from the client's. `date_header=False` sends the `Date` header
+    empty (aiohttp always sends one): a server whose clock a client cannot read.
+    `json_style` is how success bodies are serialized: "compact" (the default;
+    ASCII, other characters escaped), "spaced" (", " and ": ", characters as
+    UTF-8) or "pretty" (indented: a record spans lines).
     """
 
     def __init__(
@@ -97,6 +109,9 @@ class Sandbox:
         port: int = 0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        clock_offset: float = 0.0,
+        date_header: bool = True,
+        json_style: str = "compact",
     ) -> None:
         if chats < 0:
             raise ValueError(f"chats must be >= 0, got {chats}")
@@ -107,7 +122,11 @@ class Sandbox:
         self.stats = Stats()
         self._port = port
         self._clock = clock
-        self._tenant = Tenant(chats, seed, wall_clock)
+        self._wall_clock = wall_clock
+        self.clock_offset = clock_offset
+        self.date_header = date_header
+        self._date: tuple[int, str] = (-1, "")  # the last Date header, by its second
+        self._tenant = Tenant(chats, seed, self.now, json_style)
         #: Every chat, in served order (the table's own list: read it, do not change it).
         self.data: list[dict[str, Any]] = self._tenant.data
         self._closing = asyncio.Event()
@@ -199,6 +218,25 @@ class Sandbox:
         """Make `token` (default: every token issued so far) answer 2004 from now on."""
         self._tokens.expire(token)
 
+    # -- the server's clock -------------------------------------------------------------------
+
+    def now(self) -> float:
+        """The server's clock (epoch seconds): `wall_clock() + clock_offset`."""
+        return self._wall_clock() + self.clock_offset
+
+    def http_date(self) -> str:
+        """The `Date` header of a response sent now (IMF-fixdate), or "" without `date_header`."""
+        if not self.date_header:
+            return ""
+        second = math.floor(self.now())
+        if self._date[0] != second:
+            self._date = (second, email.utils.formatdate(second, usegmt=True))
+        return self._date[1]
+
+    async def _stamp_date(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Every response's `Date` from the server's own clock (not aiohttp's)."""
+        response.headers[hdrs.DATE] = self.http_date()
+
     # -- data --------------------------------------------------------------------------------
 
     def insert_chats(self, n: int) -> list[dict[str, Any]]:
@@ -225,6 +263,16 @@ class Sandbox:
         new = self._tenant.update_chat(chat_id, status)
         self.stats.updated += 1
         return new
+
+    def drop_updated_at(self, chat_id: str, missing: bool = False) -> dict[str, Any]:
+        """Serve `chat_id` with `updated_at` null (`missing`: without the field), a record quirk
+        the wire contract allows for any optional field; return the record now served.
+
+        The server still filters on the time it holds (as a view that drops a column); a
+        later `update_chat` gives the chat an `updated_at` again. Raises `KeyError` for an
+        unknown id.
+        """
+        return self._tenant.drop_updated_at(chat_id, missing)
 
     def churn(self, updates: int = 0, inserts: int = 0) -> Churn:
         """Change the data as a live tenant does: `updates` new versions, then `inserts` new chats.
@@ -328,14 +376,17 @@ class Sandbox:
     async def handle_token(self, request: web.Request) -> web.Response:
         """POST: issue a token; no authentication."""
         if request.method != "POST":
-            return _replies.vendor_error(self.stats, 2099)
+            return _replies.method_not_allowed(self.stats)
         token = await self.new_token()
         return web.json_response(
             {"access_token": token, "token_type": "Bearer", "expires_in": self._tokens.expires_in}
         )
 
     async def handle_unknown(self, request: web.Request) -> web.Response:
-        """Any other path: 404 in the vendor's JSON form (not aiohttp's plain text)."""
+        """Any other path: under the API root, the API's 404 in the vendor's JSON form;
+        elsewhere, the front server's HTML 404 (no vendor body: the client's base_url hint)."""
+        if not request.path.startswith(API_ROOT + "/"):
+            return _replies.not_found(self.stats)
         description = f"No such resource: {request.method} {request.path}"
         return _replies.error_response(self.stats, 404, 404, description)
 
@@ -349,7 +400,7 @@ def _check_auth(
     """The refusal of a search that fails authentication (2099, 2002, 2003, 2010, 2004, in
     that order), or None after counting a use of its token."""
     if request.method != "POST":
-        return _replies.vendor_error(stats, 2099)
+        return _replies.method_not_allowed(stats)
     auth = request.headers.get(AUTH_HEADER)
     team = request.headers.get(TEAM_HEADER)
     if not auth or not team:
@@ -402,6 +453,7 @@ def make_app(sandbox: Sandbox | None = None, **kwargs: Any) -> web.Application:
     sb = sandbox if sandbox is not None else Sandbox(**kwargs)
     app = web.Application()
     app[SANDBOX_KEY] = sb
+    app.on_response_prepare.append(sb._stamp_date)
     app.router.add_route("*", API_ROOT + SEARCH_PATH, sb.handle_search)
     app.router.add_route("*", API_ROOT + TOKEN_PATH, sb.handle_token)
     # Last, so only a path no route above matches reaches it (the router indexes plain paths).
@@ -420,6 +472,9 @@ async def serve(
     port: int = 0,
     clock: Callable[[], float] = time.monotonic,
     wall_clock: Callable[[], float] = time.time,
+    clock_offset: float = 0.0,
+    date_header: bool = True,
+    json_style: str = "compact",
     **fault_knobs: Any,
 ) -> AsyncIterator[Sandbox]:
     """Serve a `Sandbox` on 127.0.0.1 for the duration of the block.
@@ -447,6 +502,9 @@ async def serve(
         port=port,
         clock=clock,
         wall_clock=wall_clock,
+        clock_offset=clock_offset,
+        date_header=date_header,
+        json_style=json_style,
     )
     async with sb:
         yield sb

@@ -325,6 +325,43 @@ async def test_search_pages_yields_numbered_pages(sb: sandbox.Sandbox) -> None:
     """search_pages hands out (chats, page) in order; start_page and max_pages bound it."""
     async with client_for(sb, concurrency=4) as client:
         pages = [p async for p in client.search_pages(start_page=3, max_pages=4)]
-    assert [p.page for p in pages] == [3, 4, 5, 6]
-    assert [c.chat_id for p in pages for c in p.chats] == [c["chat_id"] for c in sb.data[20:60]]
+    assert [p.number for p in pages] == [3, 4, 5, 6]
+    assert [c.chat_id for p in pages for c in p.items] == [c["chat_id"] for c in sb.data[20:60]]
     assert sb.stats.requests_total == 4
+
+
+async def test_base_url_without_the_api_root_gets_the_base_url_hint(sb: sandbox.Sandbox) -> None:
+    """A base URL without /v3.0 meets the front server's plain 404: the error says to check
+    base_url, as the README promises (issue #25)."""
+    root = sb.base_url.removesuffix("/v3.0")
+    assert root != sb.base_url
+    client = imi.ImiChatClient(
+        base_url=root, token=sb.token, team_id=sb.team_id, retry_policy=NO_WAIT
+    )
+    async with client:
+        with pytest.raises(imi.UnexpectedResponseError) as info:
+            await ids_of(client.search_chats())
+    assert info.value.http_status == 404 and info.value.status_code is None
+    assert "is base_url the tenant's v3.0 root" in str(info.value)
+    assert sb.stats.requests_total == 0  # never reached the search path
+
+
+async def test_priority_is_checked_at_the_call(sb: sandbox.Sandbox) -> None:
+    """`priority` other than "interactive" or "background" raises before any request."""
+    async with client_for(sb) as client:
+        calls: list[Any] = [client.search_chats, client.search_pages]
+        for call in calls:
+            with pytest.raises(imi.InvalidQueryError, match="priority"):
+                call(priority="urgent")
+        await ids_of(client.search_chats(priority="background", max_pages=2))
+    assert sb.stats.requests_total == 2
+
+
+async def test_a_search_is_sized_for_the_limiter_from_its_total(sb: sandbox.Sandbox) -> None:
+    """The fetch path tells the limiter each search's pages from the first total: the
+    typical size (a new search's rank) is their median, capped at the concurrency."""
+    async with client_for(sb, concurrency=16) as client:
+        await ids_of(client.search_chats())  # 124 pages
+        assert client.limiter.sched.typical == 16
+        await ids_of(client.search_chats(start_page=120))  # pages 120..124
+        assert client.limiter.sched.typical == 5

@@ -1,0 +1,222 @@
+"""Chats as Arrow: the one schema of the Parquet dataset, and raw records -> `pyarrow.Table`.
+
+Needs the `parquet` extra (`pip install 'imichat-async[parquet]'`); import it through
+`require_pyarrow()` to get that message instead of a bare `ImportError`. The Parquet
+sink (`export/_parquet.py`) and the Dask reader (issue #22) both build their tables
+with `chats_table`, so every file and every partition has exactly `CHAT_SCHEMA`.
+
+What a value of the wrong kind becomes (the wire contract's record quirks); nothing
+fails, nothing the server sent is lost:
+
+- `chat_id` (not null): a string as sent, a number as its text; missing or null: "".
+- the other string columns: a string as sent, a number as its text (`12` -> "12"),
+  anything else (a boolean, a list, an object) as its JSON text; missing or null: null.
+- `created_at`, `updated_at`: ISO 8601 read as UTC (naive means UTC, offsets
+  converted), microseconds. A value that is not such a string becomes null, and the
+  value as sent is kept in `extra` under its own name.
+- `asset_id`: an int as its decimal text, a string as sent (`00123` keeps its zeros);
+  `asset_name` a string. An `asset` that is not an object: its value is the
+  `asset_id`. An asset with fields other than `id` and `name`: the whole asset
+  object is also kept in `extra` under "asset".
+- `tag`: a list of strings; a lone string -> a list of one; a non-string element as
+  its text (number) or JSON text; missing or null: null.
+- `other_details`: the value as sent, as JSON text (an object, usually); null when
+  missing or null.
+- `extra`: a JSON object of the top-level fields not in the schema (and of the
+  values above that could not be kept in their column); null when there is none.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from ._errors import ConfigurationError
+from ._records import parse_utc
+
+try:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet  # loaded with the module, not during an export
+
+    AVAILABLE = True
+except ImportError:  # pragma: no cover (the extra is installed where tests run)
+    AVAILABLE = False
+
+EXTRA_HINT = "pip install 'imichat-async[parquet]'"
+
+#: Top-level fields of a chat that have a column of their own (`asset` -> two columns).
+_STRING_FIELDS = (
+    "alias_id",
+    "status",
+    "channel",
+    "customer_id",
+    "destination_id",
+    "assignee",
+    "flag",
+)
+KNOWN_FIELDS = frozenset(
+    {"chat_id", "created_at", "updated_at", "asset", "tag", "other_details", *_STRING_FIELDS}
+)
+_ASSET_FIELDS = frozenset({"id", "name"})
+
+
+def require_pyarrow() -> None:
+    """Raise `ConfigurationError` naming the extra when pyarrow is missing."""
+    if not AVAILABLE:
+        raise ConfigurationError(f"Parquet output needs pyarrow: {EXTRA_HINT}")
+
+
+def _schema() -> pa.Schema:
+    ts = pa.timestamp("us", tz="UTC")
+    return pa.schema(
+        [
+            pa.field("chat_id", pa.string(), nullable=False),
+            pa.field("alias_id", pa.string()),
+            pa.field("created_at", ts),
+            pa.field("updated_at", ts),
+            pa.field("status", pa.string()),
+            pa.field("channel", pa.string()),
+            pa.field("asset_id", pa.string()),
+            pa.field("asset_name", pa.string()),
+            pa.field("customer_id", pa.string()),
+            pa.field("destination_id", pa.string()),
+            pa.field("assignee", pa.string()),
+            pa.field("flag", pa.string()),
+            pa.field("tag", pa.list_(pa.string())),
+            pa.field("other_details", pa.string()),
+            pa.field("extra", pa.string()),
+        ]
+    )
+
+
+#: The schema of every file of a Parquet export or sync (README: "Parquet").
+CHAT_SCHEMA: pa.Schema = _schema() if AVAILABLE else None
+
+
+_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # JSON text
+
+
+def _text(value: Any) -> str | None:
+    """A string column's value: a string as sent, a number as its text, else JSON text."""
+    if value is None or value.__class__ is str:
+        return value
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return _json(value)
+
+
+def _strings(values: list[Any]) -> pa.Array:
+    try:
+        return pa.array(values, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([_text(v) for v in values], pa.string())
+
+
+def _tag(value: Any) -> list[str | None] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [_text(t) for t in value]
+    return [_text(value)]
+
+
+def _tags(values: list[Any]) -> pa.Array:
+    kind = pa.list_(pa.string())
+    try:
+        return pa.array(values, kind)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([_tag(v) for v in values], kind)
+
+
+def _parse(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return parse_utc(value)
+    except ValueError:
+        return None
+
+
+def _times(name: str, values: list[Any], extras: list[dict[str, Any] | None]) -> pa.Array:
+    """A timestamp column: vectorised when every value parses, else value by value (the
+    values that do not parse become null, kept as sent in `extras`)."""
+    kind = pa.timestamp("us", tz="UTC")
+    try:
+        return pc.cast(pa.array(values, pa.string()), kind)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        pass
+    parsed: list[datetime | None] = []
+    for i, value in enumerate(values):
+        at = _parse(value)
+        if at is None and value is not None:
+            extras[i] = {**(extras[i] or {}), name: value}
+        parsed.append(at)
+    return pa.array(parsed, kind)
+
+
+def _asset(asset: Any) -> tuple[Any, Any, bool]:
+    """(`asset_id`, `asset_name`, whether the asset holds more than both)."""
+    if asset is None:
+        return None, None, False
+    if isinstance(asset, Mapping):
+        return asset.get("id"), asset.get("name"), not asset.keys() <= _ASSET_FIELDS
+    return asset, None, False
+
+
+def _asset_id(value: Any) -> str | None:
+    if value is None or value.__class__ is str:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # decimal text
+    return _text(value)
+
+
+def chats_table(records: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """The chats as one `pyarrow.Table` of `CHAT_SCHEMA`, one row per record, in order.
+
+    `records` are the JSON objects the server sent (any `Mapping[str, Any]`). Never
+    raises for a value of the wrong kind: the module's docstring says what each becomes.
+    """
+    require_pyarrow()
+    n = len(records)
+    extras: list[dict[str, Any] | None] = [None] * n
+    known = KNOWN_FIELDS
+    for i, r in enumerate(records):
+        if not r.keys() <= known:
+            extras[i] = {k: v for k, v in r.items() if k not in known}
+    chat_ids = [r.get("chat_id") for r in records]
+    if not all(c.__class__ is str for c in chat_ids):
+        chat_ids = [_text(c) or "" for c in chat_ids]
+    assets = [_asset(r.get("asset")) for r in records]
+    for i, (_, _, more) in enumerate(assets):
+        if more:
+            extras[i] = {**(extras[i] or {}), "asset": records[i]["asset"]}
+    asset_ids = [a[0] for a in assets]
+    if not all(v is None or v.__class__ is str for v in asset_ids):
+        asset_ids = [_asset_id(v) for v in asset_ids]
+    details = [r.get("other_details") for r in records]
+    columns: dict[str, pa.Array] = {
+        "chat_id": pa.array(chat_ids, pa.string()),
+        "alias_id": _strings([r.get("alias_id") for r in records]),
+        "created_at": _times("created_at", [r.get("created_at") for r in records], extras),
+        "updated_at": _times("updated_at", [r.get("updated_at") for r in records], extras),
+        "status": _strings([r.get("status") for r in records]),
+        "channel": _strings([r.get("channel") for r in records]),
+        "asset_id": pa.array(asset_ids, pa.string()),
+        "asset_name": _strings([a[1] for a in assets]),
+        "customer_id": _strings([r.get("customer_id") for r in records]),
+        "destination_id": _strings([r.get("destination_id") for r in records]),
+        "assignee": _strings([r.get("assignee") for r in records]),
+        "flag": _strings([r.get("flag") for r in records]),
+        "tag": _tags([r.get("tag") for r in records]),
+        "other_details": pa.array([None if d is None else _json(d) for d in details], pa.string()),
+        "extra": pa.array([None if e is None else _json(e) for e in extras], pa.string()),
+    }
+    return pa.Table.from_arrays(list(columns.values()), schema=CHAT_SCHEMA)

@@ -1,0 +1,401 @@
+"""`ParquetSink`: a Hive-partitioned Parquet dataset, in batches committed behind the checkpoint.
+
+Layout: `DIR/<column>=YYYY-MM-DD/part-<batch>-<n>.parquet`, `<column>` `created_date`
+(an export: the chat's `created_at` date in UTC) or `updated_date` (a sync: the
+version's `updated_at` date); a null date goes to `<column>=__HIVE_DEFAULT_PARTITION__`,
+which readers take as null. Every file has `CHAT_SCHEMA` (`imichat_async._arrow`).
+
+Exactly once: the sink keeps finished slices in memory (as Arrow) until
+`max_rows_per_file` rows wait (`holds`); the runner then calls `sync`, which writes
+the batch, one file per date (more when a date holds more rows than that) named by
+the batch's number, each under a temporary name, fsynced, then renamed into place;
+only then does the runner record the batch's slices in the checkpoint, with the
+number of batches written as the checkpoint's `offset`. A resume removes the
+temporary files and every file of a batch numbered at or past that offset (written
+after the last checkpoint), so the slices it redoes replace what an interrupted run
+left, never add to it. On object storage (any fsspec URL: `s3://bucket/prefix`) a
+file is one object written whole (a PUT is atomic): no temporary name is needed.
+
+A sync (`append=True`) numbers its batches on from the ones its state records, so a
+run only adds files; a fresh start refuses a directory that already holds a dataset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .._arrow import CHAT_SCHEMA, EXTRA_HINT, chats_table, require_pyarrow
+from .._errors import ConfigurationError
+from ._aio import in_thread
+from ._checkpoint import CheckpointError, fsync_dir
+from ._sinks import RawRecord, Sink
+
+#: Rows of one file at most, and rows a sink keeps in memory before writing a batch.
+DEFAULT_MAX_ROWS_PER_FILE = 25_000
+CONVERT_ROWS = 4096  # records converted to Arrow at a time
+ROW_GROUP_ROWS = 128 * 1024  # rows per row group at most (a default-sized file: one group)
+NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"  # Hive's (and DuckDB's, Spark's) null
+COMPRESSION = "zstd"
+T = TypeVar("T")
+
+
+class ParquetSink(Sink):
+    """A Parquet dataset under `path` (a local directory, or an fsspec URL such as
+    `s3://bucket/prefix`), Hive-partitioned by a date in UTC.
+
+    - `append=False` (an export): partitioned by `created_at` (`created_date=`);
+      `append=True` (a sync's change log): by `updated_at` (`updated_date=`). `partition`
+      ("created_at" or "updated_at") overrides it.
+    - `max_rows_per_file`: rows of one file at most; also the rows held in memory
+      before a batch is written, so memory is bounded by it.
+    - `storage_options`: passed to fsspec for a URL (e.g. `{"endpoint_url": ...}`).
+    """
+
+    kind = "parquet"
+    batching = True
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        append: bool = False,
+        max_rows_per_file: int = DEFAULT_MAX_ROWS_PER_FILE,
+        partition: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        require_pyarrow()
+        if not isinstance(max_rows_per_file, int) or max_rows_per_file < 1:
+            raise ValueError(f"max_rows_per_file must be an int >= 1, got {max_rows_per_file!r}")
+        if partition not in (None, "created_at", "updated_at"):
+            raise ValueError(f"partition must be 'created_at' or 'updated_at', got {partition!r}")
+        self.append = append
+        self.max_rows_per_file = max_rows_per_file
+        self.partition_arg = partition
+        self.partition = partition or ("updated_at" if append else "created_at")
+        self.column = self.partition.removesuffix("_at") + "_date"
+        self.storage_options = dict(storage_options or {})
+        text = os.fspath(path)
+        self.url: str | None = text if "://" in text and not text.startswith("file://") else None
+        local = text.removeprefix("file://") if self.url is None else ""
+        self.path = Path(local) if self.url is None else None
+        self.store: _Store = (
+            _FsspecStore(text, self.storage_options) if self.url else _LocalStore(Path(local))
+        )
+        self._name = re.compile(
+            rf"^{re.escape(self.column)}=[^/]+/\.?part-(\d+)-\d+\.parquet(\.tmp)?$"
+        )
+        self.batch = 0  # the number of the next batch
+        self.first_batch = 0  # the first batch of this run (what `discard` may remove)
+        self.raw: list[RawRecord] = []  # written, not yet converted (under CONVERT_ROWS)
+        self.buffer: dict[str, list[Any]] = {}  # partition value -> Arrow tables
+        self.buffered = 0
+        self.opened = False
+        self.started = False  # opened once: `discard` may remove what this run wrote
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.location!r})"
+
+    @property
+    def location(self) -> str:
+        """The dataset's directory or URL."""
+        return self.url if self.url is not None else str(self.path)
+
+    def reopened(self, *, append: bool) -> ParquetSink:
+        """The same dataset, for an export (`append=False`) or a sync (`append=True`)."""
+        return ParquetSink(
+            self.url or str(self.path),
+            append=append,
+            max_rows_per_file=self.max_rows_per_file,
+            partition=self.partition_arg,
+            storage_options=self.storage_options,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        where = self.url if self.path is None else str(self.path.resolve())
+        return {"kind": self.kind, "path": where, "partition": self.column}
+
+    # -- the life cycle ------------------------------------------------------------------
+
+    async def open(self, offset: int | None) -> int | None:
+        return await in_thread(self._open, offset)
+
+    def _open(self, offset: int | None) -> int | None:
+        files = self._listing()
+        temps = [name for name, (_, temp) in files.items() if temp]
+        done = {name: batch for name, (batch, temp) in files.items() if not temp}
+        if offset is None:
+            if done:
+                raise CheckpointError(
+                    f"{self.location!r} already holds a Parquet dataset ({len(done)} files) "
+                    "that the checkpoint or state has no record of: give the one it was "
+                    "written with, or another output"
+                )
+            self.store.remove(temps)
+            self.batch = self.first_batch = 0
+            self.opened = self.started = True
+            return 0
+        # Files of batches at or past `offset` were written after the last checkpoint.
+        self.store.remove(temps + [name for name, batch in done.items() if batch >= offset])
+        self.batch = self.first_batch = offset
+        self.opened = self.started = True
+        if self.append:
+            return None
+        return sum(self.store.rows(name) for name, batch in done.items() if batch < offset)
+
+    def _listing(self) -> dict[str, tuple[int, bool]]:
+        """This dataset's files, by path relative to its root: (batch, temporary)."""
+        found: dict[str, tuple[int, bool]] = {}
+        for name in self.store.files():
+            m = self._name.match(name)
+            if m is not None:
+                found[name] = (int(m.group(1)), m.group(2) is not None)
+        return found
+
+    def holds(self, records: int) -> bool:
+        return self.buffered + records <= self.max_rows_per_file
+
+    async def write(self, records: Sequence[RawRecord]) -> None:
+        if not self.opened:
+            raise RuntimeError("sink is not open")
+        self.raw.extend(records)
+        self.buffered += len(records)
+        if len(self.raw) >= CONVERT_ROWS:
+            self._convert()
+
+    def _convert(self) -> None:
+        """The records written since the last call, as Arrow, into the partitions' buffers
+        (in chunks of `CONVERT_ROWS`: a table's cost is mostly per call, not per row)."""
+        raw, self.raw = self.raw, []
+        if raw:
+            for value, part in _partitions(chats_table(raw), self.partition):
+                self.buffer.setdefault(value, []).append(part)
+
+    async def sync(self) -> int | None:
+        return await self.detach()()
+
+    def detach(self) -> Callable[[], Awaitable[int | None]]:
+        if not self.opened:
+            raise RuntimeError("sink is not open")
+        self._convert()
+        buffer, self.buffer, self.buffered = self.buffer, {}, 0
+        batch = self.batch
+        if buffer:
+            self.batch += 1
+        written = self.batch  # the batches written once this one is
+
+        async def write() -> int:
+            if buffer:
+                await in_thread(self._write_batch, buffer, batch)
+            return written
+
+        return write
+
+    def _write_batch(self, buffer: dict[str, list[Any]], batch: int) -> None:
+        """Write batch number `batch`, a file per partition (more past `max_rows_per_file`):
+        all under temporary names first, synced, then renamed into place."""
+        import pyarrow as pa
+
+        files: list[tuple[str, Any]] = []
+        for value in sorted(buffer):
+            table = pa.concat_tables(buffer.pop(value))
+            step = self.max_rows_per_file
+            for n, start in enumerate(range(0, table.num_rows, step)):
+                name = f"{self.column}={value}/part-{batch:06d}-{n}.parquet"
+                files.append((name, table.slice(start, step)))
+        self.store.put(files)
+
+    async def complete(self) -> None:
+        if self.buffered:
+            await self.sync()
+        self.close()
+
+    def close(self) -> None:
+        self.raw, self.buffer, self.buffered = [], {}, 0
+        self.opened = False
+
+    def discard(self) -> None:
+        """Remove what this run wrote (an export that failed without a checkpoint); a sync's
+        dataset keeps its files, only temporary ones go."""
+        self.close()
+        if not self.started:
+            return  # nothing was written (and a dataset `open` refused stays as it is)
+        with contextlib.suppress(OSError):
+            files = self._listing()
+            gone = [
+                name
+                for name, (batch, temp) in files.items()
+                if temp or (not self.append and batch >= self.first_batch)
+            ]
+            self.store.remove(gone)
+
+
+def _partitions(table: Any, field: str) -> list[tuple[str, Any]]:
+    """The rows of `table` by the UTC date of `field` (`NULL_PARTITION` when null): sorted
+    by it, then cut where it changes (zero-copy slices)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    dates = pc.cast(table.column(field), pa.date32())
+    bounds = pc.min_max(dates)
+    if dates.null_count == 0 and bounds["min"] == bounds["max"]:  # one date (or no row)
+        return [(dates[0].as_py().isoformat(), table)] if len(dates) else []
+    order = pc.sort_indices(dates)  # nulls last
+    table = table.take(order)
+    runs = pc.run_end_encode(dates.take(order).combine_chunks())
+    parts, start = [], 0
+    for end, day in zip(runs.run_ends.to_pylist(), runs.values.to_pylist(), strict=True):
+        value = NULL_PARTITION if day is None else day.isoformat()
+        parts.append((value, table.slice(start, end - start)))
+        start = end
+    return parts
+
+
+def _write_table(table: Any, where: Any) -> None:
+    import pyarrow.parquet as pq
+
+    pq.write_table(
+        table,
+        where,
+        row_group_size=ROW_GROUP_ROWS,
+        compression=COMPRESSION,
+        store_schema=True,
+    )
+
+
+WRITERS = 4  # threads writing the files of one batch
+
+
+def _parallel(fn: Callable[..., T], calls: Sequence[tuple[Any, ...]]) -> list[T]:
+    """`fn(*args)` for each of `calls`, in a few threads; the results in order."""
+    if len(calls) <= 1:
+        return [fn(*args) for args in calls]
+    with ThreadPoolExecutor(min(WRITERS, len(calls)), thread_name_prefix="parquet") as pool:
+        return list(pool.map(lambda args: fn(*args), calls))
+
+
+class _Store:
+    """Where a dataset's files live: list, write whole, remove, count rows."""
+
+    def files(self) -> list[str]:
+        raise NotImplementedError
+
+    def put(self, files: Sequence[tuple[str, Any]]) -> None:
+        raise NotImplementedError
+
+    def remove(self, names: Sequence[str]) -> None:
+        raise NotImplementedError
+
+    def rows(self, name: str) -> int:
+        raise NotImplementedError
+
+
+class _LocalStore(_Store):
+    """A local directory: temporary name, fsync, rename, fsync of the directories."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def files(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return [
+            f"{d.name}/{f.name}" for d in self.root.iterdir() if d.is_dir() for f in d.iterdir()
+        ]
+
+    def put(self, files: Sequence[tuple[str, Any]]) -> None:
+        new_root = not self.root.exists()
+        self.root.mkdir(parents=True, exist_ok=True)
+        if new_root:
+            fsync_dir(self.root.parent)
+        dirs: set[Path] = set()
+        for name, _ in files:
+            parent = (self.root / name).parent
+            if not parent.exists():
+                parent.mkdir()
+                dirs.add(self.root)
+        finals = [self.root / name for name, _ in files]
+        temps = [f.with_name(f".{f.name}.tmp") for f in finals]
+        # Encoding and fsync release the GIL: the files of a batch are written side by side.
+        _parallel(self._write, [(t, table) for t, (_, table) in zip(temps, files, strict=True)])
+        for temp, final in zip(temps, finals, strict=True):
+            os.replace(temp, final)
+            dirs.add(final.parent)
+        _parallel(fsync_dir, [(d,) for d in dirs])
+
+    @staticmethod
+    def _write(temp: Path, table: Any) -> None:
+        with open(temp, "wb") as f:
+            _write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def remove(self, names: Sequence[str]) -> None:
+        dirs = set()
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                (self.root / name).unlink()
+                dirs.add((self.root / name).parent)
+        for d in dirs:
+            fsync_dir(d)
+
+    def rows(self, name: str) -> int:
+        import pyarrow.parquet as pq
+
+        rows: int = pq.read_metadata(self.root / name).num_rows
+        return rows
+
+
+class _FsspecStore(_Store):
+    """Any fsspec filesystem (s3fs for `s3://`): each file one object, written whole."""
+
+    def __init__(self, url: str, options: Mapping[str, Any]) -> None:
+        try:
+            from fsspec.core import url_to_fs
+        except ImportError:  # pragma: no cover (the extra is installed where tests run)
+            raise ConfigurationError(
+                f"Parquet output to {url.split('://')[0]}:// needs fsspec: {EXTRA_HINT}"
+            ) from None
+        try:
+            self.fs, root = url_to_fs(url, **options)
+        except ImportError as exc:  # the protocol's own package (s3fs, gcsfs...) is missing
+            raise ConfigurationError(f"cannot write to {url!r}: {exc}") from None
+        self.root = root.rstrip("/")
+
+    def files(self) -> list[str]:
+        self.fs.invalidate_cache()
+        prefix = self.root + "/"
+        try:
+            found = self.fs.find(self.root)
+        except FileNotFoundError:
+            return []
+        return [p[len(prefix) :] for p in found if p.startswith(prefix)]
+
+    def put(self, files: Sequence[tuple[str, Any]]) -> None:
+        def encode(name: str, table: Any) -> tuple[str, bytes]:
+            buf = io.BytesIO()
+            _write_table(table, buf)
+            return f"{self.root}/{name}", buf.getvalue()
+
+        objects = dict(_parallel(encode, files))
+        self.fs.pipe(objects)  # each object one PUT (s3fs sends them concurrently)
+
+    def remove(self, names: Sequence[str]) -> None:
+        if names:
+            self.fs.rm([f"{self.root}/{name}" for name in names])
+
+    def rows(self, name: str) -> int:
+        import pyarrow.parquet as pq
+
+        with self.fs.open(f"{self.root}/{name}", "rb") as f:
+            rows: int = pq.read_metadata(f).num_rows
+        return rows
+
+
+__all__ = ["CHAT_SCHEMA", "DEFAULT_MAX_ROWS_PER_FILE", "ParquetSink"]
