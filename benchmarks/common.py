@@ -75,6 +75,11 @@ class Config:
     s15_k: int = 16
     s15_cases: tuple[tuple[int, int], ...] = ((4, 100), (8, 100), (4, 50))
     s15_clean_chats: int = 4000
+    # 16. a Dask cluster against one export process
+    s16_chats: int = 200_000
+    s16_k: int = 16
+    s16_limit: int = 100
+    s16_rows: int = 10_000
 
     @classmethod
     def full(cls, runs: int = 3) -> Config:
@@ -111,6 +116,9 @@ class Config:
             s15_chats=200,
             s15_cases=((2, 100),),
             s15_clean_chats=400,
+            s16_chats=2000,
+            s16_limit=200,
+            s16_rows=200,
         )
 
 

@@ -1078,6 +1078,15 @@ def fleet(cfg: Config) -> ScenarioResult:
     return fleet_bench.run(cfg)
 
 
+# -- 16. a Dask cluster against one export process --------------------------------------------
+
+
+def dask_cluster(cfg: Config) -> ScenarioResult:
+    from . import dask_bench
+
+    return dask_bench.run(cfg)
+
+
 SCENARIOS: dict[int, Callable[[Config], ScenarioResult]] = {
     1: latency_scaling,
     2: cpu_throughput,
@@ -1094,6 +1103,7 @@ SCENARIOS: dict[int, Callable[[Config], ScenarioResult]] = {
     13: services,
     14: parquet,
     15: fleet,
+    16: dask_cluster,
 }
 
 TITLES = {
@@ -1112,6 +1122,7 @@ TITLES = {
     13: "Latency for services",
     14: "Parquet export vs NDJSON export",
     15: "Fleet: one rate budget",
+    16: "A Dask cluster against one export process",
 }
 
 ALIASES = {
@@ -1121,6 +1132,7 @@ ALIASES = {
     "services": [13],
     "parquet": [14],
     "fleet": [15],
+    "dask": [16],
 }  # `--only hol`, `--only sync`, ...
 
 __all__ = ["ALIASES", "SCENARIOS", "TITLES"]

@@ -729,8 +729,10 @@ def test_export_package_all_lists_its_public_names() -> None:
     """`imichat_async.export.__all__` is exactly its public names, each importable."""
     assert sorted(ex.__all__) == sorted(
         [
+            "CHAT_SCHEMA",
             "CSV_COLUMNS",
             "DEFAULT_LAG",
+            "DEFAULT_ROWS_PER_PARTITION",
             "CallableSink",
             "CheckpointError",
             "CsvSink",
@@ -739,12 +741,16 @@ def test_export_package_all_lists_its_public_names() -> None:
             "FileSink",
             "NdjsonSink",
             "ParquetSink",
+            "Partition",
             "Sink",
             "SyncReport",
             "SyncState",
+            "chats_table",
             "check_sync_arguments",
             "export_chats",
             "make_sink",
+            "plan_partitions",
+            "read_partition",
             "state_from_json",
             "state_to_json",
             "sync_chats",

@@ -279,7 +279,7 @@ def _private_reach(source: str) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("module", ["dlt.py", "sync.py"])
+@pytest.mark.parametrize("module", ["dlt.py", "sync.py", "dask.py"])
 def test_integrations_use_public_surfaces(module: str) -> None:
     """dlt.py and sync.py take only public names from the library: no `export._plan`,
     `export._syncplan`, `_limiter.Limiter`, `CONVERTER`, nor another object's `_portal`."""

@@ -64,17 +64,26 @@ helper and progress: windows on `created_at` and on `updated_at`, keyed by
 `Checkpoint`/`atomic_write`.
 """
 
+from .._arrow import CHAT_SCHEMA, chats_table
 from ._checkpoint import CheckpointError
 from ._export import export_chats
 from ._parquet import ParquetSink
+from ._partitions import (
+    DEFAULT_ROWS_PER_PARTITION,
+    Partition,
+    plan_partitions,
+    read_partition,
+)
 from ._progress import ExportProgress, ExportReport
 from ._sinks import CSV_COLUMNS, CallableSink, CsvSink, FileSink, NdjsonSink, Sink, make_sink
 from ._sync import SyncReport, check_sync_arguments, state_from_json, state_to_json, sync_chats
 from ._syncplan import DEFAULT_LAG, SyncState
 
 __all__ = [
+    "CHAT_SCHEMA",
     "CSV_COLUMNS",
     "DEFAULT_LAG",
+    "DEFAULT_ROWS_PER_PARTITION",
     "CallableSink",
     "CheckpointError",
     "CsvSink",
@@ -83,12 +92,16 @@ __all__ = [
     "FileSink",
     "NdjsonSink",
     "ParquetSink",
+    "Partition",
     "Sink",
     "SyncReport",
     "SyncState",
+    "chats_table",
     "check_sync_arguments",
     "export_chats",
     "make_sink",
+    "plan_partitions",
+    "read_partition",
     "state_from_json",
     "state_to_json",
     "sync_chats",

@@ -227,6 +227,11 @@ class UserQuery:
         build_query(params, given, condition)
         return cls(tuple(given or ()), dict(params))
 
+    def wire(self, condition: str = "and") -> tuple[tuple[str, str, str], ...]:
+        """The filters as the request sends them (checked; values as wire strings), sorted:
+        a canonical form that travels (a partition of a distributed read)."""
+        return tuple(sorted(build_query(self.params, self.filters, condition).filters))
+
     def items(self) -> list[tuple[str, str, Any]]:
         """Every filter as (param, operator, value), keyword or explicit alike."""
         out: list[tuple[str, str, Any]] = []
