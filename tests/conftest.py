@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+
+from benchmarks.redis_proc import RedisServer
+
+from .helpers import started
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -18,3 +24,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def soak(request: pytest.FixtureRequest) -> bool:
     """True when the run asked for the long soak (`pytest --soak`)."""
     return bool(request.config.getoption("--soak"))
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    """A real `redis-server` on a free loopback port (persistence off) for a module's tests."""
+    server = started(RedisServer())
+    try:
+        yield server.url
+    finally:
+        server.close()

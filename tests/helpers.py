@@ -7,7 +7,10 @@ import asyncio
 import os
 from pathlib import Path
 
+import pytest
+
 import imichat_async
+from benchmarks.redis_proc import RedisMissing, RedisServer
 
 _LIBRARY = os.path.dirname(imichat_async.__file__)
 _SANDBOX = os.path.join(_LIBRARY, "sandbox")
@@ -50,3 +53,12 @@ def imported_modules(path: Path, package: str) -> set[str]:
             names.add(full)
             names.update(f"{full}.{alias.name}" for alias in node.names)
     return names
+
+
+def started(server: RedisServer) -> RedisServer:
+    """`server.start()`, or the test skipped naming the Debian package when `redis-server` is
+    not installed (`.ci/run` installs it, so CI never skips)."""
+    try:
+        return server.start()
+    except RedisMissing as exc:
+        pytest.skip(str(exc))

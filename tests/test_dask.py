@@ -59,9 +59,9 @@ def cluster(sandbox: Sandbox) -> Iterator[distributed.Client]:
 
 def frame(sb: Sandbox, **kwargs: Any) -> Any:
     kwargs.setdefault("rows_per_partition", 200)
+    kwargs.setdefault("token", EnvToken(TOKEN_VAR))
     return read_chats(
         base_url=sb.base_url,
-        token=EnvToken(TOKEN_VAR),
         team_id=sb.team_id,
         since=SINCE,
         until=UNTIL,
@@ -158,3 +158,33 @@ def test_partitions_are_planned_where_read_chats_is_called(sandbox: Sandbox) -> 
         frame(sandbox, stauts="closed")
     assert sandbox.stats.requests_total == before
     assert Partition(0, 1).id  # the planned unit is the export's Partition
+
+
+def test_tasks_share_the_tenants_budget_through_the_rate_store(
+    cluster: distributed.Client, redis_url: str
+) -> None:
+    """Against a tenant limited to 100 requests/s, the cluster's tasks learn one rate in Redis:
+    every chat once, at most 3 % of requests answered 429 (the fleet's bound), and the
+    store holds the tenant's key."""
+    limit = {"rate_limit": 100.0, "rate_burst": 25}
+    with ThreadedSandbox(chats=3000, seed=22, latency=0.005, **limit) as sb:
+        # the workers' environment holds the module sandbox's token: this one travels
+        df = frame(sb, token=sb.token, rows_per_partition=300, rate_store=redis_url)
+        got = cluster.compute(df["chat_id"]).result()  # type: ignore[no-untyped-call]
+        want = sb.expected(RANGE)
+        assert sorted(got) == sorted(r["chat_id"] for r in want)
+        assert len(got) == len(want)
+        share = sb.stats.rate_limited / sb.stats.requests_total
+        assert share <= 0.03, (sb.stats.rate_limited, sb.stats.requests_total)
+    keys = _redis_keys(redis_url)
+    assert any(k.endswith(f"127.0.0.1:{sb.port}:{sb.team_id}") for k in keys), keys
+
+
+def _redis_keys(url: str) -> list[str]:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        return sorted(k.decode() for k in client.keys("*"))
+    finally:
+        client.close()

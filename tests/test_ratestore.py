@@ -21,31 +21,15 @@ from typing import Any
 import pytest
 
 from benchmarks.fleet_worker import Worker
-from benchmarks.redis_proc import RedisMissing, RedisServer, free_port
+from benchmarks.redis_proc import RedisServer, free_port
 from benchmarks.sandbox_proc import SandboxProcess
 from imichat_async import ConfigurationError, ImiChatClient
 from imichat_async import _ratestore as ratestore
 from imichat_async._ratestore import FleetRate, RedisRateStore
 from imichat_async.sandbox import Sandbox, serve
 
-from .helpers import assert_no_stray_tasks
+from .helpers import assert_no_stray_tasks, started
 from .sandbox_thread import ThreadedSandbox, env_for
-
-
-def started(server: RedisServer) -> RedisServer:
-    try:
-        return server.start()
-    except RedisMissing as exc:
-        pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    server = started(RedisServer())
-    try:
-        yield server.url
-    finally:
-        server.close()
 
 
 @pytest.fixture
