@@ -24,6 +24,16 @@ from ._wiring import (
     parse_filters,
 )
 
+#: The export's arguments as this command's options, for the library's messages.
+NAMES = {
+    "since": "--since {}",
+    "until": "--until {}",
+    "filters": "--filter {}",
+    "sink": "-o {}",
+    "checkpoint": "--checkpoint {}",
+    "resume": "--resume",
+}
+
 
 @click.command()
 @click.option(
@@ -153,4 +163,4 @@ def export(
             raise ApiFailure(f"{api_message(exc)}; {resume_hint()}")
         raise ApiFailure(api_message(exc))
 
-    run_resumable(go(), resume_hint, on_refused=refused)
+    run_resumable(go(), resume_hint, on_refused=refused, names=NAMES)

@@ -14,13 +14,22 @@ from ._wiring import (
     Settings,
     concurrency_option,
     echo_err,
-    filter_option,
     format_option,
     max_rows_option,
     open_client,
     output_sink,
     parse_filters,
+    sync_filter_option,
 )
+
+#: The sync's arguments as this command's options, for the library's messages.
+NAMES = {
+    "since": "--since {}",
+    "filters": "--filter {}",
+    "sink": "-o {}",
+    "state": "--state {}",
+    "lag": "--lag {}",
+}
 
 
 @click.command()
@@ -54,7 +63,7 @@ from ._wiring import (
     help="Re-read this much before the previous run's start (late writes, clock skew).",
 )
 @concurrency_option
-@filter_option
+@sync_filter_option
 @click.pass_obj
 def sync(
     settings: Settings,
@@ -110,4 +119,4 @@ def sync(
         # A first run that wrote nothing leaves nothing (issue #23): no state to finish.
         return "nothing was written yet. Run the same command to start again."
 
-    run_resumable(go(), hint)
+    run_resumable(go(), hint, names=NAMES)

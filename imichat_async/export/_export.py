@@ -12,7 +12,7 @@ import attrs
 
 from .. import Filter, ImiChatClient, InvalidQueryError
 from . import _plan
-from ._checkpoint import Checkpoint, CheckpointError, ExportState, tenant_of
+from ._checkpoint import Checkpoint, CheckpointError, ExportState, check_directory, tenant_of
 from ._plan import Intervals, RawRecord, TimeRange, UserQuery, fmt, plan_range, to_dt, to_us
 from ._progress import ExportProgress, ExportReport, Progress, Tally
 from ._runner import Runner
@@ -156,6 +156,10 @@ async def export_chats(
     ckpt: Checkpoint[ExportState] = Checkpoint(
         Path(checkpoint) if checkpoint is not None else None, resume=resume
     )
+    if isinstance(out, FileSink):
+        check_directory(out.path, "sink")
+    if ckpt.path is not None:
+        check_directory(ckpt.path, "checkpoint")
     state = ckpt.load(key)
     if state is None and resume and ckpt.path is not None and isinstance(out, FileSink):
         _check_no_orphan(ckpt.path, out)
@@ -230,7 +234,9 @@ async def _finish_published(out: Sink, ckpt: Checkpoint[ExportState]) -> None:
         elif not out.path.exists():
             raise CheckpointError(
                 f"checkpoint is complete but neither {str(out.path)!r} nor "
-                f"its .part file exists; delete the checkpoint to start over"
+                "its .part file exists; delete the checkpoint (",
+                ("checkpoint", str(ckpt.path)),
+                ") to start over",
             )
     ckpt.drop()
 
@@ -241,8 +247,9 @@ def _check_no_orphan(path: Path, out: FileSink) -> None:
     if out.holds_partial():
         raise CheckpointError(
             f"cannot resume: checkpoint {str(path)!r} does not exist, but the partial output "
-            f"{str(out.temp_path)!r} does; give the checkpoint that wrote it, or delete "
-            "the partial output to start over"
+            f"{str(out.temp_path)!r} does; give the checkpoint that wrote it (",
+            ("checkpoint", None),
+            "), or delete the partial output to start over",
         )
 
 

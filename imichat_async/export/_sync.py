@@ -24,7 +24,7 @@ from .. import _protocol as protocol
 from .._records import CONVERTER as converter
 from . import _plan
 from ._aio import in_thread
-from ._checkpoint import Checkpoint, CheckpointError, tenant_of
+from ._checkpoint import Checkpoint, CheckpointError, check_directory, tenant_of
 from ._plan import Intervals, RawRecord, Slice, UserQuery, fmt, to_dt, to_us
 from ._progress import ExportProgress, Progress, Tally
 from ._runner import Runner
@@ -208,7 +208,11 @@ async def sync_chats(
         "sink": out.describe(),
         **tenant_of(client.base_url, client.team_id),
     }
+    if isinstance(out, FileSink):
+        check_directory(out.path, "sink")
     store = _Store(state)
+    if store.file.path is not None:
+        check_directory(store.file.path, "state")
     st = store.load(key)
     resumed = st.run is not None
     first = st.bound is None
