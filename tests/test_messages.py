@@ -240,3 +240,32 @@ def test_sync_filter_help_suggests_no_filter_it_refuses() -> None:
     assert "status=closed" in sync_help.output
     assert "created_at__" not in sync_help.output and "updated_at__" not in sync_help.output
     assert "created_at__gte=2024-05-01" in export_help.output
+
+
+# -- 6: a resumed export's summary ---------------------------------------------------------------
+
+
+def fields(summary: str) -> dict[str, str]:
+    """The summary line as `name=value` pairs (it must parse so)."""
+    pairs = [word.split("=", 1) for word in summary.split()]
+    assert all(len(p) == 2 for p in pairs), summary
+    return dict(pairs)
+
+
+async def test_resumed_export_summary_says_what_covers_this_run(tmp_path: Path) -> None:
+    out, ckpt = tmp_path / "chats.ndjson", tmp_path / "ckpt.json"
+    args: dict[str, Any] = {"since": SINCE, "until": UNTIL, "sink": out, "checkpoint": ckpt}
+    async with serve(chats=1000, seed=88) as sb:
+        async with client_for(sb, concurrency=2) as client:
+            await stop_after_slices(client, out, ckpt, slices=2)
+        saved = json.loads(ckpt.read_text())
+        async with client_for(sb) as client:
+            resumed = await export_chats(client, resume=True, **args)
+            fresh = await export_chats(client, since=SINCE, until=UNTIL, sink=tmp_path / "f")
+    got = fields(resumed.summary())
+    assert got["records"] == "1000" and int(saved["records"]) > 0
+    assert got["records_this_run"] == str(1000 - saved["records"])
+    assert got["slices_this_run"] == str(int(got["slices"]) - saved["slices"])
+    assert got["duplicates_this_run"] == "0"
+    assert resumed.records_this_run == 1000 - saved["records"]
+    assert "this_run" not in fresh.summary() and fields(fresh.summary())["records"] == "1000"

@@ -32,6 +32,7 @@ class _Run:
     done: Intervals = attrs.field(factory=Intervals)
     offset: int | None = None
     resumed: bool = False
+    before: tuple[int, int, int] = (0, 0, 0)  # records, duplicates, slices of earlier runs
 
     @classmethod
     def restore(
@@ -46,7 +47,8 @@ class _Run:
             notes=[*st.notes, f"resumed: {st.records} chats in {st.slices} slices already written"],
         )
         plan = TimeRange(user, st.lo, st.hi, st.end_inclusive)
-        return cls(key, plan, ck, tally, Intervals(st.done), st.offset, resumed=True)
+        before = (st.records, st.duplicates, st.slices)
+        return cls(key, plan, ck, tally, Intervals(st.done), st.offset, True, before)
 
     def state(self, complete: bool = False) -> ExportState:
         p, t = self.plan, self.tally
@@ -72,6 +74,7 @@ class _Run:
 
     def report(self, progress: Progress, sink: Sink, frozen: bool) -> ExportReport:
         p, t = self.plan, self.tally
+        records, duplicates, slices = self.before
         return ExportReport(
             records=t.records,
             duplicates=t.duplicates,
@@ -90,6 +93,9 @@ class _Run:
             output=sink.path if isinstance(sink, FileSink) else None,
             notes=tuple(t.notes),
             pages_wasted=t.wasted,
+            records_this_run=t.records - records if self.resumed else None,
+            duplicates_this_run=t.duplicates - duplicates if self.resumed else None,
+            slices_this_run=t.slices_done - slices if self.resumed else None,
         )
 
 
