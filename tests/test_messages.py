@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from imichat_async import cli
-from imichat_async.export import CheckpointError, export_chats, sync_chats
+from imichat_async.export import CheckpointError, _plan, export_chats, sync_chats
 from imichat_async.sandbox import serve
 
 from .sandbox_thread import ThreadedSandbox
@@ -269,3 +272,47 @@ async def test_resumed_export_summary_says_what_covers_this_run(tmp_path: Path) 
     assert got["duplicates_this_run"] == "0"
     assert resumed.records_this_run == 1000 - saved["records"]
     assert "this_run" not in fresh.summary() and fields(fresh.summary())["records"] == "1000"
+
+
+# -- 7: a note that would repeat on every run is said once per state ----------------------------
+
+
+class Clock:
+    """One wall clock for the sandbox's changes and the sync's T1 (no sleeps)."""
+
+    def __init__(self) -> None:
+        self.now = float(int(time.time())) - 60
+
+    def __call__(self) -> float:
+        return self.now
+
+    def dt(self) -> datetime:
+        return datetime.fromtimestamp(self.now, timezone.utc)
+
+
+async def test_too_narrow_note_is_said_once_per_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """15 chats updated at one instant (more than a page): every run whose lag window holds
+    that instant pages it whole (a slice that differs by a microsecond from run to run); the
+    first run says so, the later ones log it."""
+    clock = Clock()
+    monkeypatch.setattr(_plan, "utcnow", clock.dt)
+    log, state = tmp_path / "log.ndjson", tmp_path / "state.json"
+    async with serve(chats=200, seed=89, wall_clock=clock) as sb, client_for(sb) as client:
+        await sync_chats(client, since=SINCE, state=state, sink=log)
+        floor = _plan.to_us("since", SINCE)
+        ids = [c["chat_id"] for c in sb.data if _plan.to_us("c", c["created_at"]) >= floor]
+        for chat_id in ids[:15]:
+            sb.update_chat(chat_id)
+        reports = []
+        caplog.set_level(logging.INFO, logger="imichat_async")
+        for _ in range(3):
+            clock.now += 10
+            reports.append(await sync_chats(client, since=SINCE, state=state, sink=log))
+    narrow = [[n for n in r.notes if "too narrow to split" in n] for r in reports]
+    assert len(narrow[0]) == 1 and narrow[1:] == [[], []], narrow
+    assert reports[0].appended == 15 and reports[2].skipped >= 15  # the instant was re-read
+    assert json.loads(state.read_text())["told"] == ["narrow"]
+    logged = [r for r in caplog.records if "too narrow to split" in r.getMessage()]
+    assert len(logged) >= 2 and all(r.levelno == logging.INFO for r in logged)

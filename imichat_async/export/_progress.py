@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -11,6 +12,8 @@ import attrs
 
 from .. import ImiChatClient
 from ._plan import Slice
+
+log = logging.getLogger("imichat_async")
 
 
 @attrs.frozen
@@ -89,6 +92,18 @@ class Tally:
     pages: int = 0
     wasted: int = 0
     fetched: int = 0
+    #: the keys of the notes `once` gave, earlier runs' first (a sync's state keeps them)
+    told: list[str] = attrs.field(factory=list)
+
+    def once(self, key: str, text: str) -> None:
+        """A note that the same data would give on every run (a sync re-reading one dense
+        instant in each run's lag window): in `notes` the first time its `key` is told,
+        a log line (INFO) after that."""
+        if key in self.told:
+            log.info("%s (noted in an earlier run)", text)
+            return
+        self.told.append(key)
+        self.notes.append(text)
 
 
 class Progress:

@@ -31,6 +31,7 @@ from ._runner import Runner
 from ._sinks import FileSink, Sink, make_sink
 from ._syncplan import (
     DEFAULT_LAG,
+    MAX_TOLD,
     STATE_VERSION,
     SyncState,
     Undated,
@@ -222,7 +223,7 @@ async def sync_chats(
         await in_thread(out.check_unrecorded_log)  # before any request, as the others
     if log_path is not None and st.run is None and st.offset is not None:
         await in_thread(_check_completed_log, log_path, st.offset)
-    tally = Tally(notes=[])
+    tally = Tally(notes=[], told=list(st.told))
     bar = Progress(client, tally, progress)
     skew: float | None = None
     if st.run is None:
@@ -243,6 +244,7 @@ async def sync_chats(
 
     def remember() -> None:
         st.recent = prune(seen, windows.remember_from)
+        st.told = tally.told[-MAX_TOLD:]
         st.undated = prune_undated(undated, windows.remember_from)
 
     await out.open(st.offset)
