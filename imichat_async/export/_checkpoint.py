@@ -41,6 +41,7 @@ API_NAMES: Mapping[str, str] = {
     "state": "state={}",
     "lag": "lag={}",
     "resume": "resume=True",
+    "new_state": "use a new state",  # how to start over with a state the caller keeps
 }
 
 #: A piece of a message: text, or an argument's name (with its value, or None) worded
@@ -211,7 +212,7 @@ class Checkpoint(Generic[S]):
             raise CheckpointError(f"{noun} {str(path)!r} is corrupt: {exc}") from None
         return state
 
-    def check_key(self, saved: Any, key: dict[str, Any], subject: str, start_over: str) -> None:
+    def check_key(self, saved: Any, key: dict[str, Any], subject: str, start_over: Part) -> None:
         """Raise `CheckpointError` unless `saved` (a state's key) is `key`, saying what differs:
         `subject` names the state, `start_over` what to do with it to start over."""
         if saved == key:
@@ -219,13 +220,16 @@ class Checkpoint(Generic[S]):
         if isinstance(saved, dict) and not all(k in saved for k in TENANT_KEYS):
             raise CheckpointError(
                 f"{subject} records no tenant (it was written by an earlier release, before "
-                f"the base URL and team id were part of its identity): {start_over} to start "
-                "over"
+                "the base URL and team id were part of its identity): ",
+                start_over,
+                " to start over",
             )
         raise CheckpointError(
             f"{subject} was written for another {self.what} (",
             *self.mismatch_hint(saved, key),
-            f"); use the same arguments, or {start_over} to start over",
+            "); use the same arguments, or ",
+            start_over,
+            " to start over",
         )
 
     def mismatch_hint(self, saved: Any, key: dict[str, Any]) -> list[Part]:

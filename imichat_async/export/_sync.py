@@ -115,7 +115,7 @@ class _Store:
         if self.memory is None:
             return self.file.load(key) or SyncState(key=key)
         if self.memory.key is not None:
-            self.file.check_key(self.memory.key, key, "the sync state", "use a new state")
+            self.file.check_key(self.memory.key, key, "the sync state", ("new_state", None))
         state = copy.deepcopy(self.memory)
         state.key = key
         return state
