@@ -79,8 +79,11 @@ def check_directory(path: Path, name: str) -> None:
     """Raise `CheckpointError` when the directory that is to hold `path` (the file given as
     argument `name`) does not exist: before any request, with nothing written."""
     where = path.parent
-    if not where.is_dir():
-        raise CheckpointError(f"the directory {where} of ", (name, None), " does not exist")
+    if where.is_dir():
+        return
+    if where.exists():
+        raise CheckpointError("the directory of ", (name, None), f" is {where}, not a directory")
+    raise CheckpointError(f"the directory {where} of ", (name, None), " does not exist")
 
 
 @attrs.define
