@@ -65,6 +65,7 @@ from ._query import Filter
 from ._ratestore import RedisRateStore
 from .export import (
     DEFAULT_LAG,
+    CheckpointError,
     SyncReport,
     SyncState,
     check_sync_arguments,
@@ -79,6 +80,8 @@ __all__ = ["HANDOFF_SIZE", "chats_source"]
 
 HANDOFF_SIZE = 1000  # chats handed to dlt but not yet taken: the sync waits beyond this
 _BATCH = 500  # the most chats dlt takes in one hop between threads
+#: how the sync's messages say to start over with a state dlt keeps
+_NAMES = {"new_state": 'load into a new pipeline (or run with refresh="drop_resources")'}
 _END = object()  # the sync finished (or failed): nothing more will come
 RawRecord = Mapping[str, Any]  # a chat as the server sent it
 #: The fields dlt flattens into columns of their own (`asset__id`) or a child table (`tag`).
@@ -180,6 +183,8 @@ def _load(
             while batch := blocking.run(handoff.take(_BATCH)):
                 yield batch
             report = blocking.run(_result(task))
+        except CheckpointError as exc:  # say how to start over in dlt's terms
+            raise CheckpointError(exc.worded(_NAMES)) from None
         finally:  # dlt stopped early, or the sync failed: nothing runs on
             blocking.run(_cancel(task))
     saved["sync"] = state_to_json(state)

@@ -244,14 +244,27 @@ def test_permanent_api_error_exits_3_without_printing_the_token() -> None:
         assert secret not in result.output and "Traceback" not in result.output
 
 
-def test_unwritable_output_exits_1(tmp_path: Path) -> None:
-    """An output in a missing directory is an ordinary error: exit 1 with the OS's message."""
+def test_output_in_a_missing_directory_exits_2(tmp_path: Path) -> None:
+    """An output in a missing directory is a bad argument, refused before any request (issue
+    #25): exit 2, the directory named (it was exit 1 with the OS's bare message)."""
     out = tmp_path / "missing" / "out.ndjson"
     result = invoke(
         ["--sandbox", "--sandbox-chats", "10", "export", "--since", SINCE, "-o", str(out)]
     )
-    assert result.exit_code == 1
-    assert "No such file or directory" in result.stderr
+    assert result.exit_code == 2
+    assert f"the directory {out.parent} of -o does not exist" in result.stderr
+
+
+def test_output_under_a_file_exits_2(tmp_path: Path) -> None:
+    """An output whose "directory" is a file: exit 2, said so, nothing written."""
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "out.ndjson"
+    result = invoke(
+        ["--sandbox", "--sandbox-chats", "10", "export", "--since", SINCE, "-o", str(out)]
+    )
+    assert result.exit_code == 2, result.output
+    assert f"the directory of -o is {out.parent}, not a directory" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 def test_retries_running_out_exit_4_for_export_and_1_for_search(tmp_path: Path) -> None:

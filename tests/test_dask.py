@@ -185,6 +185,6 @@ def _redis_keys(url: str) -> list[str]:
 
     client = redis.Redis.from_url(url)
     try:
-        return sorted(k.decode() for k in client.keys("*"))
+        return sorted(k.decode() if isinstance(k, bytes) else k for k in client.keys("*"))
     finally:
         client.close()

@@ -274,8 +274,11 @@ def test_another_since_is_refused_until_the_resource_state_is_dropped(served: Lo
     """A pipeline's state made with another `since` is refused; `drop_resources` starts over."""
     served.load()
     later = {**served.source_args(), "since": "2024-06-01"}
-    with pytest.raises(PipelineStepFailed, match="range"):
+    with pytest.raises(PipelineStepFailed) as info:
         served.pipeline().run(imi_dlt.chats_source(**later))
+    message = str(info.value)
+    assert "since=2024-03-01T00:00:00Z in the state, 2024-06-01T00:00:00Z given" in message
+    assert 'or load into a new pipeline (or run with refresh="drop_resources") to start' in message
     served.pipeline().run(imi_dlt.chats_source(**later), refresh="drop_resources")
     records = _on_loop(served.box, served.sb.current_records)
     floor = _plan.to_us("since", "2024-06-01")

@@ -11,7 +11,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, NoReturn
 
 import click
@@ -47,7 +47,7 @@ class ApiFailure(CliError):
 
 
 class Resumable(CliError):
-    """Exit code 4: the export stopped; the checkpoint is saved."""
+    """Exit code 4: the export (sync) stopped; its checkpoint (state) is saved."""
 
     exit_code = EXIT_RESUMABLE
 
@@ -102,8 +102,12 @@ def run(
     on_transient: Callable[[TransientError], NoReturn] | None = None,
     on_refused: Callable[[ApiError], NoReturn] | None = None,
     on_os_error: Callable[[OSError], NoReturn] | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> None:
     """`asyncio.run(coro)`, each failure turned into its message and exit code.
+
+    `names` words the library's messages with the command's options (`--resume` for the
+    API's `resume=True`: `CheckpointError.worded`).
 
     The hooks raise a command's own error for an interruption, retries run out, a
     permanent API error, or an OS error (a full disk) (the default: exit 130, 1, 3 and 1).
@@ -133,7 +137,7 @@ def run(
     except (click.ClickException, click.exceptions.Exit, click.Abort):
         raise
     except CheckpointError as exc:
-        raise UsageFailure(str(exc)) from None
+        raise UsageFailure(exc.worded(names)) from None
     except (InvalidQueryError, ConfigurationError) as exc:
         raise click.UsageError(str(exc)) from None
     except TransientError as exc:
@@ -157,6 +161,7 @@ def run_resumable(
     hint: Callable[[], str],
     *,
     on_refused: Callable[[ApiError], NoReturn] | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> None:
     """`run` for a command that can pick up where it stopped (export, sync): an
     interruption or retries run out exit 4 (`Resumable`), with `hint()` saying how; an
@@ -177,6 +182,7 @@ def run_resumable(
         on_transient=transient,
         on_refused=on_refused,
         on_os_error=os_error,
+        names=names,
     )
 
 

@@ -25,6 +25,16 @@ from ._wiring import (
     rate_store_option,
 )
 
+#: The export's arguments as this command's options, for the library's messages.
+NAMES = {
+    "since": "--since {}",
+    "until": "--until {}",
+    "filters": "--filter {}",
+    "sink": "-o {}",
+    "checkpoint": "--checkpoint {}",
+    "resume": "--resume",
+}
+
 
 @click.command()
 @click.option(
@@ -158,4 +168,4 @@ def export(
             raise ApiFailure(f"{api_message(exc)}; {resume_hint()}")
         raise ApiFailure(api_message(exc))
 
-    run_resumable(go(), resume_hint, on_refused=refused)
+    run_resumable(go(), resume_hint, on_refused=refused, names=NAMES)

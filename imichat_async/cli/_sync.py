@@ -14,14 +14,23 @@ from ._wiring import (
     Settings,
     concurrency_option,
     echo_err,
-    filter_option,
     format_option,
     max_rows_option,
     open_client,
     output_sink,
     parse_filters,
     rate_store_option,
+    sync_filter_option,
 )
+
+#: The sync's arguments as this command's options, for the library's messages.
+NAMES = {
+    "since": "--since {}",
+    "filters": "--filter {}",
+    "sink": "-o {}",
+    "state": "--state {}",
+    "lag": "--lag {}",
+}
 
 
 @click.command()
@@ -56,7 +65,7 @@ from ._wiring import (
 )
 @concurrency_option
 @rate_store_option
-@filter_option
+@sync_filter_option
 @click.pass_obj
 def sync(
     settings: Settings,
@@ -115,4 +124,4 @@ def sync(
         # A first run that wrote nothing leaves nothing (issue #23): no state to finish.
         return "nothing was written yet. Run the same command to start again."
 
-    run_resumable(go(), hint)
+    run_resumable(go(), hint, names=NAMES)

@@ -80,15 +80,25 @@ def parse_filters(values: Sequence[str]) -> list[Filter]:
     return out
 
 
-_FILTER_HELP = (
-    "PARAM=VALUE (eq) or PARAM__OP=VALUE, e.g. status=closed, created_at__gte=2024-05-01, "
-    "status__not_eq=queued. Repeatable."
-)
+_FILTER_HELP = "PARAM=VALUE (eq) or PARAM__OP=VALUE, e.g. status=closed, {}status__not_eq=queued{}."
 
 
 def filter_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """`--filter`, any parameter (`created_at__gte=...` too)."""
+    text = _FILTER_HELP.format("created_at__gte=2024-05-01, ", ". Repeatable")
     return click.option(
-        "--filter", "-f", "filters", multiple=True, metavar="PARAM[__OP]=VALUE", help=_FILTER_HELP
+        "--filter", "-f", "filters", multiple=True, metavar="PARAM[__OP]=VALUE", help=text
+    )(f)
+
+
+def sync_filter_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """`--filter` of `sync`: not on `created_at`/`updated_at` (the sync owns them and
+    refuses them), so its help suggests none."""
+    text = _FILTER_HELP.format(
+        "", "; not on created_at or updated_at (the sync sets them). Repeatable"
+    )
+    return click.option(
+        "--filter", "-f", "filters", multiple=True, metavar="PARAM[__OP]=VALUE", help=text
     )(f)
 
 

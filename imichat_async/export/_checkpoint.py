@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
@@ -21,14 +21,69 @@ import attrs
 from .. import ImiChatError
 from .._records import CONVERTER as converter  # the one converter
 from ._aio import in_thread
+from ._plan import TIME_PARAMS, fmt
 
 VERSION = 2
 MAX_NOTES = 50  # notes kept in a checkpoint (the newest)
 TENANT_KEYS = ("base_url", "team_id")  # in every checkpoint's and state's key (issue #23)
 
 
+#: How the library names an argument in a message: a pattern for `str.format` (`{}` the
+#: value; without one, the argument alone). The CLI words the same messages with its own
+#: options (`CheckpointError.worded`).
+API_NAMES: Mapping[str, str] = {
+    "since": "since={}",
+    "until": "until={}",
+    "filters": "filters={}",
+    "condition": "condition={}",
+    "sink": "sink={}",
+    "checkpoint": "checkpoint={}",
+    "state": "state={}",
+    "lag": "lag={}",
+    "resume": "resume=True",
+    "new_state": "use a new state",  # how to start over with a state the caller keeps
+}
+
+#: A piece of a message: text, or an argument's name (with its value, or None) worded
+#: by a table of names.
+Part = str | tuple[str, str | None]
+
+
 class CheckpointError(ImiChatError, ValueError):
-    """A checkpoint that cannot be used: written for other arguments, corrupt, or not resumed."""
+    """A checkpoint (an export's) or a state (a sync's) that cannot be used: written for
+    other arguments, corrupt, not resumed, or in a directory that does not exist.
+
+    Its message names arguments as the API spells them (`resume=True`, `since=...`);
+    `worded(names)` gives the same message with other names (the CLI's `--resume`)."""
+
+    def __init__(self, *parts: Part) -> None:
+        self.parts = parts
+        super().__init__(self.worded())
+
+    def worded(self, names: Mapping[str, str] | None = None) -> str:
+        """The message, each argument named by `names` (patterns as in `API_NAMES`; an
+        argument it lacks is named as in the API)."""
+        table = {**API_NAMES, **(names or {})}
+        out = []
+        for part in self.parts:
+            if isinstance(part, str):
+                out.append(part)
+                continue
+            name, value = part
+            pattern = table.get(name, name + "={}")
+            out.append(pattern.format("").strip() if value is None else pattern.format(value))
+        return "".join(out)
+
+
+def check_directory(path: Path, name: str) -> None:
+    """Raise `CheckpointError` when the directory that is to hold `path` (the file given as
+    argument `name`) does not exist: before any request, with nothing written."""
+    where = path.parent
+    if where.is_dir():
+        return
+    if where.exists():
+        raise CheckpointError("the directory of ", (name, None), f" is {where}, not a directory")
+    raise CheckpointError(f"the directory {where} of ", (name, None), " does not exist")
 
 
 @attrs.define
@@ -138,27 +193,29 @@ class Checkpoint(Generic[S]):
         path = self.path
         if path is None or not path.exists():
             return None
+        noun = self.noun
         if not self.resume:
             raise CheckpointError(
-                f"checkpoint {str(path)!r} exists: resume it (resume=True, --resume) "
-                "or delete it to start over"
+                f"{noun} {str(path)!r} exists: resume it (",
+                ("resume", None),
+                ") or delete it to start over",
             )
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {exc}") from None
+            raise CheckpointError(f"cannot read {noun} {str(path)!r}: {exc}") from None
         if not isinstance(raw, dict) or raw.get("version") != self.version:
             raise CheckpointError(
-                f"checkpoint {str(path)!r} is not a version-{self.version} {self.what} checkpoint"
+                f"{noun} {str(path)!r} is not a version-{self.version} {self.what} {noun}"
             )
-        self.check_key(raw.get("key"), key, f"{self.noun} {str(path)!r}", "delete it")
+        self.check_key(raw.get("key"), key, f"{noun} {str(path)!r}", "delete it")
         try:
             state: S = converter.structure(raw, self.state_type)
         except Exception as exc:
-            raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: {exc}") from None
+            raise CheckpointError(f"{noun} {str(path)!r} is corrupt: {exc}") from None
         return state
 
-    def check_key(self, saved: Any, key: dict[str, Any], subject: str, start_over: str) -> None:
+    def check_key(self, saved: Any, key: dict[str, Any], subject: str, start_over: Part) -> None:
         """Raise `CheckpointError` unless `saved` (a state's key) is `key`, saying what differs:
         `subject` names the state, `start_over` what to do with it to start over."""
         if saved == key:
@@ -166,30 +223,37 @@ class Checkpoint(Generic[S]):
         if isinstance(saved, dict) and not all(k in saved for k in TENANT_KEYS):
             raise CheckpointError(
                 f"{subject} records no tenant (it was written by an earlier release, before "
-                f"the base URL and team id were part of its identity): {start_over} to start "
-                "over"
+                "the base URL and team id were part of its identity): ",
+                start_over,
+                " to start over",
             )
         raise CheckpointError(
-            f"{subject} was written for another {self.what} "
-            f"({self.mismatch_hint(saved, key)}); use the same arguments, or {start_over} "
-            "to start over"
+            f"{subject} was written for another {self.what} (",
+            *self.mismatch_hint(saved, key),
+            "); use the same arguments, or ",
+            start_over,
+            " to start over",
         )
 
-    def mismatch_hint(self, saved: Any, key: dict[str, Any]) -> str:
-        """Which arguments differ ("other filters, range or output" when it cannot tell);
-        the tenant with both values ("team_id 'a' in the checkpoint, 'b' given")."""
-        names = {"since": "range", "until": "range", "lag_us": "lag", "sink": "output"}
+    def mismatch_hint(self, saved: Any, key: dict[str, Any]) -> list[Part]:
+        """Each argument that differs, with both values as the user gives them: `since=`
+        ISO 8601 in the {noun}, ISO 8601 given; the filters as `param__op=value`; the output's
+        path; the lag in seconds; the tenant ("team_id 'a' in the checkpoint, 'b' given")."""
         if not isinstance(saved, dict):
-            return "other filters, range or output"
-        differ = [k for k in key if saved.get(k) != key[k]]
-        other = [names.get(k, k) for k in differ if k not in TENANT_KEYS]
-        said = [f"other {', '.join(dict.fromkeys(other))}"] if other else []
-        said += [
-            f"{k} {saved.get(k)!r} in the {self.noun}, {key[k]!r} given"
-            for k in differ
-            if k in TENANT_KEYS
-        ]
-        return "; ".join(said) or "other filters, range or output"
+            return [f"the {self.noun}'s arguments cannot be read: {saved!r:.60}"]
+        said: list[Part] = []
+        for k in key:
+            if saved.get(k) == key[k]:
+                continue
+            if said:
+                said.append("; ")
+            if k in TENANT_KEYS:
+                said.append(f"{k} {saved.get(k)!r} in the {self.noun}, {key[k]!r} given")
+                continue
+            name = _ARGUMENTS.get(k, k)
+            was, now = _worded(k, saved.get(k), key[k])
+            said += [(name, was), f" in the {self.noun}, {now} given"]
+        return said or [f"a key this release does not write: {saved!r:.60}"]
 
     async def save(self, state: S) -> None:
         """Write `state` atomically (off the event loop)."""
@@ -206,3 +270,64 @@ class Checkpoint(Generic[S]):
         if self.path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+
+
+_ARGUMENTS = {"lag_us": "lag"}  # a key's argument, where its name differs
+
+
+def _worded(key: str, saved: Any, given: Any) -> tuple[str, str]:
+    """A key's saved and given values as the user gives that argument."""
+    if key in ("since", "until"):
+        return _instant(saved), _instant(given)
+    if key == "lag_us":
+        return _seconds(saved), _seconds(given)
+    if key == "filters":
+        return _filters(saved), _filters(given)
+    if key == "sink":
+        return _sinks(saved, given)
+    return repr(saved), repr(given)
+
+
+def _instant(us: Any) -> str:
+    if us is None:
+        return "none (the start instant)"
+    return fmt(us) if isinstance(us, int) else repr(us)
+
+
+def _seconds(us: Any) -> str:
+    return f"{us / 1_000_000:g} s" if isinstance(us, int) else repr(us)
+
+
+def _filters(identity: Any) -> str:
+    """A key's filters as `--filter` and the keyword filters spell them: `status=closed`."""
+    if not isinstance(identity, list):
+        return repr(identity)
+    words = []
+    for item in identity:
+        if not (isinstance(item, list) and len(item) == 3):
+            words.append(repr(item))
+            continue
+        param, op, value = item
+        if param in TIME_PARAMS and isinstance(value, int):
+            value = fmt(value)
+        words.append(f"{param}{'' if op == 'eq' else '__' + str(op)}={value}")
+    return "[" + ", ".join(words) + "]"
+
+
+def _sinks(saved: Any, given: Any) -> tuple[str, str]:
+    """The outputs' paths (a callable sink has none: its kind), with their kinds (ndjson,
+    csv, ...) when the paths alone do not tell them apart."""
+
+    def where(d: Any) -> str:
+        return str(d.get("path") or d.get("kind")) if isinstance(d, dict) else repr(d)
+
+    if where(saved) != where(given):
+        return where(saved), where(given)
+
+    def full(d: Any) -> str:
+        if not isinstance(d, dict):
+            return repr(d)
+        more = ", ".join(f"{k} {v}" for k, v in d.items() if k != "path")
+        return f"{where(d)} ({more})"
+
+    return full(saved), full(given)

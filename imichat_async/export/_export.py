@@ -12,7 +12,7 @@ import attrs
 
 from .. import Filter, ImiChatClient, InvalidQueryError
 from . import _plan
-from ._checkpoint import Checkpoint, CheckpointError, ExportState, tenant_of
+from ._checkpoint import Checkpoint, CheckpointError, ExportState, check_directory, tenant_of
 from ._plan import Intervals, RawRecord, TimeRange, UserQuery, fmt, plan_range, to_dt, to_us
 from ._progress import ExportProgress, ExportReport, Progress, Tally
 from ._runner import Runner
@@ -32,6 +32,7 @@ class _Run:
     done: Intervals = attrs.field(factory=Intervals)
     offset: int | None = None
     resumed: bool = False
+    before: tuple[int, int, int] = (0, 0, 0)  # records, duplicates, slices of earlier runs
 
     @classmethod
     def restore(
@@ -46,7 +47,8 @@ class _Run:
             notes=[*st.notes, f"resumed: {st.records} chats in {st.slices} slices already written"],
         )
         plan = TimeRange(user, st.lo, st.hi, st.end_inclusive)
-        return cls(key, plan, ck, tally, Intervals(st.done), st.offset, resumed=True)
+        before = (st.records, st.duplicates, st.slices)
+        return cls(key, plan, ck, tally, Intervals(st.done), st.offset, True, before)
 
     def state(self, complete: bool = False) -> ExportState:
         p, t = self.plan, self.tally
@@ -72,6 +74,7 @@ class _Run:
 
     def report(self, progress: Progress, sink: Sink, frozen: bool) -> ExportReport:
         p, t = self.plan, self.tally
+        records, duplicates, slices = self.before
         return ExportReport(
             records=t.records,
             duplicates=t.duplicates,
@@ -90,6 +93,9 @@ class _Run:
             output=sink.path if isinstance(sink, FileSink) else None,
             notes=tuple(t.notes),
             pages_wasted=t.wasted,
+            records_this_run=t.records - records if self.resumed else None,
+            duplicates_this_run=t.duplicates - duplicates if self.resumed else None,
+            slices_this_run=t.slices_done - slices if self.resumed else None,
         )
 
 
@@ -156,6 +162,10 @@ async def export_chats(
     ckpt: Checkpoint[ExportState] = Checkpoint(
         Path(checkpoint) if checkpoint is not None else None, resume=resume
     )
+    if isinstance(out, FileSink):
+        check_directory(out.path, "sink")
+    if ckpt.path is not None:
+        check_directory(ckpt.path, "checkpoint")
     state = ckpt.load(key)
     if state is None and resume and ckpt.path is not None and isinstance(out, FileSink):
         _check_no_orphan(ckpt.path, out)
@@ -230,7 +240,9 @@ async def _finish_published(out: Sink, ckpt: Checkpoint[ExportState]) -> None:
         elif not out.path.exists():
             raise CheckpointError(
                 f"checkpoint is complete but neither {str(out.path)!r} nor "
-                f"its .part file exists; delete the checkpoint to start over"
+                "its .part file exists; delete the checkpoint (",
+                ("checkpoint", str(ckpt.path)),
+                ") to start over",
             )
     ckpt.drop()
 
@@ -241,8 +253,9 @@ def _check_no_orphan(path: Path, out: FileSink) -> None:
     if out.holds_partial():
         raise CheckpointError(
             f"cannot resume: checkpoint {str(path)!r} does not exist, but the partial output "
-            f"{str(out.temp_path)!r} does; give the checkpoint that wrote it, or delete "
-            "the partial output to start over"
+            f"{str(out.temp_path)!r} does; give the checkpoint that wrote it (",
+            ("checkpoint", None),
+            "), or delete the partial output to start over",
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -11,6 +12,8 @@ import attrs
 
 from .. import ImiChatClient
 from ._plan import Slice
+
+log = logging.getLogger("imichat_async")
 
 
 @attrs.frozen
@@ -32,8 +35,9 @@ class ExportProgress:
 
 @attrs.frozen
 class ExportReport:
-    """What an export did. Counts of chats cover the whole export (earlier runs included);
-    pages, requests, retries and elapsed cover this run."""
+    """What an export did. `records`, `duplicates` and `slices` cover the whole export
+    (earlier runs included), the `*_this_run` fields this run alone (None: not resumed, the
+    same); splits, rereads, pages, requests, retries and elapsed cover this run."""
 
     records: int
     duplicates: int
@@ -52,11 +56,22 @@ class ExportReport:
     output: Path | None = None
     notes: tuple[str, ...] = ()
     pages_wasted: int = 0  # pages requested past the end of a slice (no total sent)
+    records_this_run: int | None = None  # a resumed export's chats written by this run
+    duplicates_this_run: int | None = None
+    slices_this_run: int | None = None
 
     def summary(self) -> str:
-        """One line: `records=… duplicates=… slices=… …`."""
+        """One line of `name=value` fields: `records=… duplicates=… slices=… splits=… …`;
+        a resumed export's adds `records_this_run=…` after `records=…` (and so for
+        duplicates and slices): the plain counts cover the whole export."""
+
+        def count(name: str, whole: int, this_run: int | None) -> str:
+            return f"{name}={whole}" + ("" if this_run is None else f" {name}_this_run={this_run}")
+
         return (
-            f"records={self.records} duplicates={self.duplicates} slices={self.slices} "
+            f"{count('records', self.records, self.records_this_run)} "
+            f"{count('duplicates', self.duplicates, self.duplicates_this_run)} "
+            f"{count('slices', self.slices, self.slices_this_run)} "
             f"splits={self.splits} rereads={self.slices_reread} pages={self.pages} "
             f"requests={self.requests} retries={self.retries} elapsed={self.elapsed:.2f}s"
         )
@@ -77,6 +92,18 @@ class Tally:
     pages: int = 0
     wasted: int = 0
     fetched: int = 0
+    #: the keys of the notes `once` gave, earlier runs' first (a sync's state keeps them)
+    told: list[str] = attrs.field(factory=list)
+
+    def once(self, key: str, text: str) -> None:
+        """A note that the same data would give on every run (a sync re-reading one dense
+        instant in each run's lag window): in `notes` the first time its `key` is told,
+        a log line (INFO) after that."""
+        if key in self.told:
+            log.info("%s (noted in an earlier run)", text)
+            return
+        self.told.append(key)
+        self.notes.append(text)
 
 
 class Progress:

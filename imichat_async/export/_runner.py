@@ -163,7 +163,7 @@ class SliceReader:
             keys = set(merged_now)
             merged = merged_now
             if keys == previous:
-                self.tally.notes.append(f"{where}: too narrow to split, paged {attempt} times")
+                self.tally.once("narrow", f"{where}: too narrow to split, paged {attempt} times")
                 break
             if previous is not None:
                 self.tally.rereads += 1

@@ -24,13 +24,14 @@ from .. import _protocol as protocol
 from .._records import CONVERTER as converter
 from . import _plan
 from ._aio import in_thread
-from ._checkpoint import Checkpoint, CheckpointError, tenant_of
+from ._checkpoint import Checkpoint, CheckpointError, check_directory, tenant_of
 from ._plan import Intervals, RawRecord, Slice, UserQuery, fmt, to_dt, to_us
 from ._progress import ExportProgress, Progress, Tally
 from ._runner import Runner
 from ._sinks import FileSink, Sink, make_sink
 from ._syncplan import (
     DEFAULT_LAG,
+    MAX_TOLD,
     STATE_VERSION,
     SyncState,
     Undated,
@@ -114,7 +115,7 @@ class _Store:
         if self.memory is None:
             return self.file.load(key) or SyncState(key=key)
         if self.memory.key is not None:
-            self.file.check_key(self.memory.key, key, "the sync state", "use a new state")
+            self.file.check_key(self.memory.key, key, "the sync state", ("new_state", None))
         state = copy.deepcopy(self.memory)
         state.key = key
         return state
@@ -208,7 +209,11 @@ async def sync_chats(
         "sink": out.describe(),
         **tenant_of(client.base_url, client.team_id),
     }
+    if isinstance(out, FileSink):
+        check_directory(out.path, "sink")
     store = _Store(state)
+    if store.file.path is not None:
+        check_directory(store.file.path, "state")
     st = store.load(key)
     resumed = st.run is not None
     first = st.bound is None
@@ -218,7 +223,7 @@ async def sync_chats(
         await in_thread(out.check_unrecorded_log)  # before any request, as the others
     if log_path is not None and st.run is None and st.offset is not None:
         await in_thread(_check_completed_log, log_path, st.offset)
-    tally = Tally(notes=[])
+    tally = Tally(notes=[], told=list(st.told))
     bar = Progress(client, tally, progress)
     skew: float | None = None
     if st.run is None:
@@ -239,6 +244,7 @@ async def sync_chats(
 
     def remember() -> None:
         st.recent = prune(seen, windows.remember_from)
+        st.told = tally.told[-MAX_TOLD:]
         st.undated = prune_undated(undated, windows.remember_from)
 
     await out.open(st.offset)

@@ -54,6 +54,7 @@ from ._plan import TIME_PARAMS, RawRecord, TimeRange, UserQuery, chat_key, fmt, 
 
 DEFAULT_LAG = 300.0  # seconds re-read below B: writes that become visible late, clock skew
 STATE_VERSION = 1
+MAX_TOLD = 50  # note keys a state keeps (SyncState.told)
 _US = 1_000_000
 
 Version = tuple[str, int]  # (chat_id, updated_at in microseconds)
@@ -124,6 +125,9 @@ class SyncState:
     runs: int = 0  # completed runs
     appended: int = 0  # versions appended by completed runs
     bound_at: str | None = None  # B, for people reading the file
+    #: the kinds of note given once per state, not on every run (`Tally.once`; the newest
+    #: `MAX_TOLD`): "narrow", a slice too narrow to split (README: "Incremental sync")
+    told: list[str] = attrs.field(factory=list)
     version: int = STATE_VERSION
 
 
