@@ -16,8 +16,9 @@ same release, pyarrow).
   `export.Partition`s of at most `rows_per_partition` chats (from the server's
   totals); `dd.from_map` makes each a task. The plan freezes an open range at
   that instant, so a retried task asks the same question.
-- Each task builds its own `ImiChatClient` in the worker from `ClientSettings`
-  and reads its partition with the export's rules (`export.read_partition`);
+- Each worker process builds one client from `ClientSettings` (the blocking
+  client: its own event loop thread), shared by the tasks its threads run, and
+  reads each partition with the export's rules (`export.read_partition`);
   the rows become a pandas DataFrame of Arrow-backed columns with the Parquet
   dataset's schema (`CHAT_SCHEMA`: timestamps in UTC, `tag` a list of strings).
   A task that fails or whose worker dies is simply run again: a partition's
@@ -34,17 +35,13 @@ same release, pyarrow).
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import os
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
 from datetime import date, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 
-from . import ImiChatClient
 from .export import (
     CHAT_SCHEMA,
     DEFAULT_ROWS_PER_PARTITION,
@@ -53,6 +50,8 @@ from .export import (
     plan_partitions,
     read_partition,
 )
+from .sync import ImiChatClient as BlockingClient
+from .sync import SyncTokenSource
 
 try:
     import dask.dataframe as dd
@@ -62,8 +61,7 @@ except ImportError as exc:  # pragma: no cover (the extra is installed where tes
 
 __all__ = ["ClientSettings", "EnvToken", "read_chats", "read_partition_frame"]
 
-T = TypeVar("T")
-TokenArg = str | Callable[[], str | Awaitable[str]]
+TokenArg = SyncTokenSource
 
 
 @attrs.frozen
@@ -95,66 +93,38 @@ class ClientSettings:
     timeout: float | None = None
     max_retries: int | None = None
 
-    def client(self) -> ImiChatClient:
-        """A new client for these settings (the caller closes it)."""
-        kwargs: dict[str, Any] = {}
+    def client_kwargs(self) -> dict[str, Any]:
+        """The client's keywords for these settings."""
+        kwargs: dict[str, Any] = {
+            "base_url": self.base_url,
+            "token": self.token,
+            "team_id": self.team_id,
+            "concurrency": self.concurrency,
+            "adaptive": self.adaptive,
+            "rate_limit": self.rate_limit,
+        }
         if self.timeout is not None:
             kwargs["timeout"] = self.timeout
         if self.max_retries is not None:
             kwargs["max_retries"] = self.max_retries
         if self.rate_store is not None:
             kwargs["rate_store"] = self.rate_store
-        return ImiChatClient(
-            base_url=self.base_url,
-            token=_token_source(self.token),
-            team_id=self.team_id,
-            concurrency=self.concurrency,
-            adaptive=self.adaptive,
-            rate_limit=self.rate_limit,
-            **kwargs,
-        )
+        return kwargs
 
 
-def _token_source(token: TokenArg) -> str | Callable[[], Awaitable[str]]:
-    """A str as is; a callable (sync or async) as the async callable the client takes."""
-    if isinstance(token, str):
-        return token
-    if not callable(token):
-        raise TypeError(f"token must be a str or a zero-argument callable, got {type(token)}")
-
-    async def fresh() -> str:
-        value = token()
-        if inspect.isawaitable(value):
-            value = await value
-        if not isinstance(value, str):
-            raise TypeError(f"the token callable returned {type(value).__name__}, not a str")
-        return value
-
-    return fresh
+#: One client per worker process and settings, shared by the tasks its threads run: its
+#: limiter bounds the process's requests in flight, and its place in the rate store (its
+#: learned share of the tenant's budget) lasts as long as the worker, not one task.
+_CLIENTS: dict[ClientSettings, BlockingClient] = {}
+_CLIENTS_LOCK = threading.Lock()
 
 
-def _run(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine to its end from sync code, also where a loop already runs (a
-    notebook, a Dask worker's thread): then on a private loop in a thread of its own."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro_fn())
-    box: list[T] = []
-    error: list[BaseException] = []
-
-    def main() -> None:
-        try:
-            box.append(asyncio.run(coro_fn()))
-        except BaseException as exc:
-            error.append(exc)
-
-    thread = threading.Thread(target=main, name="imichat-dask")
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    return box[0]
+def _client_for(settings: ClientSettings) -> BlockingClient:
+    with _CLIENTS_LOCK:
+        client = _CLIENTS.get(settings)
+        if client is None or client.closed:
+            client = _CLIENTS[settings] = BlockingClient(**settings.client_kwargs())
+        return client
 
 
 def _meta() -> pd.DataFrame:
@@ -167,11 +137,8 @@ def read_partition_frame(partition: Partition, settings: ClientSettings) -> pd.D
     What each Dask task runs; usable alone (an Airflow task mapped over the partitions).
     """
 
-    async def read() -> list[Any]:
-        async with settings.client() as client:
-            return await read_partition(client, partition)
-
-    rows = _run(read)
+    client = _client_for(settings)
+    rows = client.run(read_partition(client.async_client, partition))
     return chats_table(rows).to_pandas(types_mapper=pd.ArrowDtype)
 
 
@@ -213,18 +180,17 @@ def read_chats(
         max_retries=max_retries,
     )
 
-    async def plan() -> list[Partition]:
-        async with settings.client() as client:
-            return await plan_partitions(
-                client,
+    with BlockingClient(**settings.client_kwargs()) as client:
+        partitions = client.run(
+            plan_partitions(
+                client.async_client,
                 since=since,
                 until=until,
                 rows_per_partition=rows_per_partition,
                 span_without_total=span_without_total,
                 **filters,
             )
-
-    partitions = _run(plan)
+        )
     df: dd.DataFrame = dd.from_map(  # type: ignore[no-untyped-call]
         read_partition_frame,
         partitions,
