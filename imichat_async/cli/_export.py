@@ -9,6 +9,7 @@ import click
 
 from .. import ApiError
 from ..export import ExportProgress, export_chats
+from ..export._export import DEFAULT_SLICE_PAGES
 from ._exit import ApiFailure, UsageFailure, api_message, run_resumable
 from ._progress import ProgressLine
 from ._wiring import (
@@ -60,7 +61,7 @@ from ._wiring import (
 @click.option(
     "--slice-pages",
     type=click.IntRange(min=1),
-    default=20,
+    default=DEFAULT_SLICE_PAGES,
     show_default=True,
     help="Split slices deeper than this many pages.",
 )

@@ -18,7 +18,10 @@ from ._progress import ExportProgress, ExportReport, Progress, Tally
 from ._runner import Runner
 from ._sinks import FileSink, Sink, make_sink
 
-DEFAULT_SLICE_PAGES = 20
+# Pages a slice may hold before it is split (#24): fewer, deeper slices cost fewer
+# requests and per-slice turns (first page, split probe, commit) than 20 did; a slice
+# read and not yet written holds at most this many pages (500 chats) in memory.
+DEFAULT_SLICE_PAGES = 50
 
 
 @attrs.define
