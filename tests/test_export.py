@@ -231,19 +231,22 @@ async def test_deep_slices_split_and_share_the_client_bound(tmp_path: Path) -> N
     assert requests == report.requests <= 400 + report.splits + report.slices
 
 
-async def test_default_slicing_splits_each_first_slice_once(tmp_path: Path) -> None:
-    """#24, by counts: 8,000 chats (800 pages), concurrency 8, default `slice_pages` (50):
-    the 8 first slices (about 100 pages each) are each split once, into 3, and no child
-    again: 24 slices, 8 pages read only for their total (56 slices at 20 pages)."""
+async def test_a_very_deep_first_slice_is_split_once(tmp_path: Path) -> None:
+    """#24, by counts: 4,000 chats (400 pages), one worker, `slice_pages=5`: the one first
+    slice is split once, into 100 pieces of 4 pages, and only the 4 children the data
+    made deeper than 5 pages split again: 5 pages read only for a total. (At most 64
+    pieces a split, of 6.25 pages: 62 such pages, 126 slices.)"""
     out = tmp_path / "chats.ndjson"
-    async with serve(chats=8000, seed=5) as sb, client_for(sb, concurrency=8) as client:
-        report = await export_chats(client, since=SINCE, until=UNTIL, sink=out)
+    async with serve(chats=4000, seed=5) as sb, client_for(sb, concurrency=2) as client:
+        report = await export_chats(
+            client, since=SINCE, until=UNTIL, sink=out, slice_pages=5, workers=1
+        )
         data = list(sb.data)
         requests, hedges = sb.stats.requests_total, client.stats.hedges
     assert_exact(ids_of(read_ndjson(out)), data)
-    assert (report.slices, report.splits) == (24, 8)
+    assert (report.slices, report.splits) == (104, 5)
     # each slice at most one partial page; each split its probe page (a hedge: a duplicate)
-    assert report.pages <= 800 + report.slices
+    assert report.pages <= 400 + report.slices
     assert requests <= report.pages + report.splits + hedges
 
 

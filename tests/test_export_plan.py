@@ -80,11 +80,11 @@ def test_pieces_for_total() -> None:
 
 
 def test_a_200000_chat_export_splits_each_first_slice_once_by_default() -> None:
-    """#24: with the default depth (50 pages) the 8 first slices of 200,000 evenly spread
-    chats (2,500 pages each) split once, into 63 slices of 40 pages, none split again:
-    504 slices and 8 pages read only to learn a total. (At 20 pages and at most 64
-    pieces a split, it took 1,536 slices and 520 such pages.)"""
-    assert DEFAULT_SLICE_PAGES == 50 and FIRST_SLICES == 8
+    """#24: with the default depth (20 pages) the 8 first slices of 200,000 evenly spread
+    chats (2,500 pages each) split once, into 157 slices of 16 pages, none split again:
+    1,256 slices and 8 pages read only to learn a total. (At most 64 pieces a split took
+    1,536 slices and 520 such pages: every child of the first split split again.)"""
+    assert DEFAULT_SLICE_PAGES == 20 and FIRST_SLICES == 8
     first = plan.first_slices([(0, 8 * 10**9)], workers=FIRST_SLICES)
     slices, probes = 0, 0
     queue = [(s, 200_000 // len(first)) for s in first]
@@ -97,7 +97,7 @@ def test_a_200000_chat_export_splits_each_first_slice_once_by_default() -> None:
         probes += 1  # the first page told the total, and is read again by the children
         parts = plan.split(s, pieces, total)
         queue.extend((p, total // len(parts)) for p in parts)
-    assert (len(first), probes, slices) == (8, 8, 504)
+    assert (len(first), probes, slices) == (8, 8, 1256)
 
 
 def test_pieces_without_total_from_the_span_seen() -> None:

@@ -9,7 +9,6 @@ import click
 
 from .. import ApiError
 from ..export import ExportProgress, export_chats
-from ..export._export import DEFAULT_SLICE_PAGES
 from ._exit import ApiFailure, UsageFailure, api_message, run_resumable
 from ._progress import ProgressLine
 from ._wiring import (
@@ -61,7 +60,7 @@ from ._wiring import (
 @click.option(
     "--slice-pages",
     type=click.IntRange(min=1),
-    default=DEFAULT_SLICE_PAGES,
+    default=20,
     show_default=True,
     help="Split slices deeper than this many pages.",
 )
