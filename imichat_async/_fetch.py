@@ -24,7 +24,7 @@ from . import _protocol as protocol
 from ._auth import STATIC_TOKEN_EXPIRED, TokenProvider, TokenSource
 from ._errors import ApiError, ImiChatError, SearchTimeoutError, TokenExpiredError
 from ._limiter import Limiter
-from ._paging import Hedger, Page, hedge_lost
+from ._paging import HEDGE_LOST, Hedger, Page
 from ._retry import RetryPolicy, call_with_retries, make_retrying
 from ._sched import Flow
 from ._transport import RawResponse, Transport
@@ -208,10 +208,11 @@ class PageFetcher:
         throttled = False
         started = time.perf_counter()
         try:
-            if self._hedger is None:
+            hedger = self._hedger
+            if hedger is None:
                 raw = await self._transport.send(request)
             else:
-                raw = await self._exchange(request)
+                raw = await self._exchange(request, hedger)
             self._last_headers = raw.headers
             status = raw.status
             throttled = protocol.is_throttle(status, raw.headers)
@@ -228,32 +229,31 @@ class PageFetcher:
                 elif overloaded:
                     hedger.overloaded()
 
-    async def _exchange(self, request: protocol.PreparedRequest) -> RawResponse:
-        """`transport.send(request)`, finished when a hedge race is lost with it on the wire.
+    async def _exchange(self, request: protocol.PreparedRequest, hedger: Hedger) -> RawResponse:
+        """`transport.send(request)`, finished even when a hedge race is lost meanwhile.
 
         The server works on a request until it answers, and a tenant counts it in
-        flight until then, aborted or not: a loser (`hedge_lost`) waits for its
-        answer, discarded, keeping its slot, so that the server never sees more
-        than `concurrency` of this client's requests. The race was decided: the
-        search goes on meanwhile. Any other cancellation (the search ends, a
-        second one during that wait) aborts the request at once, as before.
+        flight until then, aborted or not: a race's loser with its request on the
+        wire is not cancelled but marked (`Hedger.lose`); it waits for its answer,
+        discarded, keeping its slot, then stops with `CancelledError(HEDGE_LOST)`,
+        so that the server never sees more than `concurrency` of this client's
+        requests. The race was decided: the search goes on meanwhile. Any other
+        cancellation (the search ends) aborts the request at once, as before. In
+        the page's own task: no task per request.
         """
-        send = asyncio.ensure_future(self._transport.send(request))
+        task = hedger.on_wire()
         try:
-            return await asyncio.shield(send)
-        except asyncio.CancelledError as exc:
-            if not hedge_lost(exc):
-                send.cancel()
-            # Wait until it stopped, so no request outlives its page; a second
-            # cancellation meanwhile cancels it too and is raised once it stopped.
-            try:
-                await send  # a loser's answer, or the transport's own error: discarded
-            except Exception:
-                pass
-            except asyncio.CancelledError:
-                if not send.done():
-                    raise
+            raw = await self._transport.send(request)
+        except Exception:
+            if hedger.off_wire(task):
+                raise asyncio.CancelledError(HEDGE_LOST) from None  # lost: no retry
             raise
+        except BaseException:
+            hedger.off_wire(task)
+            raise
+        if hedger.off_wire(task):
+            raise asyncio.CancelledError(HEDGE_LOST)  # lost: its answer is discarded
+        return raw
 
     def _headers_for(self, token: str) -> Mapping[str, str]:
         cached = self._headers

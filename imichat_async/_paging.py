@@ -31,8 +31,9 @@ window is full.
 - Hedging (with a `Hedger`): a head page outstanding longer than the
   hedger's delay, while the window can do nothing else, gets one duplicate
   `fetch` of the same page; the first answer is used, the other cancelled
-  (with `HEDGE_LOST`: a fetch may finish the request it has on the wire, and
-  keep its slot till then), so a record is never duplicated nor dropped. At
+  (`Hedger.lose`: one with a request on the wire finishes it first, keeping
+  its slot till then, and stops with `HEDGE_LOST`), so a record is never
+  duplicated nor dropped. At
   most `HEDGE_BUDGET` of the pages requested (at least one) per run.
 - Leaving early (break, exception, cancellation, `aclose()`) cancels every
   task in flight and waits for them, in a `finally`, even through a second
@@ -48,7 +49,7 @@ import collections
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import attrs
 
@@ -125,6 +126,8 @@ class Hedger:
         self._backing_off = backing_off
         self._on_sent = on_sent
         self._clock = clock
+        # Page tasks with a request on the wire (`fetching`): True once one lost a race.
+        self._wire: dict[asyncio.Task[object] | None, bool] = {}
 
     def record(self, seconds: float) -> None:
         """One answer came back after `seconds`; the oldest of a full window is dropped."""
@@ -156,6 +159,26 @@ class Hedger:
     def sent(self) -> None:
         if self._on_sent is not None:
             self._on_sent()
+
+    def on_wire(self) -> asyncio.Task[object] | None:
+        """The current task sends a request (the fetcher calls this, then `off_wire`)."""
+        task = asyncio.current_task()
+        self._wire[task] = False
+        return task
+
+    def off_wire(self, task: asyncio.Task[object] | None) -> bool:
+        """Its request was answered (or failed): whether it lost a race meanwhile."""
+        return self._wire.pop(task, False)
+
+    def lose(self, task: asyncio.Task[Any]) -> None:
+        """End a hedge race's loser: cancelled (`HEDGE_LOST`) at once, unless it has a
+        request on the wire: that one is finished first (the server counts it in flight
+        until it answers, so the slot is kept till then), and the fetch stops after it
+        with `CancelledError(HEDGE_LOST)`, retrying nothing. No extra task per request."""
+        if task in self._wire:
+            self._wire[task] = True
+        else:
+            task.cancel(HEDGE_LOST)
 
 
 async def iterate_pages(
@@ -245,7 +268,7 @@ async def iterate_pages(
             for t in (task, hedge):  # the original first when both are done
                 if t in done and not t.cancelled() and t.exception() is None:
                     for loser in pair:
-                        loser.cancel(HEDGE_LOST)
+                        hedger.lose(loser)
                     if t is hedge:
                         st.hedges_won += 1
                     return t.result()

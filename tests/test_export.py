@@ -231,6 +231,25 @@ async def test_deep_slices_split_and_share_the_client_bound(tmp_path: Path) -> N
     assert requests == report.requests <= 400 + report.splits + report.slices
 
 
+async def test_a_very_deep_first_slice_is_split_once(tmp_path: Path) -> None:
+    """#24, by counts: 4,000 chats (400 pages), one worker, `slice_pages=5`: the one first
+    slice is split once, into 100 pieces of 4 pages, and only the 4 children the data
+    made deeper than 5 pages split again: 5 pages read only for a total. (At most 64
+    pieces a split, of 6.25 pages: 62 such pages, 126 slices.)"""
+    out = tmp_path / "chats.ndjson"
+    async with serve(chats=4000, seed=5) as sb, client_for(sb, concurrency=2) as client:
+        report = await export_chats(
+            client, since=SINCE, until=UNTIL, sink=out, slice_pages=5, workers=1
+        )
+        data = list(sb.data)
+        requests, hedges = sb.stats.requests_total, client.stats.hedges
+    assert_exact(ids_of(read_ndjson(out)), data)
+    assert (report.slices, report.splits) == (104, 5)
+    # each slice at most one partial page; each split its probe page (a hedge: a duplicate)
+    assert report.pages <= 400 + report.slices
+    assert requests <= report.pages + report.splits + hedges
+
+
 async def test_user_filters_and_created_at_are_intersected(tmp_path: Path) -> None:
     """Keyword and explicit filters apply; a created_at filter narrows the range."""
     out = tmp_path / "closed.ndjson"

@@ -8,6 +8,8 @@ import pytest
 
 import imichat_async as imi
 from imichat_async.export import _plan as plan
+from imichat_async.export._export import DEFAULT_SLICE_PAGES
+from imichat_async.export._runner import FIRST_SLICES
 
 UTC = timezone.utc
 US_2024 = 1_704_067_200_000_000  # 2024-01-01T00:00:00Z in microseconds since the epoch
@@ -59,14 +61,14 @@ def test_first_slices_give_every_worker_a_slice() -> None:
 
 
 def test_split_shares_the_estimate() -> None:
-    """A split cuts into 2..64 pieces, each expecting its share of the total (rounded up)."""
+    """A split cuts into 2..256 pieces, each expecting its share of the total (rounded up)."""
     parts = plan.split(plan.Slice(0, 1000), pieces=3, estimate=100)
     assert [(p.lo, p.hi, p.estimate) for p in parts] == [
         (0, 333, 34),
         (333, 666, 34),
         (666, 1000, 34),
     ]
-    assert len(plan.split(plan.Slice(0, 10**6), pieces=500, estimate=None)) == 64
+    assert len(plan.split(plan.Slice(0, 10**6), pieces=500, estimate=None)) == 256
     assert len(plan.split(plan.Slice(0, 10**6), pieces=1, estimate=None)) == 2
 
 
@@ -75,6 +77,27 @@ def test_pieces_for_total() -> None:
     assert plan.pieces_for_total(200, page_size=10, slice_pages=20) == 0
     assert plan.pieces_for_total(201, page_size=10, slice_pages=20) == 2  # 21 pages x 1.25 / 20
     assert plan.pieces_for_total(4000, page_size=10, slice_pages=20) == 25
+
+
+def test_a_200000_chat_export_splits_each_first_slice_once_by_default() -> None:
+    """#24: with the default depth (20 pages) the 8 first slices of 200,000 evenly spread
+    chats (2,500 pages each) split once, into 157 slices of 16 pages, none split again:
+    1,256 slices and 8 pages read only to learn a total. (At most 64 pieces a split took
+    1,536 slices and 520 such pages: every child of the first split split again.)"""
+    assert DEFAULT_SLICE_PAGES == 20 and FIRST_SLICES == 8
+    first = plan.first_slices([(0, 8 * 10**9)], workers=FIRST_SLICES)
+    slices, probes = 0, 0
+    queue = [(s, 200_000 // len(first)) for s in first]
+    while queue:
+        s, total = queue.pop()
+        pieces = plan.pieces_for_total(total, 10, DEFAULT_SLICE_PAGES)
+        if not pieces:
+            slices += 1
+            continue
+        probes += 1  # the first page told the total, and is read again by the children
+        parts = plan.split(s, pieces, total)
+        queue.extend((p, total // len(parts)) for p in parts)
+    assert (len(first), probes, slices) == (8, 8, 1256)
 
 
 def test_pieces_without_total_from_the_span_seen() -> None:
