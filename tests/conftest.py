@@ -13,6 +13,12 @@ from .helpers import started
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
+        "--bench",
+        action="store_true",
+        default=False,
+        help="also run the tests marked `bench` (the quick benchmark run, over a minute)",
+    )
+    parser.addoption(
         "--soak",
         action="store_true",
         default=False,
@@ -34,3 +40,14 @@ def redis_url() -> Iterator[str]:
         yield server.url
     finally:
         server.close()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `bench` run only with `--bench` (CI passes it): deselected otherwise, so
+    the default run stays within a few minutes on 2 cores."""
+    if config.getoption("--bench"):
+        return
+    kept = [item for item in items if item.get_closest_marker("bench") is None]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in kept])
+        items[:] = kept

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = range(1, 17)
 
 
-@pytest.mark.slow
+@pytest.mark.bench
 def test_quick_benchmarks_write_every_table(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     committed = ROOT / "benchmarks" / "RESULTS.md"
