@@ -122,23 +122,6 @@ async def test_fixed_rate_limit_is_the_fleets(redis_url: str) -> None:
         await assert_no_stray_tasks()
 
 
-async def test_before_any_throttle_a_fleet_grows_past_one_clients_concurrency(
-    redis_url: str,
-) -> None:
-    """No limit at all: the store holds no member back, each has its own requests in
-    flight (the fleet is not held to one client's concurrency)."""
-    async with tenant(chats=400, latency=0.02) as sb:
-        store = RedisRateStore(redis_url, prefix="nolimit")
-        clients = [client_for(sb, store, adaptive=True, concurrency=4) for _ in range(3)]
-        try:
-            results = await asyncio.gather(*(read_all(c) for c in clients))
-        finally:
-            for c in clients:
-                await c.close()
-    assert all(len(r) == 400 for r in results)
-    assert [c.limiter.peak for c in clients] == [4, 4, 4]  # each, in the end, its own
-
-
 async def test_store_holds_no_token_and_no_chat(redis_url: str) -> None:
     import redis.asyncio
 
