@@ -82,6 +82,23 @@ def _cluster_read(
     return wall, set(ids), df.npartitions
 
 
+def _limited_row(
+    table: Table, label: str, sb: SandboxProcess, wall: float, ideal: float, exact: bool
+) -> float:
+    """A rate-limited run's row (wall against pages / rate, the server's 429s); its 429 share."""
+    st = sb.stats()
+    share: float = st["rate_limited"] / max(1, st["requests_total"])
+    table.add(
+        label,
+        f"{wall:.2f} s",
+        f"{wall / ideal:.2f} x ideal",
+        st["requests_total"],
+        f"{st['rate_limited']} ({share:.1%})",
+        exact,
+    )
+    return share
+
+
 def run(cfg: Config) -> ScenarioResult:
     n, k, limit, latency = cfg.s16_chats, cfg.s16_k, cfg.s16_limit, cfg.latency
     per_task = max(1, k // (WORKERS * THREADS))
@@ -152,31 +169,15 @@ def run(cfg: Config) -> ScenarioResult:
                 time.sleep(BURST / limit + 0.1)  # a full bucket for each run
                 sb.reset()
                 e_wall, e_ids = _export(sb, k, adaptive=True)
-                st = sb.stats()
-                e_share = st["rate_limited"] / max(1, st["requests_total"])
-                table.add(
-                    f"export, {limit} req/s (learned alone)",
-                    f"{e_wall:.2f} s",
-                    f"{e_wall / ideal:.2f} x ideal",
-                    st["requests_total"],
-                    f"{st['rate_limited']} ({e_share:.1%})",
-                    e_ids == expected,
-                )
+                _limited_row(table, f"export, {limit} req/s (learned alone)", sb, e_wall, ideal,
+                             e_ids == expected)  # fmt: skip
                 time.sleep(BURST / limit + 0.1)
                 sb.reset()
                 c_wall, c_ids, parts = _cluster_read(
                     sb, dclient, per_task, rows, adaptive=True, rate_store=url
                 )
-                st = sb.stats()
-                c_share = st["rate_limited"] / max(1, st["requests_total"])
-                table.add(
-                    f"cluster, {limit} req/s (one rate in Redis)",
-                    f"{c_wall:.2f} s",
-                    f"{c_wall / ideal:.2f} x ideal",
-                    st["requests_total"],
-                    f"{st['rate_limited']} ({c_share:.1%})",
-                    c_ids == expected,
-                )
+                c_share = _limited_row(table, f"cluster, {limit} req/s (one rate in Redis)", sb,
+                                       c_wall, ideal, c_ids == expected)  # fmt: skip
                 res.targets.append(
                     Target(
                         f"{limit} req/s: cluster wall / (pages / rate) <= 1.10",
