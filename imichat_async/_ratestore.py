@@ -246,8 +246,9 @@ class FleetRate:
         """Seconds to wait before asking again; 0.0 means a send slot was taken: send now."""
         self._start()
         if not self.shared:
-            if not self.fallbacks and self._clock() - self._started < 2 * self.store.timeout:
-                return POLL  # the store's first answer (or failure) is a moment away
+            # Until the store first answers (or after it failed): the client's own rate. Not
+            # a poll for the store's answer: with no limit anywhere that left the limiter's
+            # time keeping waiting on a rate nobody set, and searches stalled (issue #20).
             return self.local.delay()
         if not self.fleet.rate:
             return self.local.delay()  # no rate in force yet: its own first throttle counts

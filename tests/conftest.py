@@ -13,6 +13,12 @@ from .helpers import started
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
+        "--fleet",
+        action="store_true",
+        default=False,
+        help="also run the tests marked `fleet` (clients sharing a live Redis store)",
+    )
+    parser.addoption(
         "--bench",
         action="store_true",
         default=False,
@@ -43,11 +49,20 @@ def redis_url() -> Iterator[str]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `bench` run only with `--bench` (CI passes it): deselected otherwise, so
-    the default run stays within a few minutes on 2 cores."""
-    if config.getoption("--bench"):
-        return
-    kept = [item for item in items if item.get_closest_marker("bench") is None]
+    """Tests marked `bench` run only with `--bench`, `fleet` only with `--fleet` (CI runs
+    both): deselected otherwise. `bench` keeps the default run within a few minutes on 2
+    cores; `fleet` holds the tests of clients sharing a live store, which stall now and
+    then (issue #20, open): CI runs them in a step of their own that reports, not fails."""
+    opted = {name for name in ("bench", "fleet") if config.getoption(f"--{name}")}
+    kept = [
+        item
+        for item in items
+        if all(
+            item.get_closest_marker(name) is None
+            for name in ("bench", "fleet")
+            if name not in opted
+        )
+    ]
     if len(kept) != len(items):
         config.hook.pytest_deselected(items=[i for i in items if i not in kept])
         items[:] = kept

@@ -31,6 +31,8 @@ from imichat_async.sandbox import Sandbox, serve
 from .helpers import assert_no_stray_tasks, started
 from .sandbox_thread import ThreadedSandbox, env_for
 
+pytestmark = pytest.mark.fleet  # clients on a live store: run with --fleet (issue #20)
+
 
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
