@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import random
 import re
@@ -451,6 +452,9 @@ def test_sync_killed_with_sigkill_finishes_exactly(tmp_path: Path) -> None:
         final = subprocess.run(argv, env=env, capture_output=True, timeout=120, check=False)
         assert final.returncode == 0, final.stderr.decode()  # finishes the interrupted run
         _on_loop(box, lambda: sb.churn(updates=30, inserts=3))
+        # `--lag 0`: the run reads up to the server's `Date`, whole seconds rounded down, so a
+        # version made in this second belongs to the run after. Let the second end first.
+        time.sleep(math.ceil(time.time()) - time.time() + 0.01)
         final = subprocess.run(argv, env=env, capture_output=True, timeout=120, check=False)
         assert final.returncode == 0, final.stderr.decode()  # a run over changed data
         rows = read_dataset(root, "updated_date")
