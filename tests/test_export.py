@@ -222,10 +222,14 @@ async def test_deep_slices_split_and_share_the_client_bound(tmp_path: Path) -> N
     ):
         report = await export_chats(client, since=SINCE, until=UNTIL, sink=out, slice_pages=5)
         data = list(sb.data)
-        peak = sb.stats.peak_in_flight
+        peak, served = client.limiter.peak, sb.stats.peak_in_flight
         requests = sb.stats.requests_total
     assert_exact(ids_of(read_ndjson(out)), data)
     assert peak == 4  # never above the client's concurrency, and all of it used
+    # The server's count may pass it for a moment (once in CI, under load): a request the
+    # client abandoned (a slice closed for its split, an attempt timed out) is still in the
+    # server's handler when the client reuses its slot.
+    assert served >= 4
     assert report.splits >= 4 and report.slices > 4000 / 10 / 5
     # each split costs its probe page, each slice at most one partial page
     assert requests == report.requests <= 400 + report.splits + report.slices
