@@ -73,7 +73,9 @@ class PageFetcher:
         self._headers: tuple[str, Mapping[str, str]] | None = None
         self._limiter = limiter
         self._hedger: Hedger | None = (
-            Hedger(backing_off=self._backing_off, on_sent=self._count_hedge) if hedge else None
+            Hedger(backing_off=lambda: limiter.backing_off, on_sent=self._count_hedge)
+            if hedge
+            else None
         )
         # The headers of the last response (any status), package-internal: the server's
         # `Date` header gives a sync its T1 (export/_sync.py).
@@ -273,19 +275,6 @@ class PageFetcher:
     def _count_hedge(self) -> None:
         self.stats.hedges += 1
         _otel.event(_otel.HEDGE)
-
-    def _backing_off(self) -> bool:
-        """No hedging now: adaptive concurrency below its ceiling, or a send rate in force.
-
-        Under a rate (given, or learned from a throttle) a duplicate takes a token a
-        new page would have used, and the head page it would duplicate is most
-        likely waiting out a `Retry-After` that the server asked to be kept.
-        """
-        limiter = self._limiter
-        if limiter.rate is not None and limiter.rate.rate is not None:
-            return True
-        slots = limiter.slots
-        return slots.adaptive and slots.limit < slots.max_limit
 
 
 def _ms(started: float) -> float:
