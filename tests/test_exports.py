@@ -93,6 +93,8 @@ PUBLIC_NAMES = [
     "TransientError",
     "Transport",
     "UnexpectedResponseError",
+    "check_filters",
+    "parse_utc",
 ]
 
 
