@@ -48,8 +48,8 @@ Layout, one concern per module:
   `client.search_pages(raw=True)`, verifies and re-reads it or says to split
   it; `Runner` keeps `workers` slices in flight and commits each finished one
   (sink write, sync, checkpoint).
-- `_checkpoint.py`: the attrs state, (un)structured by the library's
-  converter, written by one atomic-write helper.
+- `_checkpoint.py`: the attrs state, (un)structured by cattrs, written by
+  one atomic-write helper.
 - `_sinks.py`: NDJSON, CSV, async callable. `_parquet.py`: a partitioned Parquet
   dataset, written in batches of slices (`Sink.holds`); the Arrow side is `_arrow.py`.
   `_progress.py`: the tally, progress snapshots, the report. `_aio.py`: waiting

@@ -20,10 +20,9 @@ from typing import Any
 import attrs
 
 from .. import Filter, ImiChatClient, InvalidQueryError
-from .._records import CONVERTER as converter
 from . import _plan
 from ._aio import in_thread
-from ._checkpoint import Checkpoint, CheckpointError, check_directory, tenant_of
+from ._checkpoint import Checkpoint, CheckpointError, check_directory, converter, tenant_of
 from ._plan import Intervals, RawRecord, Slice, UserQuery, fmt, to_dt, to_us
 from ._progress import ExportProgress, Progress, Tally
 from ._runner import Runner
