@@ -44,9 +44,9 @@ from ._errors import (
 from ._fetch import ClientStats
 from ._paging import PagingStats
 from ._protocol import PreparedRequest, RawChat
-from ._query import Filter
+from ._query import Filter, check_filters
 from ._ratestore import RedisRateStore
-from ._records import Asset, Channel, Chat, ChatStatus
+from ._records import Asset, Channel, Chat, ChatStatus, parse_utc
 from ._results import ChatPage
 from ._retry import RetryPolicy
 from ._transport import MockTransport, RawResponse, Transport
@@ -103,4 +103,6 @@ __all__ = [
     "TransientError",
     "Transport",
     "UnexpectedResponseError",
+    "check_filters",
+    "parse_utc",
 ]

@@ -1,15 +1,16 @@
 """`ImiChatClient`: the public face, composing query, paging, the page fetch path and records.
 
-It owns the lifecycle (transport, limiter, telemetry) and the search methods:
-arguments checked at the call, the query's body built once, the paging
-engine driven with the fetch path of `PageFetcher` (its base: one page
-through the limiter, retries and token refresh), pages handed out as
+It owns the lifecycle (transport, limiter, counters, telemetry) and the search
+methods: arguments checked at the call, the query's body built once, the
+paging engine driven with the `fetch(n)` of the `PageFetcher` it holds (one
+page through the limiter, retries and token refresh), pages handed out as
 `ChatPage`s or flattened. Its repr never shows the token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Literal, overload
@@ -48,7 +49,7 @@ PREFETCH_PER_SLOT = 4  # default prefetch = 4 x concurrency: see README, "Choice
 RawRecord = Mapping[str, Any]  # with raw=True, a `RawChat`: a dict carrying its bytes as sent
 
 
-class ImiChatClient(PageFetcher):
+class ImiChatClient:
     """Async client for POST /chats/search. Use as `async with ImiChatClient(...) as client:`.
 
     `token` is a `str`, or a zero-argument async callable returning one; the
@@ -112,7 +113,8 @@ class ImiChatClient(PageFetcher):
         )
         policy = policy_of(max_retries, retry_policy)
         store = rate_store_of(rate_store)
-        limiter = limiter_for(
+        self.stats = ClientStats()
+        self._limiter = limiter_for(
             concurrency,
             adaptive,
             rate_limit,
@@ -130,16 +132,20 @@ class ImiChatClient(PageFetcher):
             )
         else:
             check_transport(transport, session)
-        super().__init__(
+        self._transport: Transport = transport
+        self._fetcher = PageFetcher(
             url=protocol.search_url(self.base_url),
             team_id=team_id,
             token=token,
             policy=policy,
             sleep=sleep,
-            limiter=limiter,
+            limiter=self._limiter,
             transport=transport,
+            stats=self.stats,
             hedge=hedge,
         )
+        self.team_id = team_id
+        self.max_retries = policy.max_retries
         self.concurrency = concurrency
         self.timeout = timeout
         self._telemetry = _otel.Telemetry(tracer_provider, meter_provider)
@@ -163,7 +169,7 @@ class ImiChatClient(PageFetcher):
 
     async def close(self) -> None:
         """Close the session if the client made it; a borrowed session or transport stays open."""
-        self._closed = True
+        self._fetcher.close()
         rate = self._limiter.rate
         if isinstance(rate, FleetRate):
             await rate.aclose()
@@ -177,6 +183,17 @@ class ImiChatClient(PageFetcher):
     def limiter(self) -> Limiter:
         """The client-wide limiter of requests in flight (its `peak`, `in_flight`, `limit`)."""
         return self._limiter
+
+    @property
+    def server_date(self) -> datetime.datetime | None:
+        """The server's clock at its latest answer to this client (any status, any search):
+        that answer's `Date` header as an aware UTC datetime, in whole seconds (the
+        header's precision). None before any answer, or when the server sent no
+        readable `Date`. A sync takes its start instant from it (README: "Incremental
+        sync"); `server_date - datetime.now(UTC)` is the clocks' skew, give or take
+        the request's time and that second.
+        """
+        return self._fetcher.server_date
 
     @property
     def page_size(self) -> int:
@@ -303,7 +320,6 @@ class ImiChatClient(PageFetcher):
         )
         return numbered_pages(pages, st, limit)
 
-    @_otel.search_scope
     def _pages(
         self,
         query: Query,
@@ -316,21 +332,24 @@ class ImiChatClient(PageFetcher):
         *,
         priority: Priority = "interactive",
     ) -> AsyncGenerator[Page[Any], None]:
-        """Check the paging arguments now, before any request; the pages come lazily."""
+        """Check the paging arguments now, before any request; the pages come lazily,
+        watched by the search's telemetry (a span, metrics) when it is on."""
         window = PREFETCH_PER_SLOT * self.concurrency if prefetch is None else prefetch
         check_paging(window, start_page, max_pages, deadline)
         check_priority(priority)
         search = self._limiter.flow(priority, first=start_page, cap=max_pages)
-        return iterate_pages(
-            self.page_fetch(query.body(), convert, deadline, search),
+        fetcher = self._fetcher
+        pages = iterate_pages(
+            fetcher.page_fetch(query.body(), convert, deadline, search),
             last_page=protocol.last_page,
             ends=protocol.ends_search,
             prefetch=window,
             start_page=start_page,
             max_pages=max_pages,
             stats=stats,
-            hedger=self._hedger,
+            hedger=fetcher.hedger,
         )
+        return self._telemetry.watch(pages, query.filters, query.condition)
 
     @staticmethod
     def _decoded(data: protocol.PageData, n: int) -> Page[Chat]:

@@ -1,16 +1,19 @@
 """One page, fetched: the request built, sent under the limiter, classified, retried,
 an expired token refreshed once for everyone; what happened counted and fed back.
 
-`PageFetcher` is the base of `ImiChatClient`, not a part it holds: the hot
-path stays method calls on one object (no extra hop per request), and the
-OpenTelemetry hooks (`_otel.attempt_scope`, `send_scope`) wrap the client's
-own `_attempt` and `_send`. It knows no query and no paging: `page_fetch`
-gives the paging engine its `fetch(n)`.
+`PageFetcher` is a part `ImiChatClient` holds, as httpx's `Client` holds its
+transport: the client makes the limiter, the transport and the counters and
+hands them over; the fetcher keeps the token, the headers, the retries and the
+hedger. It knows no query and no paging: `page_fetch` gives the paging engine
+its `fetch(n)`, once per search; every request then stays within the fetcher
+(no extra hop per request). The OpenTelemetry hooks (`_otel.attempt_scope`,
+`send_scope`) wrap its `_attempt` and `_send` and read nothing but their arguments.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import sys
 import time
@@ -48,7 +51,8 @@ class ClientStats:
 
 
 class PageFetcher:
-    """The per-page call of a client: its token, limiter, transport, retries and hedger.
+    """The per-page call of a client: its token, headers, retries and hedger, over the
+    `limiter` and `transport` it is given, counting into `stats`.
 
     Raises `ConfigurationError` for a `token` that is neither a str nor a callable.
     """
@@ -63,24 +67,41 @@ class PageFetcher:
         sleep: Callable[[float], Awaitable[Any]],
         limiter: Limiter,
         transport: Transport,
+        stats: ClientStats,
         hedge: bool,
     ) -> None:
-        self.team_id = team_id
-        self.max_retries = policy.max_retries
-        self.stats = ClientStats()
+        self.stats = stats
+        #: The engine's hedging rule, shared by the searches (None: `hedge=False`).
+        self.hedger: Hedger | None = (
+            Hedger(backing_off=lambda: limiter.backing_off, on_sent=self._count_hedge)
+            if hedge
+            else None
+        )
+        self._team_id = team_id
+        self._max_retries = policy.max_retries
         self._auth = TokenProvider(token, on_refresh=self._count_refresh)
         self._url = url
         self._headers: tuple[str, Mapping[str, str]] | None = None
         self._limiter = limiter
-        self._hedger: Hedger | None = (
-            Hedger(backing_off=self._backing_off, on_sent=self._count_hedge) if hedge else None
-        )
-        # The headers of the last response (any status), package-internal: the server's
-        # `Date` header gives a sync its T1 (export/_sync.py).
-        self._last_headers: Mapping[str, str] | None = None
+        self._last_headers: Mapping[str, str] | None = None  # of the last response: `server_date`
         self._closed = False
         self._transport: Transport = transport
         self._retrying = make_retrying(policy, sleep=sleep, on_retry=self._count_retry)
+
+    def close(self) -> None:
+        """Send nothing more: a request from now on raises `ImiChatError` (the client is closed)."""
+        self._closed = True
+
+    @property
+    def server_date(self) -> datetime.datetime | None:
+        """The server's clock at its latest answer (any status), from that answer's `Date`
+        header: aware UTC, whole seconds. None before any answer, or without a readable
+        `Date` (`protocol.parse_date`)."""
+        headers = self._last_headers
+        seconds = None if headers is None else protocol.parse_date(headers)
+        if seconds is None:
+            return None
+        return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
 
     def page_fetch(
         self,
@@ -152,7 +173,7 @@ class PageFetcher:
                 # refreshed; fresh tokens refused again and again are an error.
                 refused = 0 if self._auth.served(token) else refused + 1
                 refreshes += 1
-                if refused > MAX_REFUSED_FRESH or refreshes > 2 * (self.max_retries + 1):
+                if refused > MAX_REFUSED_FRESH or refreshes > 2 * (self._max_retries + 1):
                     raise exc.with_page(page) from None
                 log.warning("page %d: access token expired (2004); refreshing", page)
                 await self._auth.refresh(token)
@@ -208,7 +229,7 @@ class PageFetcher:
         throttled = False
         started = time.perf_counter()
         try:
-            hedger = self._hedger
+            hedger = self.hedger
             if hedger is None:
                 raw = await self._transport.send(request)
             else:
@@ -222,7 +243,7 @@ class PageFetcher:
             # (429, 503 + Retry-After) lowers a learned send rate.
             overloaded = status in protocol.OVERLOAD_STATUSES
             limiter.release(ticket, overloaded=overloaded, ok=0 < status < 500, throttled=throttled)
-            hedger = self._hedger
+            hedger = self.hedger
             if hedger is not None:
                 if status == 200:
                     hedger.record(time.perf_counter() - started)
@@ -258,7 +279,7 @@ class PageFetcher:
     def _headers_for(self, token: str) -> Mapping[str, str]:
         cached = self._headers
         if cached is None or cached[0] != token:
-            cached = (token, protocol.build_headers(token, self.team_id))
+            cached = (token, protocol.build_headers(token, self._team_id))
             self._headers = cached
         return cached[1]
 
@@ -273,19 +294,6 @@ class PageFetcher:
     def _count_hedge(self) -> None:
         self.stats.hedges += 1
         _otel.event(_otel.HEDGE)
-
-    def _backing_off(self) -> bool:
-        """No hedging now: adaptive concurrency below its ceiling, or a send rate in force.
-
-        Under a rate (given, or learned from a throttle) a duplicate takes a token a
-        new page would have used, and the head page it would duplicate is most
-        likely waiting out a `Retry-After` that the server asked to be kept.
-        """
-        limiter = self._limiter
-        if limiter.rate is not None and limiter.rate.rate is not None:
-            return True
-        slots = limiter.slots
-        return slots.adaptive and slots.limit < slots.max_limit
 
 
 def _ms(started: float) -> float:

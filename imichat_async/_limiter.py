@@ -80,6 +80,21 @@ class Limiter:
         return self.gate.rate
 
     @property
+    def backing_off(self) -> bool:
+        """Holding back now: a send rate in force, or adaptive concurrency below its ceiling.
+
+        The fetch path's hedging rule: no duplicate request then. Under a rate (given,
+        or learned from a throttle) a duplicate takes a token a new page would have
+        used, and the head page it would duplicate is most likely waiting out a
+        `Retry-After` that the server asked to be kept.
+        """
+        rate = self.gate.rate
+        if rate is not None and rate.rate is not None:
+            return True
+        slots = self.slots
+        return slots.adaptive and slots.limit < slots.max_limit
+
+    @property
     def limit(self) -> int:
         """Slots currently allowed (below `slots.max_limit` while adapting down)."""
         return self.slots.limit

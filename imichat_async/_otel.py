@@ -38,11 +38,13 @@ Metrics (meter `imichat_async`):
 Secrets: nothing here reads request headers, the body or the token; the URL
 carries none (the token is a header, the base URL refuses credentials).
 
-Hooks in `_client.py`: `@search_scope` on `_pages` (the search span, and the
-context page tasks copy when they are created); in `_fetch.py` (the client's
-base class): `@attempt_scope` on `_attempt` (classifies the answer),
-`@send_scope` on `_send` (the HTTP span), `slot_acquired()` in `_send` after
-the limiter, `event(...)` in the retry, refresh and hedge callbacks.
+Hooks, each given what it needs as arguments: in `_client.py`, the client's
+`Telemetry` (its providers) and `Telemetry.watch` of a search's pages in
+`_pages` (the search span, and the context page tasks copy when they are
+created); in `_fetch.py` (the `PageFetcher` the client holds): `@attempt_scope`
+on `_attempt` (classifies the answer), `@send_scope` on `_send` (the HTTP
+span), `slot_acquired()` in `_send` after the limiter, `event(...)` in the
+retry, refresh and hedge callbacks.
 """
 
 from __future__ import annotations
@@ -102,6 +104,19 @@ class Telemetry:
         self._meter_provider = meter_provider
         self._tracer: tuple[Any, Any] = (None, None)  # (provider, tracer)
         self._instruments: tuple[Any, _Instruments | None] = (None, None)
+
+    def watch(
+        self,
+        pages: AsyncGenerator[Any, None],
+        filters: Sequence[tuple[str, str, Any]],
+        condition: str,
+    ) -> AsyncGenerator[Any, None]:
+        """A search's `pages` under its span and metrics; `pages` itself when both are off
+        (or without `opentelemetry-api`): no extra frame per page then."""
+        if not AVAILABLE:
+            return pages
+        search = self.start(filters, condition)
+        return pages if search is None else search.watch(pages)
 
     def start(self, filters: Sequence[tuple[str, str, Any]], condition: str) -> _Search | None:
         """The scope of a new search, or None when neither tracing nor metrics are on."""
@@ -314,23 +329,6 @@ def _outcome(error: BaseException) -> str:
 
 
 # -- hooks ------------------------------------------------------------------------------------
-
-
-def search_scope(method: F) -> F:
-    """On `_pages(self, query, ...)`: its pages watched by a search scope when telemetry is on.
-
-    The method runs first, so its argument errors still raise at the call.
-    """
-    if not AVAILABLE:
-        return method
-
-    @functools.wraps(method)
-    def wrapper(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
-        pages = method(self, query, *args, **kwargs)
-        search = self._telemetry.start(query.filters, query.condition)
-        return pages if search is None else search.watch(pages)
-
-    return cast(F, wrapper)
 
 
 def attempt_scope(method: F) -> F:

@@ -150,6 +150,27 @@ def build_query(
     return Query(tuple(checked), condition)
 
 
+def check_filters(
+    keywords: Mapping[str, Any] | None = None,
+    /,
+    *,
+    filters: Iterable[Filter | tuple[str, str, Any]] | None = None,
+    condition: str = "and",
+) -> tuple[tuple[str, str, str], ...]:
+    """A search's filters, checked as `search_chats` checks them, as its request sends them.
+
+    `keywords` is the keyword form as a mapping (`{"status": "closed",
+    "created_at__gte": dt}`), `filters` the explicit form, `condition` "and" or
+    "or". Raises `InvalidQueryError` naming the first fault, with no client and no
+    request. Returns each filter as (param, operator, value), the value as sent (a
+    datetime as UTC ISO 8601 with a `Z`): the explicit ones first, in the order
+    given, then the keywords. Public (`imi.check_filters`): for checking a query long
+    before it runs (a form, a config file, a scheduled job's arguments), or keying
+    what it asks; the export and the partition planner check theirs with it.
+    """
+    return build_query(keywords, filters, condition).filters
+
+
 def _explicit(item: Any) -> tuple[str, str, str]:
     if isinstance(item, Filter):
         return check_filter(item.param, item.operator, item.value)

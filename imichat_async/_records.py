@@ -88,7 +88,13 @@ _fromisoformat = datetime.fromisoformat
 
 
 def parse_utc(value: str) -> datetime:
-    """An ISO 8601 string as an aware UTC datetime; naive means UTC, `Z` is accepted on 3.10."""
+    """An ISO 8601 string as an aware UTC datetime, by the rule `Chat` timestamps are decoded by.
+
+    Naive means UTC, an offset is converted, `Z` is accepted (on 3.10 too). Raises
+    `ValueError` for a string that is not ISO 8601. Public (`imi.parse_utc`): the
+    timestamps of `raw=True` records (`RawChat`) are strings as sent; this reads them
+    as `Chat` would.
+    """
     try:
         parsed = datetime.fromisoformat(value)  # 3.11+ reads "Z" itself: the fast path
     except ValueError:

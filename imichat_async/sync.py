@@ -34,6 +34,7 @@ import inspect
 import threading
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterator
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
@@ -129,6 +130,11 @@ class ImiChatClient:
     def limiter(self) -> LimiterView:
         """The client-wide limiter of requests in flight (`peak`, `in_flight`, `limit`)."""
         return self._client.limiter
+
+    @property
+    def server_date(self) -> datetime | None:
+        """The server's clock at its latest answer (`Date`, aware UTC), as the async client's."""
+        return self._client.server_date
 
     @property
     def async_client(self) -> AsyncImiChatClient:

@@ -20,10 +20,8 @@ import pandas as pd
 import pytest
 
 import imichat_async as imi
-from imichat_async._arrow import CHAT_SCHEMA
-from imichat_async._records import parse_utc
 from imichat_async.dask import ClientSettings, EnvToken, read_chats
-from imichat_async.export import Partition
+from imichat_async.export import CHAT_SCHEMA, Partition
 from imichat_async.sandbox import Sandbox
 
 from .sandbox_thread import ThreadedSandbox
@@ -85,7 +83,7 @@ def test_read_chats_equals_the_sandbox_exactly(
     for row in got.head(50).itertuples():
         r = by_id[row.chat_id]
         assert row.status == r.get("status")
-        assert row.created_at.to_pydatetime() == parse_utc(r["created_at"])
+        assert row.created_at.to_pydatetime() == imi.parse_utc(r["created_at"])
         assert row.asset_name == (r.get("asset") or {}).get("name")
         tag = r.get("tag")
         assert (None if row.tag is pd.NA else list(row.tag)) == (None if tag is None else tag)

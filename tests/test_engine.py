@@ -651,9 +651,9 @@ def _chat(i: int) -> dict[str, Any]:
 
 
 def make_client(transport: FakeTransport, **kw: Any) -> imi.ImiChatClient:
-    client = imi.ImiChatClient(base_url="http://127.0.0.1:9/v3.0", token="t", team_id="team", **kw)
-    client._transport = transport
-    return client
+    return imi.ImiChatClient(
+        base_url="http://127.0.0.1:9/v3.0", token="t", team_id="team", transport=transport, **kw
+    )
 
 
 def test_generator_left_suspended_closes_quietly_at_loop_end() -> None:
@@ -728,9 +728,22 @@ async def test_client_counts_hedges(monkeypatch: pytest.MonkeyPatch) -> None:
         assert await task == 2000
         assert client.stats.hedges == stats.hedges == 1
         assert transport.sent.count(150) == 2
-        off = make_client(FakeTransport(300), hedge=False)
-        assert off._hedger is None
-        await off.close()
+    await assert_no_stray_tasks()
+
+
+async def test_client_without_hedging_sends_no_duplicate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`hedge=False`: the overdue head page above gets no duplicate; the search waits for it."""
+    clock = VirtualClock(monkeypatch)
+    transport = FakeTransport(2000, hang={150})
+    async with make_client(transport, concurrency=4, hedge=False) as client:
+        pages = client.search_pages(raw=True, deadline=60.0)
+        task = asyncio.ensure_future(_count_pages(pages))
+        while not task.done():
+            await clock.advance(1.0)
+        with pytest.raises(imi.SearchTimeoutError, match="at page 150"):
+            await task
+        assert client.stats.hedges == 0
+        assert transport.sent.count(150) == 1
     await assert_no_stray_tasks()
 
 

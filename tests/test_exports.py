@@ -16,6 +16,7 @@ import imichat_async as imi
 import imichat_async.export as ex
 from imichat_async import _errors as errors
 from imichat_async import _protocol as protocol
+from tests.helpers import imported_modules
 
 PROMISED = [
     "ImiChatClient",
@@ -93,6 +94,8 @@ PUBLIC_NAMES = [
     "TransientError",
     "Transport",
     "UnexpectedResponseError",
+    "check_filters",
+    "parse_utc",
 ]
 
 
@@ -305,3 +308,60 @@ def test_private_reach_sees_what_the_integrations_did() -> None:
         "blocking._portal",
         "blocking._client",
     ]
+
+
+# -- subpackages take the root's public names only (issue #25) ----------------------------------
+
+#: The subpackages of `imichat_async` that build on its public surface.
+_SUBPACKAGES = ("export", "cli", "sandbox")
+_SUBPACKAGE_MODULES = sorted(
+    path.relative_to(_LIBRARY) for sub in _SUBPACKAGES for path in (_LIBRARY / sub).rglob("*.py")
+)
+
+
+def _root_private_imports(path: Path, library: Path = _LIBRARY) -> list[str]:
+    """The private modules of the root package (`imichat_async._records`) that `path`, a module
+    under `library`, imports: relative (`from .._records import`, `from .. import _protocol`)
+    or absolute (`imichat_async._arrow`), at the top or in a function. Dunders are public."""
+    package = ".".join(path.relative_to(library.parent).parts[:-1])  # an __init__'s: its own
+    found: set[str] = set()
+    for name in imported_modules(path, package):
+        root, _, rest = name.partition(".")
+        first = rest.split(".")[0]
+        if root == library.name and first.startswith("_") and not first.startswith("__"):
+            found.add(f"{root}.{first}")
+    return sorted(found)
+
+
+@pytest.mark.parametrize("module", _SUBPACKAGE_MODULES, ids=str)
+def test_subpackages_import_no_private_module_of_the_root(module: Path) -> None:
+    """export/, cli/ and sandbox/ import from the root package only what it exports: no
+    `.._records`, `.._query`, `from .. import _protocol` (their own private modules are theirs)."""
+    assert _root_private_imports(_LIBRARY / module) == []
+
+
+def test_the_subpackage_check_sees_every_form_of_a_private_import(tmp_path: Path) -> None:
+    """The check above finds each way a module of a subpackage can import a private module of
+    the root, and lets public names, dunders and the subpackage's own modules through."""
+    library = tmp_path / "imichat_async"
+    (library / "export").mkdir(parents=True)
+    probe = library / "export" / "_probe.py"
+    probe.write_text(
+        "from .._records import CONVERTER as converter\n"
+        "from .. import Filter, InvalidQueryError, __version__\n"
+        "from .. import _protocol as protocol\n"
+        "import imichat_async._arrow\n"
+        "from imichat_async._query import build_query\n"
+        "from ._plan import UserQuery\n"
+        "from . import _sinks\n"
+        "def late() -> None:\n"
+        "    from .._errors import ConfigurationError\n"
+    )
+    assert _root_private_imports(probe, library) == [
+        "imichat_async._arrow",
+        "imichat_async._errors",
+        "imichat_async._protocol",
+        "imichat_async._query",
+        "imichat_async._records",
+    ]
+    assert len(_SUBPACKAGE_MODULES) > 30  # every module of the three subpackages is checked

@@ -346,6 +346,26 @@ async def test_throttled_release_lowers_a_learned_rate() -> None:
     assert limiter.limit == 4  # the concurrency bound stays where it was
 
 
+async def test_backing_off_while_a_rate_is_in_force_or_slots_are_below_their_ceiling() -> None:
+    """`backing_off` (no hedging then): a given rate, a learned one once throttled, adaptive
+    slots halved until they are back at their ceiling; never a plain fixed bound."""
+    assert not Limiter(4).backing_off
+    assert Limiter(4, rate_limit=5.0).backing_off
+    t = FakeTime()
+    rate = SendRate(adaptive=True, clock=t)
+    learned = Limiter(4, send_rate=rate, sleep=t.sleep)
+    assert not learned.backing_off  # nothing learned yet
+    learned.release(await learned.acquire(), overloaded=True, throttled=True)
+    assert rate.rate is not None and learned.backing_off
+    slots = Limiter(2, adaptive=True)
+    assert not slots.backing_off
+    slots.release(await slots.acquire(), overloaded=True)
+    assert slots.limit == 1 and slots.backing_off
+    while slots.limit < 2:
+        slots.release(await slots.acquire(), ok=True)
+    assert not slots.backing_off
+
+
 def test_adaptive_rate_and_adaptive_concurrency_are_exclusive() -> None:
     """Learning the rate and AIMD on the concurrency at once is refused, as is a double rate."""
     with pytest.raises(ValueError, match="not both"):

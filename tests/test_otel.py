@@ -298,6 +298,7 @@ def test_without_opentelemetry_installed_the_client_works_untouched() -> None:
         sys.modules["opentelemetry"] = None  # as if the extra were not installed
         import imichat_async as imi
         from imichat_async import _otel, sandbox
+        from imichat_async._fetch import PageFetcher
         """,
         _SEARCH,
         """
@@ -309,7 +310,7 @@ def test_without_opentelemetry_installed_the_client_works_untouched() -> None:
         except imi.ConfigurationError:
             refused = True
         print(json.dumps({"available": _otel.AVAILABLE, "records": n, "refused": refused,
-                          "wrapped": hasattr(imi.ImiChatClient._attempt, "__wrapped__")}))
+                          "wrapped": hasattr(PageFetcher._attempt, "__wrapped__")}))
         """,
     )
     assert result == {"available": False, "records": 30, "refused": True, "wrapped": False}

@@ -26,13 +26,14 @@ import pytest
 from click.testing import CliRunner
 
 import imichat_async as imi
-from imichat_async import _arrow
-from imichat_async._arrow import CHAT_SCHEMA, chats_table
 from imichat_async.cli import main
 from imichat_async.export import (
+    CHAT_SCHEMA,
     CheckpointError,
     ParquetSink,
+    _arrow,
     _plan,
+    chats_table,
     export_chats,
     make_sink,
     sync_chats,

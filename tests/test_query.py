@@ -371,3 +371,25 @@ def test_message_names_the_keyword_as_written(kwargs: dict[str, Any], where: str
     with pytest.raises(imi.InvalidQueryError) as info:
         build_query(kwargs)
     assert where in str(info.value)
+
+
+def test_check_filters_is_a_searchs_check_without_a_client() -> None:
+    """`imi.check_filters`: both forms and the condition checked as a search checks them, the
+    filters returned as the request sends them (explicit first, then the keywords)."""
+    at = datetime(2024, 5, 1, 2, tzinfo=timezone(timedelta(hours=2)))
+    got = imi.check_filters(
+        {"status": "closed", "created_at__gte": at},
+        filters=[imi.Filter("channel", "eq", imi.Channel.SMS)],
+        condition="or",
+    )
+    assert got == (
+        ("channel", "eq", "sms"),
+        ("status", "eq", "closed"),
+        ("created_at", "gte", "2024-05-01T00:00:00Z"),
+    )
+    assert got == build_query({"status": "closed", "created_at__gte": at}, got[:1], "or").filters
+    assert imi.check_filters() == ()
+    with pytest.raises(imi.InvalidQueryError, match="condition"):
+        imi.check_filters(condition="xor")
+    with pytest.raises(imi.InvalidQueryError, match="'limit'"):
+        imi.check_filters({"limit": 5})  # not a filter: refused, never sent as one

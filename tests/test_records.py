@@ -284,6 +284,17 @@ def test_parse_utc_returns_utc_tzinfo() -> None:
     assert parse_utc("2024-05-01T15:30:00+05:30").tzinfo == UTC
 
 
+def test_public_parse_utc_reads_a_raw_timestamp_as_a_chats() -> None:
+    """`imi.parse_utc` is the rule of `Chat` timestamps: same instant, UTC; ValueError else."""
+    raw = {"chat_id": "c", "created_at": "2024-05-01T15:30:00.5+05:30", "updated_at": "2024-05-01"}
+    chat = decode_chat(raw)
+    assert imi.parse_utc(raw["created_at"]) == chat.created_at
+    assert imi.parse_utc(raw["updated_at"]) == chat.updated_at == datetime(2024, 5, 1, tzinfo=UTC)
+    assert imi.parse_utc("2024-05-01T10:00:00Z").tzinfo == UTC
+    with pytest.raises(ValueError):
+        imi.parse_utc("yesterday")
+
+
 # -- shape of the classes ---------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import threading
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -67,6 +68,17 @@ def test_search_pages_yields_numbered_pages(sb: sandbox.Sandbox) -> None:
         pages = list(client.search_pages(max_pages=20))
     assert [p.number for p in pages] == list(range(1, 11))
     assert [len(p.items) for p in pages] == [10] * 9 + [5]
+
+
+def test_server_date_is_the_async_clients(sb: sandbox.Sandbox) -> None:
+    """`server_date`: None before any answer, then the sandbox's `Date`, as the async client's."""
+    with client_for(sb) as client:
+        assert client.server_date is None
+        list(client.search_pages(max_pages=1))
+        at = client.server_date
+        assert at == client.async_client.server_date
+    assert at is not None and at.utcoffset() == timedelta(0)
+    assert abs(at - datetime.now(timezone.utc)) < timedelta(minutes=1)
 
 
 async def test_works_from_inside_a_running_event_loop(sb: sandbox.Sandbox) -> None:

@@ -18,6 +18,7 @@ import json
 import logging
 import pickle
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from aioresponses import aioresponses
 import imichat_async as imi
 from imichat_async import _errors as e
 from imichat_async import sandbox
+from imichat_async._auth import TokenProvider
 from imichat_async._transport import AiohttpTransport
 from tests.helpers import assert_no_stray_tasks
 
@@ -519,7 +521,7 @@ async def test_token_never_in_repr_messages_or_logs(
     }
     errors: list[e.ApiError] = []
     async with make_client(api, token=source) as client:
-        texts = [repr(client), str(client), repr(client._auth), repr(client.limiter)]
+        texts = [repr(client), str(client), repr(TokenProvider(TOKEN)), repr(client.limiter)]
         with pytest.raises(e.ApiError) as info:
             await collect(client)
         errors.append(info.value)
@@ -605,6 +607,26 @@ async def test_early_break_leaves_nothing_behind(api: Api) -> None:
             await asyncio.sleep(0)
         assert client.limiter.in_flight == 0
         await assert_no_stray_tasks()
+
+
+async def test_server_date_is_the_latest_answers_date_header(api: Api) -> None:
+    """`server_date`: None before any answer; then the latest answer's `Date` (an error's
+    too) as aware UTC; None again after an answer without a readable one."""
+    stamped = "Sun, 06 Nov 1994 08:49:37 GMT"
+    api.script = {
+        1: [imi.RawResponse(200, {"Date": stamped}, page_body(0, 1))],
+        2: [api_error(row(3445), headers={"date": "Mon, 07 Nov 1994 00:00:00 GMT"})],
+        3: [imi.RawResponse(200, {"Date": "yesterday"}, page_body(0, 3))],
+    }
+    async with make_client(api) as client:
+        assert client.server_date is None
+        await collect(client)
+        assert client.server_date == datetime(1994, 11, 6, 8, 49, 37, tzinfo=timezone.utc)
+        with pytest.raises(imi.ApiError):
+            await collect(client, start_page=2)
+        assert client.server_date == datetime(1994, 11, 7, tzinfo=timezone.utc)
+        await collect(client, start_page=3)
+        assert client.server_date is None
 
 
 # -- the seam: transport=, MockTransport ------------------------------------------------

@@ -48,10 +48,10 @@ Layout, one concern per module:
   `client.search_pages(raw=True)`, verifies and re-reads it or says to split
   it; `Runner` keeps `workers` slices in flight and commits each finished one
   (sink write, sync, checkpoint).
-- `_checkpoint.py`: the attrs state, (un)structured by the library's
-  converter, written by one atomic-write helper.
+- `_checkpoint.py`: the attrs state, (un)structured by cattrs, written by
+  one atomic-write helper.
 - `_sinks.py`: NDJSON, CSV, async callable. `_parquet.py`: a partitioned Parquet
-  dataset, written in batches of slices (`Sink.holds`); the Arrow side is `.._arrow`.
+  dataset, written in batches of slices (`Sink.holds`); the Arrow side is `_arrow.py`.
   `_progress.py`: the tally, progress snapshots, the report. `_aio.py`: waiting
   through cancellations, blocking calls in threads. `_export.py`: `export_chats`, the wiring.
 
@@ -64,7 +64,7 @@ helper and progress: windows on `created_at` and on `updated_at`, keyed by
 `Checkpoint`/`atomic_write`.
 """
 
-from .._arrow import CHAT_SCHEMA, chats_table
+from ._arrow import CHAT_SCHEMA, chats_table
 from ._checkpoint import CheckpointError
 from ._export import export_chats
 from ._parquet import ParquetSink

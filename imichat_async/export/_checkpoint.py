@@ -1,7 +1,8 @@
 """The checkpoint: a run's state as versioned JSON, written atomically, read back checked.
 
-The state is an attrs class (un)structured by the library's one cattrs
-converter. Every write goes through `atomic_write` (temp file, fsync, rename,
+The state is an attrs class of plain JSON values (ints, strings, lists, dicts),
+(un)structured by `converter`, cattrs with its defaults: nothing in a state needs
+a rule of the records' converter. Every write goes through `atomic_write` (temp file, fsync, rename,
 fsync of the directory), in a worker thread: a reader, or a run killed at any
 moment, sees the old state or the new one, never a torn file.
 """
@@ -17,15 +18,17 @@ from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
+import cattrs
 
 from .. import ImiChatError
-from .._records import CONVERTER as converter  # the one converter
 from ._aio import in_thread
 from ._plan import TIME_PARAMS, fmt
 
 VERSION = 2
 MAX_NOTES = 50  # notes kept in a checkpoint (the newest)
 TENANT_KEYS = ("base_url", "team_id")  # in every checkpoint's and state's key (issue #23)
+#: (Un)structures the states (`ExportState`, the sync's `SyncState`); errors name the field.
+converter = cattrs.Converter(detailed_validation=True, forbid_extra_keys=False)
 
 
 #: How the library names an argument in a message: a pattern for `str.format` (`{}` the

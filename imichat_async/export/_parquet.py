@@ -31,9 +31,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .._arrow import CHAT_SCHEMA, EXTRA_HINT, chats_table, require_pyarrow
-from .._errors import ConfigurationError
+from .. import ConfigurationError
 from ._aio import in_thread
+from ._arrow import CHAT_SCHEMA, EXTRA_HINT, chats_table, require_pyarrow
 from ._checkpoint import CheckpointError, fsync_dir
 from ._sinks import RawRecord, Sink
 

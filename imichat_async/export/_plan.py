@@ -24,9 +24,7 @@ from typing import Any, Protocol
 
 import attrs
 
-from .. import Filter, InvalidQueryError
-from .._query import build_query
-from .._records import CONVERTER as converter  # the one converter: its datetime rule
+from .. import Filter, InvalidQueryError, check_filters, parse_utc
 
 RawRecord = Mapping[str, Any]
 UTC = timezone.utc
@@ -69,7 +67,7 @@ def to_us(name: str, value: Any) -> int:
         return to_us(name, datetime(value.year, value.month, value.day, tzinfo=UTC))
     if isinstance(value, str):
         try:
-            return to_us(name, converter.structure(value, datetime))
+            return to_us(name, parse_utc(value))  # the rule of `Chat` timestamps
         except Exception:
             pass
         raise InvalidQueryError(
@@ -218,22 +216,22 @@ class UserQuery:
         params: Mapping[str, Any],
         condition: str = "and",
     ) -> UserQuery:
-        """The user's filters, checked the one way every search checks them (`build_query`).
+        """The user's filters, checked the one way every search checks them (`check_filters`).
 
         Raises `InvalidQueryError` naming the first fault, before any request: a keyword
         that is not a filter (`limit`, `start_page`, `max_pages`, `prefetch`, `deadline`:
         an export or a sync reads every page itself) is refused, never sent as a filter.
         """
-        given: Any = filters  # as the user gave it: build_query refuses a wrong form, named
+        given: Any = filters  # as the user gave it: check_filters refuses a wrong form, named
         if isinstance(given, Iterable) and not isinstance(given, (str, bytes, Mapping)):
             given = tuple(given)  # read once: a generator is checked and kept alike
-        build_query(params, given, condition)
+        check_filters(params, filters=given, condition=condition)
         return cls(tuple(given or ()), dict(params))
 
     def wire(self, condition: str = "and") -> tuple[tuple[str, str, str], ...]:
         """The filters as the request sends them (checked; values as wire strings), sorted:
         a canonical form that travels (a partition of a distributed read)."""
-        return tuple(sorted(build_query(self.params, self.filters, condition).filters))
+        return tuple(sorted(check_filters(self.params, filters=self.filters, condition=condition)))
 
     def items(self) -> list[tuple[str, str, Any]]:
         """Every filter as (param, operator, value), keyword or explicit alike."""

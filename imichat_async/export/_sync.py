@@ -20,11 +20,9 @@ from typing import Any
 import attrs
 
 from .. import Filter, ImiChatClient, InvalidQueryError
-from .. import _protocol as protocol
-from .._records import CONVERTER as converter
 from . import _plan
 from ._aio import in_thread
-from ._checkpoint import Checkpoint, CheckpointError, check_directory, tenant_of
+from ._checkpoint import Checkpoint, CheckpointError, check_directory, converter, tenant_of
 from ._plan import Intervals, RawRecord, Slice, UserQuery, fmt, to_dt, to_us
 from ._progress import ExportProgress, Progress, Tally
 from ._runner import Runner
@@ -346,12 +344,12 @@ async def _start_clock(
         await pages.aclose()
     local = to_us("now", _plan.utcnow())
     # The client's latest answer: the probe's, or (same server) a concurrent search's.
-    server = protocol.parse_date(client._last_headers or {})
+    server = client.server_date
     if server is None:
         notes.append("the server sent no usable Date header: T1 is this machine's clock")
         log.warning("sync: no usable Date header; T1 %s from this machine's clock", fmt(local))
         return local, None
-    t1 = server * _US
+    t1 = to_us("Date", server)
     skew = (t1 - local) / _US
     level = logging.WARNING if abs(t1 - local) > lag else logging.INFO
     log.log(

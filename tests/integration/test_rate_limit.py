@@ -126,13 +126,13 @@ def test_no_hedging_while_a_send_rate_is_in_force() -> None:
     def client(**kw: Any) -> imi.ImiChatClient:
         return imi.ImiChatClient(base_url="https://x.test/v3.0", token="t", team_id="t", **kw)
 
-    assert client(rate_limit=5.0)._backing_off()
+    assert client(rate_limit=5.0).limiter.backing_off
     learned = client(adaptive=True)
-    assert not learned._backing_off()  # no throttle yet: nothing learned, hedges allowed
+    assert not learned.limiter.backing_off  # no throttle yet: nothing learned, hedges allowed
     rate = learned.limiter.rate
     assert rate is not None
     for _ in range(5):
         rate.feedback(rate.sent(), throttled=False, ok=True)
     rate.feedback(rate.sent(), throttled=True, ok=False)
-    assert learned._backing_off()
-    assert not client()._backing_off()
+    assert learned.limiter.backing_off
+    assert not client().limiter.backing_off

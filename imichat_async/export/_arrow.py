@@ -2,8 +2,10 @@
 
 Needs the `parquet` extra (`pip install 'imichat-async[parquet]'`); import it through
 `require_pyarrow()` to get that message instead of a bare `ImportError`. The Parquet
-sink (`export/_parquet.py`) and the Dask reader (issue #22) both build their tables
-with `chats_table`, so every file and every partition has exactly `CHAT_SCHEMA`.
+sink (`_parquet.py`) and the Dask reader (`imichat_async.dask`, through this package's
+public `chats_table`) both build their tables with `chats_table`, so every file and
+every partition has exactly `CHAT_SCHEMA`. Timestamps are read by `imi.parse_utc`,
+the rule `Chat` records are decoded by.
 
 What a value of the wrong kind becomes (the wire contract's record quirks); nothing
 fails, nothing the server sent is lost:
@@ -33,8 +35,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from ._errors import ConfigurationError
-from ._records import parse_utc
+from .. import ConfigurationError, parse_utc
 
 try:
     import pyarrow as pa
