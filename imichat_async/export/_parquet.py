@@ -3,7 +3,7 @@
 Layout: `DIR/<column>=YYYY-MM-DD/part-<batch>-<n>.parquet`, `<column>` `created_date`
 (an export: the chat's `created_at` date in UTC) or `updated_date` (a sync: the
 version's `updated_at` date); a null date goes to `<column>=__HIVE_DEFAULT_PARTITION__`,
-which readers take as null. Every file has `CHAT_SCHEMA` (`imichat_async._arrow`).
+which readers take as null. Every file has `CHAT_SCHEMA` (`imichat_async.export`).
 
 Exactly once: the sink keeps finished slices in memory (as Arrow) until
 `max_rows_per_file` rows wait (`holds`); the runner then calls `sync`, which writes
