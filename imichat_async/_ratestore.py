@@ -46,8 +46,8 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
@@ -82,6 +82,8 @@ POLL = 0.005  # seconds the limiter waits to ask again while a lease is on its w
 SCHEMES = ("redis", "rediss")
 EXTRA_HINT = "pip install 'imichat-async[redis]'"
 
+T = TypeVar("T")
+
 
 @attrs.define
 class FleetState:
@@ -103,6 +105,27 @@ def _parsed(fields: list[Any]) -> FleetState:
     """The state at the head of a script's reply (Redis sends the numbers as strings)."""
     v = [float(f) for f in fields[:10]]
     return FleetState(v[0], v[1], int(v[2]), *v[3:10])
+
+
+async def _within(aw: Awaitable[T], timeout: float) -> T:
+    """`aw`'s result, or `asyncio.TimeoutError` after `timeout` s (`aw` cancelled, and over).
+
+    Not `asyncio.wait_for`: before Python 3.12 it returns the result when the
+    caller is cancelled just as `aw` is done, and the cancellation is lost
+    (CPython gh-86296). `FleetRate.aclose()` then waited forever for a
+    background task that went on (issue #20's stall). `asyncio.wait` never
+    swallows the caller's cancellation.
+    """
+    inner = asyncio.ensure_future(aw)
+    try:
+        await asyncio.wait({inner}, timeout=timeout)
+    finally:
+        if not inner.done():  # timed out, or we are cancelled: so is `aw`
+            inner.cancel()
+            await asyncio.wait({inner})  # over when this returns, as with wait_for
+    if inner.cancelled():
+        raise asyncio.TimeoutError
+    return inner.result()
 
 
 class RedisRateStore:
@@ -311,11 +334,11 @@ class FleetRate:
         redis, self._redis = self._redis, None
         if redis is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(redis.aclose(), self.store.timeout)
+                await _within(redis.aclose(), self.store.timeout)
 
     async def _run(self) -> None:
         assert self._wake is not None
-        while True:
+        while not self._closed:  # closed: over even if a cancellation was lost on the way
             self._wake.clear()
             try:
                 await self._exchange()
@@ -327,7 +350,7 @@ class FleetRate:
                 await asyncio.sleep(RETRY_EVERY)
                 continue
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._pause())
+                await _within(self._wake.wait(), self._pause())
 
     def _pause(self) -> float:
         if self.fleet.rate and self._want and len(self._slots) < self._batch():
@@ -345,7 +368,7 @@ class FleetRate:
         if fn is None:
             fn = self._scripts[name] = self._redis.register_script(script)
         asked = self._clock()
-        reply: list[Any] = await asyncio.wait_for(fn(keys=keys, args=args), self.store.timeout)
+        reply: list[Any] = await _within(fn(keys=keys, args=args), self.store.timeout)
         answered = self._clock()
         self._offset = float(reply[0]) - (asked + answered) / 2
         return reply

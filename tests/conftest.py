@@ -16,7 +16,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--fleet",
         action="store_true",
         default=False,
-        help="also run the tests marked `fleet` (clients sharing a live Redis store)",
+        help="also run the tests marked `fleet` (a fleet sharing a live Redis store, ~1 min)",
     )
     parser.addoption(
         "--bench",
@@ -50,9 +50,9 @@ def redis_url() -> Iterator[str]:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked `bench` run only with `--bench`, `fleet` only with `--fleet` (CI runs
-    both): deselected otherwise. `bench` keeps the default run within a few minutes on 2
-    cores; `fleet` holds the tests of clients sharing a live store, which stall now and
-    then (issue #20, open): CI runs them in a step of their own that reports, not fails."""
+    both): deselected otherwise, so the default run stays within a few minutes on 2 cores.
+    `fleet` holds the slow tests of a fleet sharing a live store (worker processes, a Dask
+    cluster: about a minute); the quick ones on a live store run by default."""
     opted = {name for name in ("bench", "fleet") if config.getoption(f"--{name}")}
     kept = [
         item

@@ -158,7 +158,7 @@ def test_partitions_are_planned_where_read_chats_is_called(sandbox: Sandbox) -> 
     assert Partition(0, 1).id  # the planned unit is the export's Partition
 
 
-@pytest.mark.fleet
+@pytest.mark.fleet  # a cluster and 3,000 chats at 100/s: ~20 s, CI runs it with --fleet
 def test_tasks_share_the_tenants_budget_through_the_rate_store(
     cluster: distributed.Client, redis_url: str
 ) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.redis_proc import RedisMissing, RedisServer
 from imichat_async.sandbox import Sandbox
 
 from .sandbox_thread import ThreadedSandbox, env_for
@@ -53,6 +54,21 @@ def sandbox() -> Iterator[Sandbox]:
         yield sb
 
 
+@pytest.fixture(scope="module")
+def rate_store() -> Iterator[str | None]:
+    """A real Redis for the examples that share a rate (`IMICHAT_RATE_STORE`); without the
+    package they run on, learning alone, as the README says they do when the store fails."""
+    try:
+        server = RedisServer().start()
+    except RedisMissing:
+        yield None
+        return
+    try:
+        yield server.url
+    finally:
+        server.close()
+
+
 def test_the_readme_has_examples_and_each_says_how_it_runs() -> None:
     """The parse finds the blocks; a block not run names a package the project lacks."""
     assert len(BLOCKS) >= 8
@@ -70,7 +86,7 @@ def test_the_readme_has_examples_and_each_says_how_it_runs() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(("line", "how", "code"), BLOCKS, ids=[f"line{b[0]}" for b in BLOCKS])
 def test_readme_block_runs_as_written(
-    line: int, how: str, code: str, sandbox: Sandbox, tmp_path: Path
+    line: int, how: str, code: str, sandbox: Sandbox, rate_store: str | None, tmp_path: Path
 ) -> None:
     """The block, pasted into a file, runs to its end against the sandbox."""
     compile(code, f"README.md line {line}", "exec")
@@ -83,10 +99,8 @@ def test_readme_block_runs_as_written(
         argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(path)]
     env = env_for(sandbox)
     env.pop("PYTHONPATH", None)
-    # No IMICHAT_RATE_STORE: the fleet example meets no store and runs on alone, as the
-    # README says it does when the store fails (a client with a live store and no rate
-    # limit hung 1 run in 4: issue #20, open).
-    env.pop("IMICHAT_RATE_STORE", None)
+    if rate_store is not None:
+        env["IMICHAT_RATE_STORE"] = rate_store
     env["PYTHONWARNINGS"] = "error::RuntimeWarning"  # an unawaited coroutine fails the run
     env["DLT_DATA_DIR"] = str(tmp_path / "dlt")  # dlt keeps pipelines there: one per run
     proc = subprocess.run(
