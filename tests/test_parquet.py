@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import date, datetime, timezone
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import attrs
@@ -223,6 +224,35 @@ def test_quirks_never_fail_and_are_kept() -> None:
     assert json.loads(rows[5]["other_details"]) == {"i": [1]}
     assert rows[6]["created_at"] == datetime(2024, 5, 1, 10, tzinfo=UTC)  # naive means UTC
     assert [r["extra"] for r in rows[:2]] == [None, None]
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def test_json_columns_are_compact_json_dumps_text_floats_included() -> None:
+    """`other_details` and `extra` (built with msgspec) are exactly `json.dumps`'s compact
+    text, also for the floats msgspec writes otherwise (exponents, NaN, Infinity)."""
+    rnd = random.Random(7)
+    floats = [1e16, -1e22, 1.5e-7, 1e-05, 1e-4, 0.1, -0.0, 5e-324, 1.7976931348623157e308]
+    floats += [rnd.random() * 10 ** rnd.randint(-30, 30) for _ in range(300)]
+    floats += [math.nan, math.inf, -math.inf]
+    details: list[Any] = [
+        {"x": f, "s": 'a\u2028é\x00"\\', "n": [2**70, None, True]} for f in floats
+    ]
+    details += [{"plain": "1e5 null 0.00001"}, {"intent": "billing"}, [1, "x"], "text", 3, None]
+    records = [{"chat_id": str(i), "other_details": d, "new": d} for i, d in enumerate(details)]
+    rows = chats_table(records).to_pylist()
+    assert [r["other_details"] for r in rows] == [
+        None if d is None else _json_text(d) for d in details
+    ]
+    assert [r["extra"] for r in rows] == [_json_text({"new": d}) for d in details]
+    # without a float in the chunk (the fast path); from a mapping that is not a dict too
+    plain = {"chat_id": "a", "other_details": {"k": "v", "ü": [1]}, "asset": {"id": 7}}
+    for chunk in ([plain], [MappingProxyType(plain)]):
+        table = chats_table(chunk)
+        assert table.column("other_details").to_pylist() == ['{"k":"v","ü":[1]}']
+        assert table.column("asset_id").to_pylist() == ["7"]
 
 
 async def test_a_null_created_at_goes_to_the_null_partition(tmp_path: Path) -> None:

@@ -35,6 +35,8 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+import msgspec
+
 from .. import ConfigurationError, parse_utc
 
 try:
@@ -98,6 +100,21 @@ CHAT_SCHEMA: pa.Schema = _schema() if AVAILABLE else None
 
 
 _json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # JSON text
+_encode = msgspec.json.encode  # the same text, UTF-8, ~20x faster: but see `_maybe_other`
+#: Where msgspec's text may differ from `_json`'s: only floats do (`1e16` for `1e+16`,
+#: `1e-7` for `1e-07`, `0.00001` for `1e-05`, `null` for NaN and Infinity).
+_DIGITS = bytes.maketrans(b"123456789E", b"000000000e")
+
+
+def _maybe_other(text: bytes) -> bool:
+    """False: `text` (msgspec's) is `_json`'s text too. True for any text with a float
+    `_json` writes otherwise; also for a few that are the same ("1e" or "null" in a
+    string), which `_json` then redoes at no other cost. (Plain scans, not a regex:
+    a few times faster.)"""
+    return b"null" in text or b"0.0000" in text or b"0e" in text.translate(_DIGITS)
+
+
+_ENCODE_ERRORS = (TypeError, ValueError, OverflowError, msgspec.EncodeError)
 
 
 def _text(value: Any) -> str | None:
@@ -116,6 +133,23 @@ def _strings(values: list[Any]) -> pa.Array:
         return pa.array(values, pa.string())
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         return pa.array([_text(v) for v in values], pa.string())
+
+
+def _json_texts(values: list[Any]) -> pa.Array:
+    """A JSON text column: each value as `_json`'s text, null for None."""
+    try:
+        texts = [None if v is None else _encode(v) for v in values]
+    except _ENCODE_ERRORS:  # not JSON's kinds (a caller's mapping): `_json` says what it can
+        return pa.array([None if v is None else _json(v) for v in values], pa.string())
+    # Most chunks hold no float: one scan of all the texts at once clears them.
+    if _maybe_other(b"".join([t for t in texts if t is not None])):
+        redone = [
+            t if t is None or not _maybe_other(t) else _json(v)
+            for t, v in zip(texts, values, strict=True)
+        ]
+        return pa.array(redone, pa.string())
+    # msgspec writes UTF-8: the bytes are the strings (a view, no second check)
+    return pa.array(texts, pa.binary()).view(pa.string())
 
 
 def _tag(value: Any) -> list[str | None] | None:
@@ -217,7 +251,7 @@ def chats_table(records: Sequence[Mapping[str, Any]]) -> pa.Table:
         "assignee": _strings([r.get("assignee") for r in records]),
         "flag": _strings([r.get("flag") for r in records]),
         "tag": _tags([r.get("tag") for r in records]),
-        "other_details": pa.array([None if d is None else _json(d) for d in details], pa.string()),
-        "extra": pa.array([None if e is None else _json(e) for e in extras], pa.string()),
+        "other_details": _json_texts(details),
+        "extra": _json_texts(extras),
     }
     return pa.Table.from_arrays(list(columns.values()), schema=CHAT_SCHEMA)
