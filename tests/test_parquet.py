@@ -255,6 +255,26 @@ def test_json_columns_are_compact_json_dumps_text_floats_included() -> None:
         assert table.column("asset_id").to_pylist() == ["7"]
 
 
+def test_one_odd_timestamp_leaves_the_others_of_its_chunk_as_arrow_reads_them() -> None:
+    """A value Arrow refuses is parsed on its own (kept in `extra` if it does not parse);
+    the other values of the chunk keep their time."""
+    good = [f"2024-05-01T{h:02d}:{m:02d}:00Z" for h in range(24) for m in range(0, 60, 7)]
+    odd = {3: "yesterday", 100: "20240501T100000Z", 150: 5}
+    records = [{"chat_id": str(i), "created_at": t} for i, t in enumerate(good)]
+    for i, value in odd.items():
+        records[i]["created_at"] = value
+    rows = chats_table(records).to_pylist()
+    for i, row in enumerate(rows):
+        if i in (3, 150):
+            assert row["created_at"] is None
+            assert json.loads(row["extra"]) == {"created_at": odd[i]}
+        elif i == 100:  # not Arrow's form, but ISO 8601 all the same
+            assert row["created_at"] == datetime(2024, 5, 1, 10, tzinfo=UTC)
+            assert row["extra"] is None
+        else:
+            assert row["created_at"] == _at(good[i]) and row["extra"] is None
+
+
 async def test_a_null_created_at_goes_to_the_null_partition(tmp_path: Path) -> None:
     """A record without a created_at lands in `__HIVE_DEFAULT_PARTITION__`, read as null."""
     sink = ParquetSink(tmp_path / "d")

@@ -179,21 +179,37 @@ def _parse(value: Any) -> datetime | None:
         return None
 
 
-def _times(name: str, values: list[Any], extras: list[dict[str, Any] | None]) -> pa.Array:
-    """A timestamp column: vectorised when every value parses, else value by value (the
-    values that do not parse become null, kept as sent in `extras`)."""
-    kind = pa.timestamp("us", tz="UTC")
+_TS = pa.timestamp("us", tz="UTC") if AVAILABLE else None
+_BY_VALUE = 64  # a run of values Arrow refuses is parsed value by value below this length
+
+
+def _times(
+    name: str, values: list[Any], extras: list[dict[str, Any] | None], at: int = 0
+) -> pa.Array:
+    """A timestamp column (of the records from `at` on): cast by Arrow where it reads every
+    value; a run of values where it does not is halved until Arrow reads the halves or the
+    run is short, and a short run is parsed value by value (a value that does not parse
+    becomes null, kept as sent in `extras`). So one odd value costs a few casts, not a
+    parse of every value of the chunk."""
     try:
-        return pc.cast(pa.array(values, pa.string()), kind)
+        return pc.cast(pa.array(values, pa.string()), _TS)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
         pass
+    if len(values) > _BY_VALUE:
+        half = len(values) // 2
+        return pa.concat_arrays(
+            [
+                _times(name, values[:half], extras, at),
+                _times(name, values[half:], extras, at + half),
+            ]
+        )
     parsed: list[datetime | None] = []
-    for i, value in enumerate(values):
-        at = _parse(value)
-        if at is None and value is not None:
+    for i, value in enumerate(values, at):
+        when = _parse(value)
+        if when is None and value is not None:
             extras[i] = {**(extras[i] or {}), name: value}
-        parsed.append(at)
-    return pa.array(parsed, kind)
+        parsed.append(when)
+    return pa.array(parsed, _TS)
 
 
 def _asset(asset: Any) -> tuple[Any, Any, bool]:
