@@ -33,7 +33,8 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from itertools import repeat
+from typing import Any, cast
 
 import msgspec
 
@@ -229,45 +230,83 @@ def _asset_id(value: Any) -> str | None:
     return _text(value)
 
 
+def _assets(
+    assets: list[Any], extras: list[dict[str, Any] | None]
+) -> tuple[list[str | None], list[Any]]:
+    """The `asset_id` texts and `asset_name` values of the `asset` values; an asset with
+    more than both goes whole to `extras` too."""
+    if all(a is None or a.__class__ is dict for a in assets):  # as JSON gives them: by column
+        ids = [None if a is None else a.get("id") for a in assets]
+        names = [None if a is None else a.get("name") for a in assets]
+        fields = _ASSET_FIELDS.issuperset
+        more = [i for i, a in enumerate(assets) if a is not None and not fields(a)]
+    else:
+        triples = [_asset(a) for a in assets]
+        ids, names = [t[0] for t in triples], [t[1] for t in triples]
+        more = [i for i, t in enumerate(triples) if t[2]]
+    for i in more:
+        extras[i] = {**(extras[i] or {}), "asset": assets[i]}
+    # ints (most ids) inline: `str` is their decimal text, as `_asset_id` gives it
+    ids = [
+        v if v is None or v.__class__ is str else str(v) if v.__class__ is int else _asset_id(v)
+        for v in ids
+    ]
+    return ids, names
+
+
 def chats_table(records: Sequence[Mapping[str, Any]]) -> pa.Table:
     """The chats as one `pyarrow.Table` of `CHAT_SCHEMA`, one row per record, in order.
 
     `records` are the JSON objects the server sent (any `Mapping[str, Any]`). Never
     raises for a value of the wrong kind: the module's docstring says what each becomes.
+
+    Built column by column (a list per field, converted by Arrow at once), each with a
+    fast path for the values JSON gives and the rules above only where it is refused.
     """
     require_pyarrow()
     n = len(records)
     extras: list[dict[str, Any] | None] = [None] * n
     known = KNOWN_FIELDS
-    for i, r in enumerate(records):
-        if not r.keys() <= known:
-            extras[i] = {k: v for k, v in r.items() if k not in known}
-    chat_ids = [r.get("chat_id") for r in records]
-    if not all(c.__class__ is str for c in chat_ids):
-        chat_ids = [_text(c) or "" for c in chat_ids]
-    assets = [_asset(r.get("asset")) for r in records]
-    for i, (_, _, more) in enumerate(assets):
-        if more:
-            extras[i] = {**(extras[i] or {}), "asset": records[i]["asset"]}
-    asset_ids = [a[0] for a in assets]
-    if not all(v is None or v.__class__ is str for v in asset_ids):
-        asset_ids = [_asset_id(v) for v in asset_ids]
-    details = [r.get("other_details") for r in records]
-    columns: dict[str, pa.Array] = {
-        "chat_id": pa.array(chat_ids, pa.string()),
-        "alias_id": _strings([r.get("alias_id") for r in records]),
-        "created_at": _times("created_at", [r.get("created_at") for r in records], extras),
-        "updated_at": _times("updated_at", [r.get("updated_at") for r in records], extras),
-        "status": _strings([r.get("status") for r in records]),
-        "channel": _strings([r.get("channel") for r in records]),
-        "asset_id": pa.array(asset_ids, pa.string()),
-        "asset_name": _strings([a[1] for a in assets]),
-        "customer_id": _strings([r.get("customer_id") for r in records]),
-        "destination_id": _strings([r.get("destination_id") for r in records]),
-        "assignee": _strings([r.get("assignee") for r in records]),
-        "flag": _strings([r.get("flag") for r in records]),
-        "tag": _tags([r.get("tag") for r in records]),
-        "other_details": _json_texts(details),
-        "extra": _json_texts(extras),
-    }
-    return pa.Table.from_arrays(list(columns.values()), schema=CHAT_SCHEMA)
+    plain = list(map(known.issuperset, records))  # no field without a column of its own
+    if not all(plain):
+        for i, r in enumerate(records):
+            if not plain[i]:
+                extras[i] = {k: v for k, v in r.items() if k not in known}
+
+    if all(map(isinstance, records, repeat(dict))):  # JSON's objects: `dict.get` by `map`
+        dicts = cast("Sequence[dict[str, Any]]", records)
+
+        def column(name: str) -> list[Any]:
+            return list(map(dict.get, dicts, repeat(name)))
+
+    else:
+
+        def column(name: str) -> list[Any]:
+            return [r.get(name) for r in records]
+
+    chat_ids = column("chat_id")
+    try:
+        chat_id = pa.array(chat_ids, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        chat_id = None
+    if chat_id is None or chat_id.null_count:
+        chat_id = pa.array([_text(c) or "" for c in chat_ids], pa.string())
+    asset_ids, asset_names = _assets(column("asset"), extras)
+    columns = [
+        chat_id,
+        _strings(column("alias_id")),
+        _times("created_at", column("created_at"), extras),
+        _times("updated_at", column("updated_at"), extras),
+        _strings(column("status")),
+        _strings(column("channel")),
+        pa.array(asset_ids, pa.string()),
+        _strings(asset_names),
+        _strings(column("customer_id")),
+        _strings(column("destination_id")),
+        _strings(column("assignee")),
+        _strings(column("flag")),
+        _tags(column("tag")),
+        _json_texts(column("other_details")),
+        _json_texts(extras),
+    ]
+    return pa.Table.from_arrays(columns, schema=CHAT_SCHEMA)
