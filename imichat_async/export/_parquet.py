@@ -23,7 +23,6 @@ run only adds files; a fresh start refuses a directory that already holds a data
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -42,7 +41,14 @@ DEFAULT_MAX_ROWS_PER_FILE = 25_000
 CONVERT_ROWS = 4096  # records converted to Arrow at a time
 ROW_GROUP_ROWS = 128 * 1024  # rows per row group at most (a default-sized file: one group)
 NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"  # Hive's (and DuckDB's, Spark's) null
+#: zstd, not snappy: on the sandbox's chats, files 0.63x the size (83 vs 131 bytes a chat)
+#: for ~0.4 ms more CPU a file of ~500 rows (~0.8 us a chat), spent in the writer threads.
 COMPRESSION = "zstd"
+#: Columns whose values repeat (a status, an asset, a tag...) are dictionary-encoded; the
+#: rest hold a value per chat or per customer (ids, times), where a dictionary costs CPU
+#: (~13 % of a file's encoding) and bytes (files ~9 % larger).
+DICTIONARY = ["status", "channel", "asset_id", "asset_name", "assignee", "flag"]
+DICTIONARY += ["tag.list.element", "other_details", "extra"]
 T = TypeVar("T")
 
 
@@ -257,16 +263,25 @@ def _partitions(table: Any, field: str) -> list[tuple[str, Any]]:
     return parts
 
 
-def _write_table(table: Any, where: Any) -> None:
+def _parquet_bytes(table: Any) -> Any:
+    """`table` as the bytes of one Parquet file (a `pyarrow.Buffer`).
+
+    Encoded into Arrow's own buffer, then written by the caller at once: pyarrow writing
+    to a Python file object calls its `write` some 50 times a file, each taking the GIL
+    from the event loop's thread (which meanwhile parses pages and builds tables)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    out = pa.BufferOutputStream()
     pq.write_table(
         table,
-        where,
+        out,
         row_group_size=ROW_GROUP_ROWS,
         compression=COMPRESSION,
+        use_dictionary=DICTIONARY,
         store_schema=True,
     )
+    return out.getvalue()
 
 
 WRITERS = 4  # threads writing the files of one batch
@@ -331,8 +346,9 @@ class _LocalStore(_Store):
 
     @staticmethod
     def _write(temp: Path, table: Any) -> None:
+        data = _parquet_bytes(table)
         with open(temp, "wb") as f:
-            _write_table(table, f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
 
@@ -379,9 +395,7 @@ class _FsspecStore(_Store):
 
     def put(self, files: Sequence[tuple[str, Any]]) -> None:
         def encode(name: str, table: Any) -> tuple[str, bytes]:
-            buf = io.BytesIO()
-            _write_table(table, buf)
-            return f"{self.root}/{name}", buf.getvalue()
+            return f"{self.root}/{name}", _parquet_bytes(table).to_pybytes()
 
         objects = dict(_parallel(encode, files))
         self.fs.pipe(objects)  # each object one PUT (s3fs sends them concurrently)
