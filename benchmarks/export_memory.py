@@ -63,9 +63,10 @@ async def _probe(
         cleared = reset_peak()
         sampler = Sampler()
         sampler.start()
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         report = await export_chats(client, since=SINCE, until=UNTIL, sink=sink)
         wall = time.perf_counter() - started
+        cpu = time.process_time() - cpu  # every thread's (a Parquet sink's writers too)
         peak = sampler.stop()
         if cleared:
             peak = max(peak, _status_kb("VmHWM") * 1024)
@@ -73,6 +74,7 @@ async def _probe(
         "records": report.records,
         "written": written if fmt is None else report.records,
         "wall": wall,
+        "cpu": cpu,
         "peak": peak,
         "rss_before": before,
         "growth": peak - before,

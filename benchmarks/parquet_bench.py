@@ -3,9 +3,10 @@
 One sandbox process of N chats; at each latency L (0 and 40 ms), client concurrency
 k, each run exports every chat twice, each export in a fresh child process
 (`export_memory.run_child`), the order alternating between runs: to an NDJSON file
-and to a Parquet dataset (default settings). Measured: the export's wall, its peak
-RSS (the whole process, pyarrow's libraries included) and the growth of the peak over
-the RSS before the export, and the dataset's size against the NDJSON file's. Then the
+and to a Parquet dataset (default settings). Measured: the export's wall, its CPU
+(every thread of the child: on a loaded machine the steadier ratio), its peak RSS (the
+whole process, pyarrow's libraries included) and the growth of the peak over the RSS
+before the export, and the dataset's size against the NDJSON file's. Then the
 Parquet export's peak RSS growth at N and at a larger N (L = 0): it must stay flat.
 
     python -m benchmarks --only parquet
@@ -58,6 +59,8 @@ def _pair(sb: SandboxProcess, k: int, order: tuple[str, str], tmp: Path) -> dict
         "records": pq["records"],
         "nd_wall": nd["wall"],
         "pq_wall": pq["wall"],
+        "nd_cpu": nd["cpu"],
+        "pq_cpu": pq["cpu"],
         "nd_peak": nd["peak"],
         "pq_peak": pq["peak"],
         "nd_growth": nd["growth"],
@@ -82,7 +85,8 @@ def run(cfg: Config) -> ScenarioResult:
         + " and ".join(f"{lat * 1000:.0f} ms" for lat in cfg.s14_latencies)
         + ". Each run: `export --format parquet` (a dataset, default "
         "`--max-rows-per-file` 25,000) and the NDJSON export of the same chats, each in a "
-        "fresh child process, order alternating. Peak RSS is the whole child's (pyarrow's "
+        "fresh child process, order alternating. CPU is the export's, every thread of the "
+        "child (user + system). Peak RSS is the whole child's (pyarrow's "
         "libraries included); growth is the peak over the RSS before the export. Then the "
         f"Parquet export's peak RSS growth at N = {n} and N = {big} (L = 0). Median "
         f"(min-max) of {cfg.runs}.",
@@ -99,6 +103,7 @@ def run(cfg: Config) -> ScenarioResult:
             "NDJSON wall (s)",
             "Parquet wall (s)",
             "Parquet / NDJSON wall",
+            "Parquet / NDJSON CPU",
             "NDJSON peak RSS (MB)",
             "Parquet peak RSS (MB)",
             "Parquet - NDJSON peak (MB)",
@@ -116,6 +121,7 @@ def run(cfg: Config) -> ScenarioResult:
                     order = ("ndjson", "parquet") if i % 2 == 0 else ("parquet", "ndjson")
                     runs.append(_pair(sb, k, order, tmp))
                 wall = per_run(runs, lambda r: r["pq_wall"] / r["nd_wall"])
+                cpu = per_run(runs, lambda r: r["pq_cpu"] / r["nd_cpu"])
                 above = per_run(runs, lambda r: r["pq_peak"] - r["nd_peak"])
                 size = runs[0]["pq_size"] / runs[0]["nd_size"]
                 table.add(
@@ -123,6 +129,7 @@ def run(cfg: Config) -> ScenarioResult:
                     _summarize([r["nd_wall"] for r in runs]).fmt(2),
                     _summarize([r["pq_wall"] for r in runs]).fmt(2),
                     "n/a" if wall is None else wall.fmt(3),
+                    "n/a" if cpu is None else cpu.fmt(3),
                     _summarize([r["nd_peak"] for r in runs]).fmt(0, 1 / MB),
                     _summarize([r["pq_peak"] for r in runs]).fmt(0, 1 / MB),
                     "n/a" if above is None else above.fmt(0, 1 / MB),
