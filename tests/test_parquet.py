@@ -259,8 +259,10 @@ def test_one_odd_timestamp_leaves_the_others_of_its_chunk_as_arrow_reads_them() 
     """A value Arrow refuses is parsed on its own (kept in `extra` if it does not parse);
     the other values of the chunk keep their time."""
     good = [f"2024-05-01T{h:02d}:{m:02d}:00Z" for h in range(24) for m in range(0, 60, 7)]
-    odd = {3: "yesterday", 100: "20240501T100000Z", 150: 5}
-    records = [{"chat_id": str(i), "created_at": t} for i, t in enumerate(good)]
+    odd: dict[int, object] = {3: "yesterday", 100: "20240501T100000Z", 150: 5}
+    records: list[dict[str, object]] = [
+        {"chat_id": str(i), "created_at": t} for i, t in enumerate(good)
+    ]
     for i, value in odd.items():
         records[i]["created_at"] = value
     rows = chats_table(records).to_pylist()
