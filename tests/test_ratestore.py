@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,12 @@ def own_redis() -> Iterator[RedisServer]:
         yield server
     finally:
         server.close()
+
+
+# Latency for a search that must outlast its client's first lease (a few ms): a search of
+# a few pages with none ends first, and its close() cancels the lease before it reached
+# Redis (the tests that look for the tenant's key then found none, 1 run in 10).
+SLOW = 0.05
 
 
 @contextlib.asynccontextmanager
@@ -144,7 +151,7 @@ async def test_before_any_throttle_a_fleet_grows_past_one_clients_concurrency(
 async def test_store_holds_no_token_and_no_chat(redis_url: str) -> None:
     import redis.asyncio
 
-    async with tenant(chats=50, rate_limit=200.0) as sb:
+    async with tenant(chats=50, rate_limit=200.0, latency=SLOW) as sb:
         async with client_for(sb, RedisRateStore(redis_url, prefix="audit"), adaptive=True) as c:
             chats = await read_all(c)
         r = redis.asyncio.Redis.from_url(redis_url)
@@ -226,7 +233,7 @@ def _cli(args: list[str], env: dict[str, str]) -> Any:
 def test_cli_search_export_sync_take_a_rate_store(redis_url: str, tmp_path: Path) -> None:
     """`--rate-store URL` on search and sync, `$IMICHAT_RATE_STORE` on export: each run's
     client keeps its rate under the tenant's key in that Redis."""
-    with ThreadedSandbox(chats=80, seed=4) as sb:
+    with ThreadedSandbox(chats=80, seed=4, latency=SLOW) as sb:
         env = {k: v for k, v in env_for(sb).items() if k.startswith("IMICHAT_")}
         key = f"imichat:rate:127.0.0.1:{sb.port}:{sb.team_id}"
         _flush(redis_url)
@@ -276,7 +283,7 @@ def test_sync_client_and_dlt_source_take_a_rate_store(
 
     monkeypatch.setenv("RUNTIME__DLTHUB_TELEMETRY", "false")
     monkeypatch.setenv("DLT_DATA_DIR", str(tmp_path / "dlt-data"))
-    with ThreadedSandbox(chats=60, seed=6) as sb:
+    with ThreadedSandbox(chats=60, seed=6, latency=SLOW) as sb:
         creds = {"base_url": sb.base_url, "token": sb.token, "team_id": sb.team_id}
         store = RedisRateStore(redis_url, prefix="blocking")
         with sync.ImiChatClient(**creds, adaptive=True, rate_store=store) as client:
@@ -308,6 +315,8 @@ def test_sync_client_and_dlt_source_take_a_rate_store(
 
 
 def fleet(sb: SandboxProcess, n: int, store: str | None, **kw: Any) -> list[Worker]:
+    """`n` workers that start reading together, once all have done their imports (which
+    take a second or more each on a loaded machine: one would be far ahead otherwise)."""
     config = {
         "base_url": sb.base_url,
         "token": sb.token,
@@ -318,12 +327,15 @@ def fleet(sb: SandboxProcess, n: int, store: str | None, **kw: Any) -> list[Work
         "rate_store": store,
         **kw,
     }
-    return [Worker(config) for _ in range(n)]
+    workers = [Worker(config, barrier=True) for _ in range(n)]
+    for w in workers:
+        w.ready()
+    for w in workers:
+        w.go()
+    return workers
 
 
 def wait_until(cond: Any, timeout: float = 60) -> None:
-    import time
-
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, "timed out"
@@ -384,9 +396,11 @@ def test_redis_killed_mid_run_every_worker_still_exact(own_redis: RedisServer) -
         workers = fleet(sb, P, own_redis.url)
         wait_until(lambda: all(len(w.pages) >= 10 for w in workers))
         own_redis.kill()
+        killed_at = time.monotonic()
         results = [w.wait(120) for w in workers]
     assert all(r is not None and r["ids"] == expected for r in results)
-    assert [r["fallbacks"] for r in results if r is not None] == [1] * P
+    ended = [r["ended"] - killed_at for r in results if r is not None]  # each read on after it
+    assert [r["fallbacks"] for r in results if r is not None] == [1] * P, ended
 
 
 @pytest.mark.fleet
