@@ -148,6 +148,36 @@ async def test_before_any_throttle_a_fleet_grows_past_one_clients_concurrency(
     await assert_no_stray_tasks()
 
 
+async def test_a_fleet_held_low_grows_with_the_answers_it_reports(redis_url: str) -> None:
+    """Growth along the fleet's curve is capped at twice the rate the fleet accepts, and
+    that counts the answers the lease proposing it reports. #20's Dask stall: the cap took
+    the accepted rate from the member's lease before, which at a request a second reads
+    near nothing, so a fleet at its last throttled rate (1/s there) never grew again."""
+    import redis.asyncio
+
+    store = RedisRateStore(redis_url, prefix="grow")
+    key = store.key("http://127.0.0.1:1", "t")
+    r = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        sec, usec = await r.time()
+        now = sec + usec / 1e6  # the fleet as a decrease left it 100 s ago: 1/s, its w_max
+        await r.hset(
+            key,
+            mapping={"rate": 1.0, "epoch": 1, "w_max": 1.0, "k": 0.0, "c": 0.4, "t0": now - 100},
+        )
+    finally:
+        await r.aclose()
+    rate = FleetRate(store, key, adaptive=True)
+    try:
+        await rate._exchange()  # a lease with nothing to report
+        assert rate.fleet.rate == 1.0
+        rate.feedback(rate.sent(), throttled=False, ok=True)  # an answer
+        await rate._exchange()  # the lease reporting it proposes the curve, far above 1/s
+    finally:
+        await rate.aclose()
+    assert rate.fleet.rate > 1.0
+
+
 async def test_store_holds_no_token_and_no_chat(redis_url: str) -> None:
     import redis.asyncio
 
