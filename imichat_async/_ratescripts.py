@@ -55,8 +55,9 @@ end
 """
 
 #: KEYS: the tenant's hash, its members (a sorted set). ARGV: wanted, fixed rate (0: none),
-#: ceiling (0: none), burst, slack, horizon, epoch seen, proposed rate (0: none), accepted,
-#: sent (since the last call), ttl ms, member id, member ttl s.
+#: ceiling (0: none), burst, slack, horizon, epoch seen, proposed rate (0: none; the curve's,
+#: capped here at twice the accepted rate), accepted, sent (since the last call), ttl ms,
+#: member id, member ttl s.
 #: Returns the state, then ok rate, sent rate, seconds until a slot is in the horizon, first
 #: grant number, members present, and each slot's offset from now.
 LEASE = (
@@ -65,16 +66,19 @@ LEASE = (
 local n, fixed, ceiling = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local burst, slack, horizon = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local seen, proposal = tonumber(ARGV[7]), tonumber(ARGV[8])
+local ok_rate = meter('ok', tonumber(ARGV[9]))
+local sent_rate = meter('sent', tonumber(ARGV[10]))
 local rate = num('rate', 0)
 if fixed > 0 then
   if rate ~= fixed then set_rate(fixed, burst, slack) end
 elseif rate == 0 and ceiling > 0 then
   set_rate(ceiling, burst, slack)
-elseif proposal > 0 and rate > 0 and seen == num('epoch', 0) and proposal ~= rate then
-  set_rate(proposal, burst, slack)
+elseif proposal > 0 and rate > 0 and seen == num('epoch', 0) then
+  -- never above twice the rate the fleet accepts, the answers this lease reports counted
+  -- (the member's last reply missed them: at a request a second, it read near nothing)
+  proposal = math.min(proposal, math.max(num('w_max', 0), 2 * ok_rate))
+  if proposal ~= rate then set_rate(proposal, burst, slack) end
 end
-local ok_rate = meter('ok', tonumber(ARGV[9]))
-local sent_rate = meter('sent', tonumber(ARGV[10]))
 rate = num('rate', 0)
 local g = num('g', 0)
 local first = g + 1

@@ -19,8 +19,9 @@ every client of every process that uses the store.
 - **One learned rate.** The CUBIC curve of the last decrease (`w_max`, C,
   K, its time) lives in Redis; every member evaluates it at Redis' time with
   `_rate.cubic_rate` and proposes the result with its next lease, accepted
-  only if no decrease happened since (`epoch`): growth, probing included,
-  is one curve for the fleet. A throttle is reported (script `THROTTLE`,
+  only if no decrease happened since (`epoch`) and capped there at twice the
+  fleet's accepted rate, this lease's answers counted: growth, probing
+  included, is one curve for the fleet. A throttle is reported (script `THROTTLE`,
   which keeps the run of throttles by grant number, the fleet's analogue of
   `SendRate`'s send times); the member computes the decrease with
   `_rate.decrease_target` and sets it (script `DECREASE`) only if the
@@ -241,7 +242,6 @@ class FleetRate:
         self._throttled: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
         self._ok = 0  # accepted and sent since the last call to the store
         self._sent = 0
-        self._ok_rate = 0.0
         self._want = False
         self._retry_at = 0.0
         self._redis: Any = None
@@ -409,7 +409,6 @@ class FleetRate:
         )
         was = self.fleet.rate
         self.fleet = _parsed(reply)
-        self._ok_rate = float(reply[10])
         local_now = self.fleet.now - self._offset
         self._retry_at = local_now + float(reply[12])
         if not self.fleet.rate or (was and self.fleet.rate < was * 0.99):
@@ -423,13 +422,18 @@ class FleetRate:
         self._rejoined()
 
     def _proposal(self) -> float:
-        """The fleet's curve now, at Redis' time: its growth (0: nothing to propose)."""
+        """The fleet's curve now, at Redis' time: its growth (0: nothing to propose).
+
+        The script caps it at twice the fleet's accepted rate (`SendRate._grow`'s cap),
+        with the answers this lease reports: the rate in the last reply missed them, and
+        at a request a second it is near nothing, which held the fleet at `w_max` (#20).
+        """
         fleet = self.fleet
         if not self.adaptive or not fleet.rate or not fleet.epoch:
             return 0.0
         now = self._clock() + self._offset
         cubic = cubic_rate(now - fleet.t0, fleet.w_max, fleet.k, fleet.c, self.local.scale)
-        return self.local.clamp(min(cubic, max(fleet.w_max, 2 * self._ok_rate)))
+        return self.local.clamp(cubic)
 
     async def _report(self, sent_local: float, grant: int) -> None:
         """A throttle: the fleet decreases once for it, unless it is stale."""
