@@ -231,8 +231,9 @@ async def test_deep_slices_split_and_share_the_client_bound(tmp_path: Path) -> N
     # server's handler when the client reuses its slot.
     assert served >= 4
     assert report.splits >= 4 and report.slices > 4000 / 10 / 5
-    # each split costs its probe page, each slice at most one partial page
-    assert requests == report.requests <= 400 + report.splits + report.slices
+    # each split costs its probe page, each slice at most one partial page; the server may
+    # never see a request the client abandoned before its body went out (once in CI)
+    assert requests <= report.requests <= 400 + report.splits + report.slices
 
 
 async def test_a_very_deep_first_slice_is_split_once(tmp_path: Path) -> None:
