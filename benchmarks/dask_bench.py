@@ -131,7 +131,7 @@ def run(cfg: Config) -> ScenarioResult:
                 n_workers=WORKERS,
                 threads_per_worker=THREADS,
                 processes=True,
-                dashboard_address=None,
+                dashboard_address=":0",
             ) as lc,
             distributed.Client(lc) as dclient,  # type: ignore[no-untyped-call]
         ):

@@ -48,7 +48,7 @@ def sandbox() -> Iterator[Sandbox]:
 def cluster(sandbox: Sandbox) -> Iterator[distributed.Client]:
     with (
         distributed.LocalCluster(  # type: ignore[no-untyped-call]
-            n_workers=2, processes=True, threads_per_worker=2, dashboard_address=None
+            n_workers=2, processes=True, threads_per_worker=2, dashboard_address=":0"
         ) as lc,
         distributed.Client(lc) as client,  # type: ignore[no-untyped-call]
     ):
