@@ -189,7 +189,7 @@ def _parse(value: Any) -> datetime | None:
         return None
 
 
-_TS = pa.timestamp("us", tz="UTC") if AVAILABLE else None
+_TS = CHAT_SCHEMA.field("created_at").type if AVAILABLE else None  # the schema's, not a copy
 _BY_VALUE = 64  # a run of values Arrow refuses is parsed value by value below this length
 
 
