@@ -80,7 +80,7 @@ async def test_close_as_the_stores_answer_comes_in_ends_the_task() -> None:
     """The store's answer is in, the task has not read it yet: `aclose()` ends it anyway."""
     store = FakeStore()
     rate = FleetRate(store, "k", adaptive=True)
-    assert rate.delay() == ratestore.POLL  # starts the task; waits for the store's answer
+    assert rate.delay() == ratestore.QUICK_POLL  # starts the task; waits for the store's answer
     await store.called.wait()  # its first lease has just been answered
     calls = store.calls
     assert await closed_within_guard(rate), "aclose() never returned: the task lived on"
@@ -92,7 +92,7 @@ async def test_close_as_a_throttle_wakes_the_task_ends_it() -> None:
     """A throttle wakes the task to report it, and the client closes in the same step."""
     store = FakeStore()
     rate = FleetRate(store, "k", adaptive=True)
-    assert rate.delay() == ratestore.POLL
+    assert rate.delay() == ratestore.QUICK_POLL
     for _ in range(100):  # until the first answer is read: the task waits for a wake-up
         if rate.shared:
             break
