@@ -79,7 +79,14 @@ def limiter_for(
                 "rate_limit= (the fleet's), not adaptive=" + repr(adaptive)
             )
         # The limiter takes any `SendRateLike` (delay, sent, feedback): the fleet's.
-        send_rate = FleetRate(store, key, rate_limit, adaptive=learn_rate, on_fallback=on_fallback)
+        send_rate = FleetRate(
+            store,
+            key,
+            rate_limit,
+            adaptive=learn_rate,
+            window=concurrency,
+            on_fallback=on_fallback,
+        )
     elif learn_rate or rate_limit is not None:
         send_rate = SendRate(rate_limit, adaptive=learn_rate)
     return Limiter(concurrency, adaptive=adaptive == "concurrency", send_rate=send_rate)

@@ -81,13 +81,17 @@ def decrease_target(
     measured: float | None,
     estimate: float | None,
     offered: Callable[[], float],
+    floor: float | None = None,
 ) -> tuple[float, float]:
     """(the curve's top `w_max`, the rate from now) after a throttle that decreases.
 
     `rate`: the rate in force, None while the bucket is off (adaptive, never throttled);
     `measured`: this throttle's run measured the tenant's rate; `estimate`: a measure
     recent enough (`ESTIMATE_AGE`) to cap a lone throttle's cut; `offered()`: the rate
-    sent and not refused, asked for only at the first throttle.
+    sent and not refused, asked for only at the first throttle; `floor`: a lower bound of
+    the tenant's rate (accepted between the previous throttle and this one, over the time
+    between them), which a lone throttle aims at when it is below the cap, but never more
+    than one `beta` below it.
     """
     if measured is not None:
         w_max = measured if rate is None else min(measured, rate / beta)  # never up
@@ -97,6 +101,10 @@ def decrease_target(
         # the server's burst hid the overshoot until now: aim back at that measure
         # (one cut, not two), unless it is old enough that the tenant may have changed.
         w_max = rate if estimate is None else min(rate, estimate)
+        if floor is not None:
+            # The rate the throttle came at overshot by the time the server's burst took to
+            # drain: aiming back there, the fleet overshot again each second (issue #20).
+            w_max = min(w_max, max(floor, beta * w_max))
         return w_max, beta * w_max
     # The first throttle, alone: the accepted rate so far is about what was sent, the
     # burst included, so the tenant's rate is somewhere below it. Start well below, and

@@ -16,6 +16,13 @@ every client of every process that uses the store.
   order they ask, a batch each, so shares come out even; a late joiner is
   in the queue at its first lease; a member that dies holds at most one
   batch, due within `HORIZON`.
+- **A slow start.** Until the first throttle sets a rate, each send takes a
+  permit (script `LEASE`): one client's window between all the members, and
+  `GROWTH` more per answer accepted, until a window of answers is in and the
+  fleet's window passes the members' concurrency together. A client waits for
+  the store's first answer before its first request (at most the store's
+  timeout): without it a fleet started together sent every member's window at
+  once.
 - **One learned rate.** The CUBIC curve of the last decrease (`w_max`, C,
   K, its time) lives in Redis; every member evaluates it at Redis' time with
   `_rate.cubic_rate` and proposes the result with its next lease, accepted
@@ -27,7 +34,10 @@ every client of every process that uses the store.
   `_rate.decrease_target` and sets it (script `DECREASE`) only if the
   epoch is still the one it computed from: two members throttled at once
   decrease once, and a throttle sent before the last decrease's grace ended
-  decreases nothing.
+  decreases nothing. Grant numbers stand in for send times: slots voided by a
+  decrease, or not taken within `STALE_SLOT` of their time, are dropped and
+  reported, not counted as sent; a lone throttle aims at what the fleet had
+  accepted since the previous one (`THROTTLE`'s second measure).
 - **Never fails a search.** Every call has a timeout; the first failure
   switches the client to its own in-process `SendRate` (fed all along, so
   it is warm), logs one warning, counts it (`ClientStats.rate_store_fallbacks`),
@@ -80,6 +90,22 @@ MAX_BATCH = 8
 IDLE_TTL = 60.0  # seconds the tenant's state outlives its last use
 MEMBER_TTL = 2.0  # seconds a member counts as present after its last call to the store
 POLL = 0.005  # seconds the limiter waits to ask again while a lease is on its way
+#: and while the store's first answer, or a slow start's permits, are: a round trip to a
+#: Redis nearby takes well under a millisecond, and a client's first requests wait on it
+QUICK_POLL = 0.001
+#: The slow start (script `LEASE`): permits granted per answer accepted; 1.25 takes a fleet
+#: of 4 clients from one client's window to all of theirs in ~6 round trips, and the
+#: first throttle finds about 1.25 windows in flight, not 4 (#20: 7-11 % of requests 429'd
+#: by 4 processes started together, 0.5-2.4 % with it and the floor of a lone throttle)
+GROWTH = 1.25
+LOST = 1.0  # seconds after which permits neither used nor answered are taken as lost
+GATING_POLL = 0.005  # seconds between asks for permits while the slow start holds them back
+#: A slot not taken this many seconds after it was due is dropped, not used late: used late,
+#: its grant number (the fleet's proxy for a send time) would lie to the measure of the rate.
+STALE_SLOT = 0.05
+#: A lone throttle's lower bound of the tenant's rate counts over at most this many seconds
+#: since the fleet's previous throttle (over longer, the fleet may have idled: a weak bound).
+FLOOR_SPAN = 5.0
 SCHEMES = ("redis", "rediss")
 EXTRA_HINT = "pip install 'imichat-async[redis]'"
 
@@ -219,10 +245,14 @@ class FleetRate:
         *,
         adaptive: bool = False,
         burst: float = 1.0,
+        window: int = 0,
         on_fallback: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.local = SendRate(rate, adaptive=adaptive, burst=burst, clock=clock)
+        # The client's concurrency: the fleet's slow start begins with one such window.
+        self._window = window if adaptive else 0
+        self._gating = False  # the fleet's slow start holds sends back: each needs a permit
         self.adaptive = adaptive
         self.store = store
         self.key = key
@@ -242,6 +272,7 @@ class FleetRate:
         self._throttled: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
         self._ok = 0  # accepted and sent since the last call to the store
         self._sent = 0
+        self._dropped: list[int] = []  # grants dropped unsent since the last lease
         self._want = False
         self._retry_at = 0.0
         self._redis: Any = None
@@ -269,14 +300,20 @@ class FleetRate:
         """Seconds to wait before asking again; 0.0 means a send slot was taken: send now."""
         self._start()
         if not self.shared:
-            # Until the store first answers (or after it failed): the client's own rate. Not
-            # a poll for the store's answer: with no limit anywhere that left the limiter's
-            # time keeping waiting on a rate nobody set, and searches stalled (issue #20).
+            if not self.fallbacks and self._clock() - self._started < self.store.timeout:
+                # The store's first answer, on its way: it may hold a rate, or a slow start
+                # (else a fleet started together sends every member's window at once). Its
+                # failure or its timeout ends the wait: then the client's own rate.
+                self._ask()
+                return QUICK_POLL
             return self.local.delay()
-        if not self.fleet.rate:
+        if not self.fleet.rate and not self._gating:
             return self.local.delay()  # no rate in force yet: its own first throttle counts
         slots = self._slots
         batch = self._batch()
+        stale = self._clock() - STALE_SLOT
+        while slots and slots[0][0] < stale and self.fleet.rate:  # permits: time is no matter
+            self._dropped.append(slots.popleft()[1])
         if slots:
             wait = slots[0][0] - self._clock()
             if wait <= 0:
@@ -286,7 +323,7 @@ class FleetRate:
                 return 0.0
             return wait
         self._ask()
-        return POLL
+        return POLL if self.fleet.rate else QUICK_POLL
 
     def sent(self) -> int:
         ticket = self.local.sent()
@@ -307,6 +344,8 @@ class FleetRate:
                 self._ask()
         elif ok:
             self._ok += 1
+            if self._gating:
+                self._ask()  # each answer accepted widens the slow start: tell the fleet
 
     # -- the background task ----------------------------------------------------------------
 
@@ -353,12 +392,19 @@ class FleetRate:
                 await _within(self._wake.wait(), self._pause())
 
     def _pause(self) -> float:
-        if self.fleet.rate and self._want and len(self._slots) < self._batch():
-            return max(0.001, self._retry_at - self._clock())
+        if self._want and len(self._slots) < self._batch():
+            if self.fleet.rate:
+                return max(0.001, self._retry_at - self._clock())
+            if self._gating:
+                return GATING_POLL  # permits come back as the fleet's answers do
         return SYNC_EVERY if self.fleet.rate or not self.adaptive else SYNC_UNBOUNDED
 
     def _batch(self) -> int:
-        return max(1, min(MAX_BATCH, int(self.fleet.rate * BATCH_TIME)))
+        """Slots to ask for at once: `BATCH_TIME` of the rate, or, with none in force, a
+        window's worth of the slow start's permits (at most `MAX_BATCH`)."""
+        if self.fleet.rate:
+            return max(1, min(MAX_BATCH, int(self.fleet.rate * BATCH_TIME)))
+        return max(1, min(MAX_BATCH, self._window))
 
     async def _call(self, name: str, script: str, keys: list[str], args: list[Any]) -> list[Any]:
         if self._redis is None:
@@ -385,8 +431,10 @@ class FleetRate:
         while self._throttled:
             await self._report(*self._throttled.popleft())
         batch = self._batch()
-        wanted = batch if self.fleet.rate and self._want and len(self._slots) < batch else 0
+        leasing = self.fleet.rate or self._gating or (self._window and not self.shared)
+        wanted = batch if leasing and self._want and len(self._slots) < batch else 0
         ok, sent = self._counts()
+        dropped, self._dropped = ",".join(map(str, self._dropped)), []
         reply = await self._call(
             "lease",
             LEASE,
@@ -405,21 +453,36 @@ class FleetRate:
                 self._ttl(),
                 self._id,
                 MEMBER_TTL,
+                self._window,
+                GROWTH,
+                LOST,
+                dropped,
             ],
         )
-        was = self.fleet.rate
+        was, gated = self.fleet.rate, self._gating
         self.fleet = _parsed(reply)
+        rate = self.fleet.rate
+        self._gating = not rate and float(reply[15]) == 1
         local_now = self.fleet.now - self._offset
         self._retry_at = local_now + float(reply[12])
-        if not self.fleet.rate or (was and self.fleet.rate < was * 0.99):
-            self._slots.clear()  # a decrease: slots leased at the old rate go unused
+        decreased = was and rate < was * 0.99
+        if decreased or (gated and not self._gating) or not (rate or self._gating):
+            # a decrease: slots leased at the old rate go unused; the slow start's end (a
+            # rate now, or no permit needed): its permits too
+            self._drop()
         grant = int(float(reply[13]))
         self.members = max(1, int(float(reply[14])))
-        for i, offset in enumerate(reply[15:]):
+        for i, offset in enumerate(reply[16:]):
             self._slots.append((local_now + float(offset), grant + i))
         if wanted and len(self._slots) >= batch:
             self._want = False
         self._rejoined()
+
+    def _drop(self) -> None:
+        """Void the slots leased (a decrease, the slow start's end); the fleet hears how many
+        with the next lease, so that its measure of the rate does not count them as sent."""
+        self._dropped += (grant for _, grant in self._slots)
+        self._slots.clear()
 
     def _proposal(self) -> float:
         """The fleet's curve now, at Redis' time: its growth (0: nothing to propose).
@@ -446,8 +509,11 @@ class FleetRate:
             [sent_at, grant, ok, sent, self.local.window, CLUSTER_GAP, self._ttl()],
         )
         fleet = self.fleet = _parsed(reply)
-        offered, stale, between, span = (float(v) for v in reply[10:14])
+        offered, stale, between, span, since_last, last_span = (float(v) for v in reply[10:16])
         measured = measured_rate(between, span) if between >= 0 else None
+        floor = None
+        if since_last >= 0 and last_span <= FLOOR_SPAN:
+            floor = measured_rate(since_last, last_span)
         local = self.local
         if stale:
             if measured is None or not fleet.rate or fleet.rate <= local.beta * measured:
@@ -462,6 +528,7 @@ class FleetRate:
                 measured=measured,
                 estimate=fleet.estimate if fresh else None,
                 offered=lambda: offered,
+                floor=floor,
             )
         rate = local.clamp(rate)
         w_max, c, k = curve_shape(w_max, rate, local.scale, local.min_rate)
@@ -484,7 +551,7 @@ class FleetRate:
             ],
         )
         self.fleet = _parsed(done[1:])
-        self._slots.clear()
+        self._drop()
 
     # -- failing and rejoining --------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import math
 
 import pytest
 
-from imichat_async._rate import RateMeter, SendRate, TokenBucket
+from imichat_async._rate import RateMeter, SendRate, TokenBucket, decrease_target
 from imichat_async.sandbox._gateway import TokenBucket as GatewayBucket
 
 
@@ -220,6 +220,24 @@ def test_a_lone_throttle_above_a_recent_measure_cuts_back_to_it(
     rate.feedback(rate.sent(), throttled=True, ok=False)
     expected = 0.8 * 100.0 if back_to_measure else 0.8 * before
     assert rate.rate == pytest.approx(expected)
+
+
+def test_a_lone_throttle_aims_at_the_floor_the_previous_one_left() -> None:
+    """A lone throttle at 115/s, the tenant seen to accept 100/s since the previous one:
+    the curve tops at 100, not 115 (aiming back at 115, the fleet overshot each second);
+    a floor far below cuts one `beta` at most; none, the rate the throttle came at."""
+
+    def offered() -> float:
+        raise AssertionError("not the first throttle")
+
+    def target(floor: float | None) -> tuple[float, float]:
+        return decrease_target(115.0, beta=0.8, measured=None, estimate=None,
+                               offered=offered, floor=floor)  # fmt: skip
+
+    assert target(100.0) == pytest.approx((100.0, 80.0))
+    assert target(50.0) == pytest.approx((92.0, 73.6))
+    assert target(None) == pytest.approx((115.0, 92.0))
+    assert target(130.0) == pytest.approx((115.0, 92.0))  # a floor above: never up
 
 
 def test_cubic_growth_returns_to_the_throttled_rate_then_probes_above() -> None:

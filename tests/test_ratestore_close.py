@@ -24,8 +24,9 @@ from imichat_async._ratestore import FleetRate, RedisRateStore
 #: The state at the head of every reply: Redis' time, then no rate, no curve, no estimate.
 STATE = ["100.0", "0", "0", "0", "0", "0", "0", "0", "0", "0"]
 REPLIES = {
-    LEASE: [*STATE, "0", "0", "0", "1", "1"],  # ok rate, sent rate, retry, grant, members
-    THROTTLE: [*STATE, "0", "0", "-1", "0"],  # offered, stale, between, span
+    # ok rate, sent rate, retry, grant, members, no slow start (a lone client sends at once)
+    LEASE: [*STATE, "0", "0", "0", "1", "1", "0"],
+    THROTTLE: [*STATE, "0", "0", "-1", "0", "-1", "0"],  # offered, stale, two measures
     DECREASE: ["1", *STATE],
 }
 GUARD = 10.0  # seconds: only so that the test fails instead of hanging, never a measure
@@ -79,7 +80,7 @@ async def test_close_as_the_stores_answer_comes_in_ends_the_task() -> None:
     """The store's answer is in, the task has not read it yet: `aclose()` ends it anyway."""
     store = FakeStore()
     rate = FleetRate(store, "k", adaptive=True)
-    assert rate.delay() == 0.0  # no rate in force: send now; starts the background task
+    assert rate.delay() == ratestore.QUICK_POLL  # starts the task; waits for the store's answer
     await store.called.wait()  # its first lease has just been answered
     calls = store.calls
     assert await closed_within_guard(rate), "aclose() never returned: the task lived on"
@@ -91,12 +92,13 @@ async def test_close_as_a_throttle_wakes_the_task_ends_it() -> None:
     """A throttle wakes the task to report it, and the client closes in the same step."""
     store = FakeStore()
     rate = FleetRate(store, "k", adaptive=True)
-    assert rate.delay() == 0.0
+    assert rate.delay() == ratestore.QUICK_POLL
     for _ in range(100):  # until the first answer is read: the task waits for a wake-up
         if rate.shared:
             break
         await asyncio.sleep(0)
     assert rate.shared
+    assert rate.delay() == 0.0  # no rate in force, no slow start: send now
     calls = store.calls
     rate.feedback(rate.sent(), throttled=True, ok=False)  # wakes the task (to report it)
     assert await closed_within_guard(rate), "aclose() never returned: the task lived on"
