@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 from .. import ConfigurationError
 from ._aio import in_thread
-from ._arrow import CHAT_SCHEMA, EXTRA_HINT, chats_table, preload
+from ._arrow import CHAT_SCHEMA, EXTRA_HINT, chats_table, require_pyarrow
 from ._checkpoint import CheckpointError, fsync_dir
 from ._sinks import RawRecord, Sink
 
@@ -76,7 +76,7 @@ class ParquetSink(Sink):
         partition: str | None = None,
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        preload()
+        require_pyarrow()
         if not isinstance(max_rows_per_file, int) or max_rows_per_file < 1:
             raise ValueError(f"max_rows_per_file must be an int >= 1, got {max_rows_per_file!r}")
         if partition not in (None, "created_at", "updated_at"):
