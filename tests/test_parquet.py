@@ -33,6 +33,7 @@ from imichat_async.export import (
     CheckpointError,
     ParquetSink,
     _arrow,
+    _parquet,
     _plan,
     chats_table,
     export_chats,
@@ -340,6 +341,36 @@ asyncio.run(main())
     )
     assert done.returncode == 0, done.stderr
     assert len(parquet_files(tmp_path / "d")) > 0
+
+
+def test_a_chunk_is_cut_by_date_without_a_copy_when_its_dates_come_in_runs() -> None:
+    """An export's chunk (slices, each newest first) is cut into zero-copy slices where
+    the date changes; rows in no order are sorted first: the same rows by date either way."""
+    days = [f"2024-05-{d:02d}T{h:02d}:00:00Z" for d in (9, 8, 7, 9, 8) for h in (23, 12, 1)]
+    ordered = [{"chat_id": str(i), "created_at": t} for i, t in enumerate(days)]
+    ordered.append({"chat_id": "x"})  # a null date
+    shuffled = random.Random(1).sample(ordered, len(ordered))
+    shuffled *= 3  # more runs than RUNS
+    for records, pieces in ((ordered, 6), (shuffled, 4)):
+        table = chats_table(records)
+        parts = _parquet._partitions(table, "created_at")
+        assert len(parts) == pieces
+        by_day: dict[str, list[str]] = {}
+        for day, part in parts:
+            by_day.setdefault(day, []).extend(part.column("chat_id").to_pylist())
+        assert {k: sorted(v) for k, v in by_day.items()} == {
+            day: sorted(r["chat_id"] for r in records if (r.get("created_at") or "x")[:10] == key)
+            for day, key in (
+                ("2024-05-07", "2024-05-07"),
+                ("2024-05-08", "2024-05-08"),
+                ("2024-05-09", "2024-05-09"),
+                (_parquet.NULL_PARTITION, "x"),
+            )
+        }
+    table = chats_table(ordered)
+    first = _parquet._partitions(table, "created_at")[0][1]  # a view of the chunk's buffers
+    data = [t.column("chat_id").chunks[0].buffers()[2].address for t in (first, table)]
+    assert data[0] == data[1]
 
 
 async def test_a_null_created_at_goes_to_the_null_partition(tmp_path: Path) -> None:
