@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -53,6 +54,7 @@ COMPRESSION = "zstd"
 DICTIONARY = ["status", "channel", "asset_id", "asset_name", "assignee", "flag"]
 DICTIONARY += ["tag.list.element", "other_details", "extra"]
 T = TypeVar("T")
+K = TypeVar("K")
 
 
 class ParquetSink(Sink):
@@ -291,7 +293,7 @@ def _parquet_bytes(table: Any) -> Any:
     return out.getvalue()
 
 
-WRITERS = 4  # threads writing the files of one batch
+WRITERS = 4  # threads writing (and fsyncing) the files of one batch
 
 
 def _parallel(fn: Callable[..., T], calls: Sequence[tuple[Any, ...]]) -> list[T]:
@@ -300,6 +302,38 @@ def _parallel(fn: Callable[..., T], calls: Sequence[tuple[Any, ...]]) -> list[T]
         return [fn(*args) for args in calls]
     with ThreadPoolExecutor(min(WRITERS, len(calls)), thread_name_prefix="parquet") as pool:
         return list(pool.map(lambda args: fn(*args), calls))
+
+
+def _encode_then(files: Sequence[tuple[K, Any]], save: Callable[[K, Any], None]) -> None:
+    """Each table of `files` encoded (`_parquet_bytes`) in this thread, one at a time, and
+    handed to `save(key, data)`, which a few threads run meanwhile (a write and an fsync
+    release the GIL).
+
+    Encoded in one thread, not in the writers: Arrow's allocator (mimalloc) keeps memory
+    for each thread that allocated from it, ~2-3 MB a thread, and pyarrow gives no way to
+    have the Parquet encoder allocate from another. Encoding is ~5 % of the export's CPU:
+    one thread keeps up. At most `2 * WRITERS` files wait for a writer."""
+    if len(files) <= 1:
+        for key, table in files:
+            save(key, _parquet_bytes(table))
+        return
+    room = threading.BoundedSemaphore(2 * WRITERS)
+
+    def saving(key: K, data: Any) -> None:
+        try:
+            save(key, data)
+        finally:
+            room.release()
+
+    with ThreadPoolExecutor(min(WRITERS, len(files)), thread_name_prefix="parquet") as pool:
+        pending = []
+        for key, table in files:
+            data = _parquet_bytes(table)
+            room.acquire()
+            pending.append(pool.submit(saving, key, data))
+            del data
+        for done in pending:
+            done.result()
 
 
 class _Store:
@@ -344,16 +378,14 @@ class _LocalStore(_Store):
                 dirs.add(self.root)
         finals = [self.root / name for name, _ in files]
         temps = [f.with_name(f".{f.name}.tmp") for f in finals]
-        # Encoding and fsync release the GIL: the files of a batch are written side by side.
-        _parallel(self._write, [(t, table) for t, (_, table) in zip(temps, files, strict=True)])
+        _encode_then([(t, table) for t, (_, table) in zip(temps, files, strict=True)], self._save)
         for temp, final in zip(temps, finals, strict=True):
             os.replace(temp, final)
             dirs.add(final.parent)
         _parallel(fsync_dir, [(d,) for d in dirs])
 
     @staticmethod
-    def _write(temp: Path, table: Any) -> None:
-        data = _parquet_bytes(table)
+    def _save(temp: Path, data: Any) -> None:
         with open(temp, "wb") as f:
             f.write(data)
             f.flush()
@@ -401,10 +433,12 @@ class _FsspecStore(_Store):
         return [p[len(prefix) :] for p in found if p.startswith(prefix)]
 
     def put(self, files: Sequence[tuple[str, Any]]) -> None:
-        def encode(name: str, table: Any) -> tuple[str, bytes]:
-            return f"{self.root}/{name}", _parquet_bytes(table).to_pybytes()
+        objects: dict[str, bytes] = {}
 
-        objects = dict(_parallel(encode, files))
+        def keep(name: str, data: Any) -> None:
+            objects[f"{self.root}/{name}"] = data.to_pybytes()
+
+        _encode_then(files, keep)
         self.fs.pipe(objects)  # each object one PUT (s3fs sends them concurrently)
 
     def remove(self, names: Sequence[str]) -> None:
