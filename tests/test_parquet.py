@@ -33,6 +33,7 @@ from imichat_async.export import (
     CheckpointError,
     ParquetSink,
     _arrow,
+    _parquet,
     _plan,
     chats_table,
     export_chats,
@@ -275,6 +276,101 @@ def test_one_odd_timestamp_leaves_the_others_of_its_chunk_as_arrow_reads_them() 
             assert row["extra"] is None
         else:
             assert row["created_at"] == _at(good[i]) and row["extra"] is None
+
+
+def test_columns_built_from_buffers_read_as_pyarrow_reads_the_values() -> None:
+    """`chats_table` builds its columns from buffers, not `pa.array`: the same arrays as
+    `pa.array` makes of the same values, with nulls, non-ASCII text, a NUL in a value,
+    all-null and empty columns; a lone string tag is a list of one even in a chunk where
+    every other tag is a list (`pa.array` would split it into characters)."""
+    records: list[dict[str, Any]] = [
+        {"chat_id": "a\x00b", "alias_id": "é日\x00", "tag": ["x", "\x00"], "flag": None},
+        {"chat_id": "c", "alias_id": None, "tag": "lone", "status": "", "asset": None},
+        {"chat_id": "ü", "tag": None, "asset": {"id": 10**15, "name": "n"}, "assignee": "z"},
+        {"chat_id": "d", "tag": [], "asset": {"id": "007"}, "other_details": {"k": "\x00"}},
+    ]
+    table = chats_table(records)
+    table.validate(full=True)
+    columns = {name: [r.get(name) for r in records] for name in ("chat_id", "alias_id", "flag")}
+    for name, values in columns.items():
+        assert table.column(name).combine_chunks().equals(pa.array(values, pa.string())), name
+    assert table.column("tag").to_pylist() == [["x", "\x00"], ["lone"], None, []]
+    assert table.column("asset_id").to_pylist() == [None, None, "1000000000000000", "007"]
+    assert table.column("status").to_pylist() == [None, "", None, None]
+    assert table.column("other_details").to_pylist() == [None, None, None, '{"k":"\\u0000"}']
+    assert chats_table([]).num_rows == 0
+    # a column's text over Arrow's 32-bit offsets: the table is built in halves
+    big = [{"chat_id": str(i), "other_details": "y" * 100} for i in range(5)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_arrow, "_MAX_TEXT", 250)
+        halves = chats_table(big)
+    assert halves.column("chat_id").to_pylist() == ["0", "1", "2", "3", "4"]
+    assert halves.column("other_details").num_chunks > 1
+    assert halves.column("other_details").to_pylist() == [json.dumps("y" * 100)] * 5
+
+
+def test_a_parquet_export_never_imports_pandas(tmp_path: Path) -> None:
+    """pyarrow imports pandas (~40 MB) on its first `pa.array` of Python values; an export
+    to Parquet converts none that way, so pandas stays out of the process."""
+    code = f"""
+import asyncio, sys
+import imichat_async as imi
+from imichat_async.export import ParquetSink, export_chats
+from imichat_async.sandbox import serve
+
+async def main():
+    async with serve(chats=300, seed=3) as sb:
+        async with imi.ImiChatClient(
+            base_url=sb.base_url, token=sb.token, team_id=sb.team_id
+        ) as client:
+            report = await export_chats(
+                client, since="{SINCE}", until="{UNTIL}", sink=ParquetSink(sys.argv[1])
+            )
+    assert report.records == 300, report
+    assert "pandas" not in sys.modules, "pandas was imported"
+
+asyncio.run(main())
+"""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "d")],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(parquet_files(tmp_path / "d")) > 0
+
+
+def test_a_chunk_is_cut_by_date_without_a_copy_when_its_dates_come_in_runs() -> None:
+    """An export's chunk (slices, each newest first) is cut into zero-copy slices where
+    the date changes; rows in no order are sorted first: the same rows by date either way."""
+    days = [f"2024-05-{d:02d}T{h:02d}:00:00Z" for d in (9, 8, 7, 9, 8) for h in (23, 12, 1)]
+    ordered = [{"chat_id": str(i), "created_at": t} for i, t in enumerate(days)]
+    ordered.append({"chat_id": "x"})  # a null date
+    shuffled = random.Random(1).sample(ordered, len(ordered))
+    shuffled *= 3  # more runs than RUNS
+    for records, pieces in ((ordered, 6), (shuffled, 4)):
+        table = chats_table(records)
+        parts = _parquet._partitions(table, "created_at")
+        assert len(parts) == pieces
+        by_day: dict[str, list[str]] = {}
+        for day, part in parts:
+            by_day.setdefault(day, []).extend(part.column("chat_id").to_pylist())
+        assert {k: sorted(v) for k, v in by_day.items()} == {
+            day: sorted(r["chat_id"] for r in records if (r.get("created_at") or "x")[:10] == key)
+            for day, key in (
+                ("2024-05-07", "2024-05-07"),
+                ("2024-05-08", "2024-05-08"),
+                ("2024-05-09", "2024-05-09"),
+                (_parquet.NULL_PARTITION, "x"),
+            )
+        }
+    table = chats_table(ordered)
+    first = _parquet._partitions(table, "created_at")[0][1]  # a view of the chunk's buffers
+    data = [t.column("chat_id").chunks[0].buffers()[2].address for t in (first, table)]
+    assert data[0] == data[1]
 
 
 async def test_a_null_created_at_goes_to_the_null_partition(tmp_path: Path) -> None:

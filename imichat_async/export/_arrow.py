@@ -26,14 +26,24 @@ fails, nothing the server sent is lost:
   missing or null.
 - `extra`: a JSON object of the top-level fields not in the schema (and of the
   values above that could not be kept in their column); null when there is none.
+
+No `pa.array` here: on its first call with Python values (a list, an iterator, a numpy
+array: anything not Arrow's) pyarrow imports pandas when it is installed, to ask whether
+the values are pandas objects (`_is_array_like` in pyarrow's array.pxi; so does
+`pa.scalar`), ~40 MB a process that never needs it. The columns are built from their
+buffers instead (`pa.Array.from_buffers`: the text joined, the offsets summed by numpy),
+at about the same CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from array import array
 from collections.abc import Mapping, Sequence
-from datetime import datetime
-from itertools import repeat
+from datetime import datetime, timedelta, timezone
+from itertools import chain, compress, repeat
+from operator import is_not
 from typing import Any, cast
 
 import msgspec
@@ -41,6 +51,7 @@ import msgspec
 from .. import ConfigurationError, parse_utc
 
 try:
+    import numpy as np  # pyarrow's own dependency
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet  # loaded with the module, not during an export
@@ -73,15 +84,6 @@ def require_pyarrow() -> None:
         raise ConfigurationError(f"Parquet output needs pyarrow: {EXTRA_HINT}")
 
 
-def preload() -> None:
-    """Load what pyarrow loads on its first conversion of Python values: pandas, when it
-    is installed (~0.3 s of CPU and ~40 MB, once a process). A sink calls it when it is
-    built, beside pyarrow's own import, not in the event loop's thread while an export
-    converts its first chunk."""
-    require_pyarrow()
-    pa.array([], pa.string())
-
-
 def _schema() -> pa.Schema:
     ts = pa.timestamp("us", tz="UTC")
     return pa.schema(
@@ -111,6 +113,7 @@ CHAT_SCHEMA: pa.Schema = _schema() if AVAILABLE else None
 
 _json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # JSON text
 _encode = msgspec.json.encode  # the same text, UTF-8, ~20x faster: but see `_maybe_other`
+_encode_lines = msgspec.json.Encoder().encode_lines  # values' texts, each and a newline
 #: Where msgspec's text may differ from `_json`'s: only floats do (`1e16` for `1e+16`,
 #: `1e-7` for `1e-07`, `0.00001` for `1e-05`, `null` for NaN and Infinity).
 _DIGITS = bytes.maketrans(b"123456789E", b"000000000e")
@@ -140,26 +143,29 @@ def _text(value: Any) -> str | None:
 
 def _strings(values: list[Any]) -> pa.Array:
     try:
-        return pa.array(values, pa.string())
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        return pa.array([_text(v) for v in values], pa.string())
+        return _utf8(values)
+    except TypeError:
+        return _utf8([_text(v) for v in values])
 
 
 def _json_texts(values: list[Any]) -> pa.Array:
     """A JSON text column: each value as `_json`'s text, null for None."""
+    valid = _present(values)
+    present = values if valid is None else list(compress(values, valid))
+    if not present:
+        return pa.nulls(len(values), pa.string())
     try:
-        texts = [None if v is None else _encode(v) for v in values]
+        lines = _encode_lines(present)  # each text and a newline (JSON text holds none)
     except _ENCODE_ERRORS:  # not JSON's kinds (a caller's mapping): `_json` says what it can
-        return pa.array([None if v is None else _json(v) for v in values], pa.string())
+        return _utf8([None if v is None else _json(v) for v in values])
     # Most chunks hold no float: one scan of all the texts at once clears them.
-    if _maybe_other(b"".join([t for t in texts if t is not None])):
+    if _maybe_other(lines):
         redone = [
-            t if t is None or not _maybe_other(t) else _json(v)
-            for t, v in zip(texts, values, strict=True)
+            None if v is None else t if not _maybe_other(t := _encode(v)) else _json(v).encode()
+            for v in values
         ]
-        return pa.array(redone, pa.string())
-    # msgspec writes UTF-8: the bytes are the strings (a view, no second check)
-    return pa.array(texts, pa.binary()).view(pa.string())
+        return _utf8(redone, encoded=True)
+    return _texts(lines, b"\n", valid, len(values), terminated=True)
 
 
 def _tag(value: Any) -> list[str | None] | None:
@@ -173,11 +179,10 @@ def _tag(value: Any) -> list[str | None] | None:
 
 
 def _tags(values: list[Any]) -> pa.Array:
-    kind = pa.list_(pa.string())
     try:
-        return pa.array(values, kind)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        return pa.array([_tag(v) for v in values], kind)
+        return _utf8_lists(values)
+    except TypeError:
+        return _utf8_lists([_tag(v) for v in values])
 
 
 def _parse(value: Any) -> datetime | None:
@@ -190,6 +195,135 @@ def _parse(value: Any) -> datetime | None:
 
 
 _TS = CHAT_SCHEMA.field("created_at").type if AVAILABLE else None  # the schema's, not a copy
+_TAGS = CHAT_SCHEMA.field("tag").type if AVAILABLE else None
+#: Bytes of one column's text in one array at most (Arrow's `string`: 32-bit offsets).
+_MAX_TEXT = 2**31 - 1
+
+
+class _TooLarge(Exception):
+    """A column's text is over `_MAX_TEXT` bytes: `chats_table` builds it in halves."""
+
+
+def _present(values: Sequence[Any]) -> bytes | None:
+    """None when no value is None; else a byte a value, 1 where it is not None (in C)."""
+    return bytes(map(is_not, values, repeat(None))) if None in values else None
+
+
+def _bitmap(valid: bytes) -> Any:
+    """Arrow's validity bitmap of `valid` (a byte 0 or 1 a value)."""
+    return pa.py_buffer(np.packbits(np.frombuffer(valid, np.bool_), bitorder="little"))
+
+
+def _bounds(lengths: Any, count: int) -> Any:
+    """The `count + 1` offsets of values of `lengths` (an iterable of ints), as numpy."""
+    bounds = np.zeros(count + 1, np.int32)
+    np.frombuffer(array("i", lengths), np.intc).cumsum(out=bounds[1:])
+    return bounds
+
+
+def _offsets(bounds: Any, valid: bytes | None) -> Any:
+    """Arrow's offsets buffer: `bounds` (the offsets of the values present), with a value
+    of length 0 at each null `valid` gives (a 0 byte; None: no null)."""
+    if valid is not None:
+        offsets = np.zeros(len(valid) + 1, np.int32)
+        offsets[1:] = bounds[np.frombuffer(valid, np.bool_).cumsum()]
+        bounds = offsets
+    return pa.py_buffer(bounds)
+
+
+def _utf8(values: Sequence[Any], *, encoded: bool = False) -> pa.Array:
+    """`values`, each a `str` (or, `encoded`, its UTF-8 `bytes`) or None, as an Arrow
+    string array. Raises `TypeError` for a value of another kind (and
+    `UnicodeEncodeError` for a lone surrogate, as `pa.array` does).
+
+    The values present joined by NUL and encoded at once (`_texts` cuts them apart);
+    only a chunk with a NUL in a value takes each value's length on its own."""
+    n = len(values)
+    sep: Any = b"\0" if encoded else "\0"
+    try:
+        joined, valid, texts = sep.join(values), None, values
+    except TypeError:  # a None (or a value of another kind: raised below)
+        valid = _present(values)
+        texts = values if valid is None else list(compress(values, valid))
+        if not texts:
+            return pa.nulls(n, pa.string())
+        joined = sep.join(texts)  # TypeError: a value of another kind
+    try:
+        return _texts(joined if encoded else joined.encode(), b"\0", valid, n)
+    except _Inside:
+        encoded_texts = texts if encoded else [t.encode() for t in texts]
+        bounds = _bounds(map(len, encoded_texts), len(texts))
+        buffers = [None if valid is None else _bitmap(valid), _offsets(bounds, valid)]
+        return pa.Array.from_buffers(
+            pa.string(),
+            n,
+            [*buffers, pa.py_buffer(b"".join(encoded_texts))],
+            null_count=0 if valid is None else valid.count(0),
+        )
+
+
+class _Inside(Exception):
+    """A value holds the byte that separates the values."""
+
+
+def _texts(
+    data: bytes, sep: bytes, valid: bytes | None, n: int, *, terminated: bool = False
+) -> pa.Array:
+    """The string array of `n` values, `valid` saying which are null (None: none is), the
+    others' UTF-8 in `data`, each after the one before and `sep` (`terminated`: each
+    followed by `sep`). numpy finds the separators, which give the offsets; then they
+    are removed. Raises `_Inside` when a value holds `sep` (a NUL in a value)."""
+    count = n if valid is None else n - valid.count(0)
+    if not count:
+        return pa.nulls(n, pa.string())
+    seps = count if terminated else count - 1
+    if len(data) - seps > _MAX_TEXT:
+        raise _TooLarge
+    ends = (np.frombuffer(data, np.uint8) == sep[0]).nonzero()[0]
+    if len(ends) != seps:
+        raise _Inside
+    bounds = np.empty(count + 1, np.int32)
+    bounds[0], bounds[count] = 0, len(data) - seps
+    bounds[1 : seps + 1] = ends
+    bounds[1 : seps + 1] -= np.arange(seps, dtype=np.int32)  # the separators before each end
+    buffers = [None if valid is None else _bitmap(valid), _offsets(bounds, valid)]
+    return pa.Array.from_buffers(
+        pa.string(),
+        n,
+        [*buffers, pa.py_buffer(data.replace(sep, b""))],
+        null_count=n - count,
+    )
+
+
+def _utf8_lists(values: Sequence[Any]) -> pa.Array:
+    """`values`, each a list of `str` or None (or None), as Arrow's `list<string>`; raises
+    `TypeError` for anything else."""
+    n = len(values)
+    if not {list, type(None)}.issuperset(map(type, values)):
+        raise TypeError("not a list")
+    valid = _present(values)
+    lists = values if valid is None else list(compress(values, valid))
+    child = _utf8(list(chain.from_iterable(lists)))
+    nulls = 0 if valid is None else valid.count(0)
+    bitmap = None if valid is None else _bitmap(valid)
+    offsets = _offsets(_bounds(map(len, lists), len(lists)), valid)
+    return pa.Array.from_buffers(_TAGS, n, [bitmap, offsets], null_count=nulls, children=[child])
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def _timestamps(values: Sequence[datetime | None]) -> pa.Array:
+    """Aware datetimes (or None) as the schema's timestamps, microseconds since the epoch."""
+    n = len(values)
+    micros = [0 if v is None else (v - _EPOCH) // _MICROSECOND for v in values]
+    valid = _present(values)
+    bitmap, nulls = (None, 0) if valid is None else (_bitmap(valid), valid.count(0))
+    data = pa.py_buffer(np.array(micros, np.int64))
+    return pa.Array.from_buffers(_TS, n, [bitmap, data], null_count=nulls)
+
+
 _BY_VALUE = 64  # a run of values Arrow refuses is parsed value by value below this length
 
 
@@ -202,8 +336,8 @@ def _times(
     becomes null, kept as sent in `extras`). So one odd value costs a few casts, not a
     parse of every value of the chunk."""
     try:
-        return pc.cast(pa.array(values, pa.string()), _TS)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return pc.cast(_utf8(values), _TS)
+    except (TypeError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
         pass
     if len(values) > _BY_VALUE:
         half = len(values) // 2
@@ -219,7 +353,7 @@ def _times(
         if when is None and value is not None:
             extras[i] = {**(extras[i] or {}), name: value}
         parsed.append(when)
-    return pa.array(parsed, _TS)
+    return _timestamps(parsed)
 
 
 def _asset(asset: Any) -> tuple[Any, Any, bool]:
@@ -239,28 +373,41 @@ def _asset_id(value: Any) -> str | None:
     return _text(value)
 
 
-def _assets(
-    assets: list[Any], extras: list[dict[str, Any] | None]
-) -> tuple[list[str | None], list[Any]]:
-    """The `asset_id` texts and `asset_name` values of the `asset` values; an asset with
-    more than both goes whole to `extras` too."""
-    if all(a is None or a.__class__ is dict for a in assets):  # as JSON gives them: by column
-        ids = [None if a is None else a.get("id") for a in assets]
-        names = [None if a is None else a.get("name") for a in assets]
-        fields = _ASSET_FIELDS.issuperset
-        more = [i for i, a in enumerate(assets) if a is not None and not fields(a)]
+def _assets(assets: list[Any], extras: list[dict[str, Any] | None]) -> tuple[pa.Array, list[Any]]:
+    """The `asset_id` column and the `asset_name` values of the `asset` values; an asset
+    with more than both goes whole to `extras` too."""
+    fields = _ASSET_FIELDS.issuperset
+    if None in assets:
+        assets = [_NO_ASSET if a is None else a for a in assets]
+    if set(map(type, assets)) == {dict}:  # as JSON gives them: by column, in C
+        ids = list(map(dict.get, assets, repeat("id")))
+        names = list(map(dict.get, assets, repeat("name")))
+        more = (
+            [] if all(map(fields, assets)) else [i for i, a in enumerate(assets) if not fields(a)]
+        )
     else:
         triples = [_asset(a) for a in assets]
         ids, names = [t[0] for t in triples], [t[1] for t in triples]
         more = [i for i, t in enumerate(triples) if t[2]]
     for i in more:
         extras[i] = {**(extras[i] or {}), "asset": assets[i]}
-    # ints (most ids) inline: `str` is their decimal text, as `_asset_id` gives it
-    ids = [
-        v if v is None or v.__class__ is str else str(v) if v.__class__ is int else _asset_id(v)
-        for v in ids
-    ]
-    return ids, names
+    return _asset_ids(ids), names
+
+
+_NO_ASSET: dict[str, Any] = {}  # stands for a null asset (read only)
+
+
+def _asset_ids(ids: list[Any]) -> pa.Array:
+    """The `asset_id` column: ints (most ids) as `str` gives them, their decimal text (as
+    `_asset_id` does), strings as sent."""
+    valid = _present(ids)
+    present = ids if valid is None else list(compress(ids, valid))
+    if not present:
+        return pa.nulls(len(ids), pa.string())
+    if {str, int}.issuperset(map(type, present)):
+        with contextlib.suppress(_Inside):
+            return _texts("\0".join(map(str, present)).encode(), b"\0", valid, len(ids))
+    return _utf8([_asset_id(v) for v in ids])
 
 
 def chats_table(records: Sequence[Mapping[str, Any]]) -> pa.Table:
@@ -269,10 +416,18 @@ def chats_table(records: Sequence[Mapping[str, Any]]) -> pa.Table:
     `records` are the JSON objects the server sent (any `Mapping[str, Any]`). Never
     raises for a value of the wrong kind: the module's docstring says what each becomes.
 
-    Built column by column (a list per field, converted by Arrow at once), each with a
-    fast path for the values JSON gives and the rules above only where it is refused.
+    Built column by column (a list per field, converted at once), each with a fast path
+    for the values JSON gives and the rules above only where it is refused.
     """
     require_pyarrow()
+    try:
+        return _table(records)
+    except _TooLarge:  # a column's text over 2 GiB: in halves (each a chunk of the columns)
+        half = len(records) // 2
+        return pa.concat_tables([chats_table(records[:half]), chats_table(records[half:])])
+
+
+def _table(records: Sequence[Mapping[str, Any]]) -> pa.Table:
     n = len(records)
     extras: list[dict[str, Any] | None] = [None] * n
     known = KNOWN_FIELDS
@@ -295,12 +450,12 @@ def chats_table(records: Sequence[Mapping[str, Any]]) -> pa.Table:
 
     chat_ids = column("chat_id")
     try:
-        chat_id = pa.array(chat_ids, pa.string())
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        chat_id = _utf8(chat_ids)
+    except TypeError:
         chat_id = None
     if chat_id is None or chat_id.null_count:
-        chat_id = pa.array([_text(c) or "" for c in chat_ids], pa.string())
-    asset_ids, asset_names = _assets(column("asset"), extras)
+        chat_id = _utf8([_text(c) or "" for c in chat_ids])
+    asset_id, asset_names = _assets(column("asset"), extras)
     columns = [
         chat_id,
         _strings(column("alias_id")),
@@ -308,7 +463,7 @@ def chats_table(records: Sequence[Mapping[str, Any]]) -> pa.Table:
         _times("updated_at", column("updated_at"), extras),
         _strings(column("status")),
         _strings(column("channel")),
-        pa.array(asset_ids, pa.string()),
+        asset_id,
         _strings(asset_names),
         _strings(column("customer_id")),
         _strings(column("destination_id")),

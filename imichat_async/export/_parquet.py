@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,13 +33,16 @@ from typing import Any, TypeVar
 
 from .. import ConfigurationError
 from ._aio import in_thread
-from ._arrow import CHAT_SCHEMA, EXTRA_HINT, chats_table, preload
+from ._arrow import CHAT_SCHEMA, EXTRA_HINT, chats_table, require_pyarrow
 from ._checkpoint import CheckpointError, fsync_dir
 from ._sinks import RawRecord, Sink
 
 #: Rows of one file at most, and rows a sink keeps in memory before writing a batch.
 DEFAULT_MAX_ROWS_PER_FILE = 25_000
-CONVERT_ROWS = 4096  # records converted to Arrow at a time
+CONVERT_ROWS = 1024  # records converted to Arrow at a time (see `ParquetSink._convert`)
+#: A chunk whose rows come in more runs of a date than this (and than one a RUN_ROWS rows)
+#: is sorted by date before it is cut: fewer, longer pieces to write.
+RUNS, RUN_ROWS = 8, 32
 ROW_GROUP_ROWS = 128 * 1024  # rows per row group at most (a default-sized file: one group)
 NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"  # Hive's (and DuckDB's, Spark's) null
 #: zstd, not snappy: in an export of the sandbox's chats, files 0.66x the size (95 vs 144
@@ -50,6 +54,7 @@ COMPRESSION = "zstd"
 DICTIONARY = ["status", "channel", "asset_id", "asset_name", "assignee", "flag"]
 DICTIONARY += ["tag.list.element", "other_details", "extra"]
 T = TypeVar("T")
+K = TypeVar("K")
 
 
 class ParquetSink(Sink):
@@ -76,7 +81,7 @@ class ParquetSink(Sink):
         partition: str | None = None,
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        preload()
+        require_pyarrow()
         if not isinstance(max_rows_per_file, int) or max_rows_per_file < 1:
             raise ValueError(f"max_rows_per_file must be an int >= 1, got {max_rows_per_file!r}")
         if partition not in (None, "created_at", "updated_at"):
@@ -176,8 +181,10 @@ class ParquetSink(Sink):
             self._convert()
 
     def _convert(self) -> None:
-        """The records written since the last call, as Arrow, into the partitions' buffers
-        (in chunks of `CONVERT_ROWS`: a table's cost is mostly per call, not per row)."""
+        """The records written since the last call, as Arrow, into the partitions' buffers.
+
+        In chunks of `CONVERT_ROWS`: a table has a cost per call (~1 ms), and the records
+        waiting for it are Python objects (~2.5 kB each: 4096 of them held ~10 MB)."""
         raw, self.raw = self.raw, []
         if raw:
             for value, part in _partitions(chats_table(raw), self.partition):
@@ -243,18 +250,20 @@ class ParquetSink(Sink):
 
 
 def _partitions(table: Any, field: str) -> list[tuple[str, Any]]:
-    """The rows of `table` by the UTC date of `field` (`NULL_PARTITION` when null): sorted
-    by it, then cut where it changes (zero-copy slices)."""
+    """The rows of `table` by the UTC date of `field` (`NULL_PARTITION` when null).
+
+    An export's chunk comes in runs of a date (each slice sorted by `created_at`): it is
+    cut where the date changes, zero-copy slices of the chunk. Rows in no such order (a
+    sync's, by `updated_at`) are sorted by it first (a copy of the chunk)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    dates = pc.cast(table.column(field), pa.date32())
-    bounds = pc.min_max(dates)
-    if dates.null_count == 0 and bounds["min"] == bounds["max"]:  # one date (or no row)
-        return [(dates[0].as_py().isoformat(), table)] if len(dates) else []
-    order = pc.sort_indices(dates)  # nulls last
-    table = table.take(order)
-    runs = pc.run_end_encode(dates.take(order).combine_chunks())
+    dates = pc.cast(table.column(field), pa.date32()).combine_chunks()
+    runs = pc.run_end_encode(dates)
+    if len(runs.run_ends) > max(RUNS, len(dates) // RUN_ROWS):
+        order = pc.sort_indices(dates)  # nulls last
+        table = table.take(order)
+        runs = pc.run_end_encode(dates.take(order))
     parts, start = [], 0
     for end, day in zip(runs.run_ends.to_pylist(), runs.values.to_pylist(), strict=True):
         value = NULL_PARTITION if day is None else day.isoformat()
@@ -284,7 +293,7 @@ def _parquet_bytes(table: Any) -> Any:
     return out.getvalue()
 
 
-WRITERS = 4  # threads writing the files of one batch
+WRITERS = 4  # threads writing (and fsyncing) the files of one batch
 
 
 def _parallel(fn: Callable[..., T], calls: Sequence[tuple[Any, ...]]) -> list[T]:
@@ -293,6 +302,38 @@ def _parallel(fn: Callable[..., T], calls: Sequence[tuple[Any, ...]]) -> list[T]
         return [fn(*args) for args in calls]
     with ThreadPoolExecutor(min(WRITERS, len(calls)), thread_name_prefix="parquet") as pool:
         return list(pool.map(lambda args: fn(*args), calls))
+
+
+def _encode_then(files: Sequence[tuple[K, Any]], save: Callable[[K, Any], None]) -> None:
+    """Each table of `files` encoded (`_parquet_bytes`) in this thread, one at a time, and
+    handed to `save(key, data)`, which a few threads run meanwhile (a write and an fsync
+    release the GIL).
+
+    Encoded in one thread, not in the writers: Arrow's allocator (mimalloc) keeps memory
+    for each thread that allocated from it, ~2-3 MB a thread, and pyarrow gives no way to
+    have the Parquet encoder allocate from another. Encoding is ~5 % of the export's CPU:
+    one thread keeps up. At most `2 * WRITERS` files wait for a writer."""
+    if len(files) <= 1:
+        for key, table in files:
+            save(key, _parquet_bytes(table))
+        return
+    room = threading.BoundedSemaphore(2 * WRITERS)
+
+    def saving(key: K, data: Any) -> None:
+        try:
+            save(key, data)
+        finally:
+            room.release()
+
+    with ThreadPoolExecutor(min(WRITERS, len(files)), thread_name_prefix="parquet") as pool:
+        pending = []
+        for key, table in files:
+            data = _parquet_bytes(table)
+            room.acquire()
+            pending.append(pool.submit(saving, key, data))
+            del data
+        for done in pending:
+            done.result()
 
 
 class _Store:
@@ -337,16 +378,14 @@ class _LocalStore(_Store):
                 dirs.add(self.root)
         finals = [self.root / name for name, _ in files]
         temps = [f.with_name(f".{f.name}.tmp") for f in finals]
-        # Encoding and fsync release the GIL: the files of a batch are written side by side.
-        _parallel(self._write, [(t, table) for t, (_, table) in zip(temps, files, strict=True)])
+        _encode_then([(t, table) for t, (_, table) in zip(temps, files, strict=True)], self._save)
         for temp, final in zip(temps, finals, strict=True):
             os.replace(temp, final)
             dirs.add(final.parent)
         _parallel(fsync_dir, [(d,) for d in dirs])
 
     @staticmethod
-    def _write(temp: Path, table: Any) -> None:
-        data = _parquet_bytes(table)
+    def _save(temp: Path, data: Any) -> None:
         with open(temp, "wb") as f:
             f.write(data)
             f.flush()
@@ -394,10 +433,12 @@ class _FsspecStore(_Store):
         return [p[len(prefix) :] for p in found if p.startswith(prefix)]
 
     def put(self, files: Sequence[tuple[str, Any]]) -> None:
-        def encode(name: str, table: Any) -> tuple[str, bytes]:
-            return f"{self.root}/{name}", _parquet_bytes(table).to_pybytes()
+        objects: dict[str, bytes] = {}
 
-        objects = dict(_parallel(encode, files))
+        def keep(name: str, data: Any) -> None:
+            objects[f"{self.root}/{name}"] = data.to_pybytes()
+
+        _encode_then(files, keep)
         self.fs.pipe(objects)  # each object one PUT (s3fs sends them concurrently)
 
     def remove(self, names: Sequence[str]) -> None:
