@@ -311,11 +311,11 @@ class FleetRate:
             return self.local.delay()  # no rate in force yet: its own first throttle counts
         slots = self._slots
         batch = self._batch()
-        stale = self._clock() - STALE_SLOT
-        while slots and slots[0][0] < stale and self.fleet.rate:  # permits: time is no matter
+        now = self._clock()
+        while slots and slots[0][0] < now - STALE_SLOT and self.fleet.rate:  # permits: any time
             self._dropped.append(slots.popleft()[1])
         if slots:
-            wait = slots[0][0] - self._clock()
+            wait = slots[0][0] - now
             if wait <= 0:
                 self._granted.append(slots.popleft()[1])
                 if len(slots) < batch:
@@ -479,8 +479,8 @@ class FleetRate:
         self._rejoined()
 
     def _drop(self) -> None:
-        """Void the slots leased (a decrease, the slow start's end); the fleet hears how many
-        with the next lease, so that its measure of the rate does not count them as sent."""
+        """Void the slots leased (a decrease, the slow start's end); the next lease reports
+        their grant numbers, so that the fleet's measure of the rate does not count them."""
         self._dropped += (grant for _, grant in self._slots)
         self._slots.clear()
 
