@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import date, datetime, timezone
@@ -371,6 +372,29 @@ def test_a_chunk_is_cut_by_date_without_a_copy_when_its_dates_come_in_runs() -> 
     first = _parquet._partitions(table, "created_at")[0][1]  # a view of the chunk's buffers
     data = [t.column("chat_id").chunks[0].buffers()[2].address for t in (first, table)]
     assert data[0] == data[1]
+
+
+async def test_every_batch_is_encoded_in_the_sinks_one_thread(tmp_path: Path) -> None:
+    """The batches of a sink are encoded in one thread of its own (Arrow's allocator keeps
+    pages for each thread that used it), which ends with the sink."""
+    threads: set[str] = set()
+
+    class Watched(ParquetSink):
+        def _write_batch(self, buffer: dict[str, list[Any]], batch: int) -> None:
+            threads.add(threading.current_thread().name)
+            super()._write_batch(buffer, batch)
+
+    sink = Watched(tmp_path / "d", max_rows_per_file=10)
+    await sink.open(None)
+    for day in range(1, 6):
+        at = f"2024-05-{day:02d}T10:00:00Z"
+        await sink.write([{"chat_id": f"{day}-{i}", "created_at": at} for i in range(10)])
+        assert await sink.sync() == day
+    encoder = sink.encoder
+    await sink.complete()
+    assert len(threads) == 1 and threads.pop().startswith("parquet-encode")
+    assert sink.encoder is None and encoder is not None and encoder._shutdown
+    assert len(parquet_files(tmp_path / "d")) == 5
 
 
 async def test_a_null_created_at_goes_to_the_null_partition(tmp_path: Path) -> None:

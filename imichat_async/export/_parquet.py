@@ -22,6 +22,7 @@ run only adds files; a fresh start refuses a directory that already holds a data
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -32,8 +33,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .. import ConfigurationError
-from ._aio import in_thread
-from ._arrow import CHAT_SCHEMA, EXTRA_HINT, chats_table, require_pyarrow
+from ._aio import in_thread, uncancelled
+from ._arrow import CHAT_SCHEMA, EXTRA_HINT, POOL, chats_table, require_pyarrow
 from ._checkpoint import CheckpointError, fsync_dir
 from ._sinks import RawRecord, Sink
 
@@ -43,6 +44,13 @@ CONVERT_ROWS = 1024  # records converted to Arrow at a time (see `ParquetSink._c
 #: A chunk whose rows come in more runs of a date than this (and than one a RUN_ROWS rows)
 #: is sorted by date before it is cut: fewer, longer pieces to write.
 RUNS, RUN_ROWS = 8, 32
+#: Parquet data pages of 64 KiB, not pyarrow's 1 MiB. The column writers allocate from
+#: Arrow's default pool whatever pool they are given (pyarrow does not pass one on to
+#: them), a page's buffer per column, and so touched more of mimalloc's huge pages (see
+#: `_arrow.POOL`) the larger the files: peak RSS grew 18 % from an export of 200k chats
+#: (520-row files) to one of 1M (2,400-row files); 9 % with 64 KiB pages. Such files
+#: come out ~0.3 % larger; files of 25,000 rows of one date ~12 % larger.
+PAGE_BYTES = 64 * 1024
 ROW_GROUP_ROWS = 128 * 1024  # rows per row group at most (a default-sized file: one group)
 NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"  # Hive's (and DuckDB's, Spark's) null
 #: zstd, not snappy: in an export of the sandbox's chats, files 0.66x the size (95 vs 144
@@ -109,6 +117,7 @@ class ParquetSink(Sink):
         self.buffered = 0
         self.opened = False
         self.started = False  # opened once: `discard` may remove what this run wrote
+        self.encoder: ThreadPoolExecutor | None = None  # the thread that writes batches
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.location!r})"
@@ -205,10 +214,19 @@ class ParquetSink(Sink):
 
         async def write() -> int:
             if buffer:
-                await in_thread(self._write_batch, buffer, batch)
+                await self._in_encoder(self._write_batch, buffer, batch)
             return written
 
         return write
+
+    async def _in_encoder(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in this sink's own thread, the same for every batch (not any of the
+        event loop's executor: see `_encode_then`), cancelled as `in_thread` is: only once
+        it is done."""
+        if self.encoder is None:
+            self.encoder = ThreadPoolExecutor(1, thread_name_prefix="parquet-encode")
+        call = asyncio.get_running_loop().run_in_executor(self.encoder, fn, *args)
+        return await uncancelled(call)
 
     def _write_batch(self, buffer: dict[str, list[Any]], batch: int) -> None:
         """Write batch number `batch`, a file per partition (more past `max_rows_per_file`):
@@ -232,6 +250,9 @@ class ParquetSink(Sink):
     def close(self) -> None:
         self.raw, self.buffer, self.buffered = [], {}, 0
         self.opened = False
+        if self.encoder is not None:
+            self.encoder.shutdown(wait=False)  # idle: a batch's write is awaited to its end
+            self.encoder = None
 
     def discard(self) -> None:
         """Remove what this run wrote (an export that failed without a checkpoint); a sync's
@@ -258,12 +279,12 @@ def _partitions(table: Any, field: str) -> list[tuple[str, Any]]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    dates = pc.cast(table.column(field), pa.date32()).combine_chunks()
-    runs = pc.run_end_encode(dates)
+    dates = pc.cast(table.column(field), pa.date32(), memory_pool=POOL).combine_chunks(POOL)
+    runs = pc.run_end_encode(dates, memory_pool=POOL)
     if len(runs.run_ends) > max(RUNS, len(dates) // RUN_ROWS):
-        order = pc.sort_indices(dates)  # nulls last
-        table = table.take(order)
-        runs = pc.run_end_encode(dates.take(order))
+        order = pc.sort_indices(dates, memory_pool=POOL)  # nulls last
+        table = pc.take(table, order, memory_pool=POOL)
+        runs = pc.run_end_encode(pc.take(dates, order, memory_pool=POOL), memory_pool=POOL)
     parts, start = [], 0
     for end, day in zip(runs.run_ends.to_pylist(), runs.values.to_pylist(), strict=True):
         value = NULL_PARTITION if day is None else day.isoformat()
@@ -281,7 +302,7 @@ def _parquet_bytes(table: Any) -> Any:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out = pa.BufferOutputStream()
+    out = pa.BufferOutputStream(memory_pool=POOL)
     pq.write_table(
         table,
         out,
@@ -289,6 +310,8 @@ def _parquet_bytes(table: Any) -> Any:
         compression=COMPRESSION,
         use_dictionary=DICTIONARY,
         store_schema=True,
+        data_page_size=PAGE_BYTES,
+        memory_pool=POOL,
     )
     return out.getvalue()
 
@@ -309,10 +332,11 @@ def _encode_then(files: Sequence[tuple[K, Any]], save: Callable[[K, Any], None])
     handed to `save(key, data)`, which a few threads run meanwhile (a write and an fsync
     release the GIL).
 
-    Encoded in one thread, not in the writers: Arrow's allocator (mimalloc) keeps memory
-    for each thread that allocated from it, ~2-3 MB a thread, and pyarrow gives no way to
-    have the Parquet encoder allocate from another. Encoding is ~5 % of the export's CPU:
-    one thread keeps up. At most `2 * WRITERS` files wait for a writer."""
+    Encoded in one thread, not in the writers: the encoder allocates from Arrow's default
+    pool whatever pool it is given, and that pool (mimalloc) keeps pages, huge pages on
+    Linux, for each thread that allocated from it (see `PAGE_BYTES`). Encoding is a few
+    percent of the export's CPU: one thread keeps up. At most `2 * WRITERS` files wait for
+    a writer."""
     if len(files) <= 1:
         for key, table in files:
             save(key, _parquet_bytes(table))
