@@ -55,6 +55,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -103,6 +104,9 @@ GATING_POLL = 0.005  # seconds between asks for permits while the slow start hol
 #: A slot not taken this many seconds after it was due is dropped, not used late: used late,
 #: its grant number (the fleet's proxy for a send time) would lie to the measure of the rate.
 STALE_SLOT = 0.05
+#: A call to the store sets the offset of Redis' clock from this client's only if its round
+#: trip took at most twice the shortest seen plus this many seconds (`FleetRate._call`).
+OFFSET_SLACK = 0.002
 #: A lone throttle's lower bound of the tenant's rate counts over at most this many seconds
 #: since the fleet's previous throttle (over longer, the fleet may have idled: a weak bound).
 FLOOR_SPAN = 5.0
@@ -266,6 +270,7 @@ class FleetRate:
         self._on_fallback = on_fallback
         self._clock = clock
         self._offset = 0.0  # Redis' clock minus ours
+        self._best_trip = math.inf  # the shortest round trip to the store so far (s)
         self._slots: collections.deque[tuple[float, int]] = collections.deque()  # (when, grant)
         self._granted: collections.deque[int] = collections.deque()  # grants taken, not yet sent
         self._tickets: dict[int, tuple[float, int]] = {}  # ticket -> (sent at, grant)
@@ -416,7 +421,16 @@ class FleetRate:
         asked = self._clock()
         reply: list[Any] = await _within(fn(keys=keys, args=args), self.store.timeout)
         answered = self._clock()
-        self._offset = float(reply[0]) - (asked + answered) / 2
+        # Redis read its clock somewhere between `asked` and `answered`: the middle is off
+        # by half the round trip at most. A round trip far over the best seen is a loop that
+        # stalled (the GIL, a collection) before it read `answered`: such a sample skewed the
+        # offset by up to a second, so members sent the throttles' times and the curve's
+        # proposals from a wrong clock (#22: measures of 56/s for a 100/s tenant, and
+        # proposals of 0.5/s, a curve read a second before its start).
+        trip = answered - asked
+        if trip <= 2 * self._best_trip + OFFSET_SLACK:
+            self._best_trip = min(self._best_trip, trip)
+            self._offset = float(reply[0]) - (asked + answered) / 2
         return reply
 
     def _ttl(self) -> int:
@@ -495,7 +509,10 @@ class FleetRate:
         if not self.adaptive or not fleet.rate or not fleet.epoch:
             return 0.0
         now = self._clock() + self._offset
-        cubic = cubic_rate(now - fleet.t0, fleet.w_max, fleet.k, fleet.c, self.local.scale)
+        # Never before the decrease that drew the curve: behind it, the curve falls steeply
+        # (a second early, to nothing), and this member's clock is only as good as its offset.
+        since = max(0.0, now - fleet.t0)
+        cubic = cubic_rate(since, fleet.w_max, fleet.k, fleet.c, self.local.scale)
         return self.local.clamp(cubic)
 
     async def _report(self, sent_local: float, grant: int) -> None:

@@ -26,6 +26,7 @@ from benchmarks.redis_proc import RedisServer, free_port
 from benchmarks.sandbox_proc import SandboxProcess
 from imichat_async import ConfigurationError, ImiChatClient
 from imichat_async import _ratestore as ratestore
+from imichat_async._rate import curve_shape
 from imichat_async._ratescripts import THROTTLE
 from imichat_async._ratestore import FleetRate, RedisRateStore
 from imichat_async.sandbox import Sandbox, serve
@@ -273,6 +274,45 @@ async def test_grants_dropped_unsent_are_not_counted_as_accepted(redis_url: str)
         assert measures[4:6] == pytest.approx([31 - 10 - 1 - 3, 0.1])  # since the last
     finally:
         await a.aclose()
+
+
+async def test_a_call_answered_late_does_not_set_the_clock_offset(redis_url: str) -> None:
+    """Redis' clock is read between a call's ask and its answer, so the offset taken from a
+    call is off by half its round trip at most. A call whose answer was read a second late
+    (a stalled loop) skewed it by that much; the offset stays the fastest call's until a
+    call as fast comes again, which sets it (a clock that drifted is followed). #22."""
+    now, step = [1000.0], [0.0]
+
+    def clock() -> float:
+        now[0] += step[0]  # each read `step` seconds after the one before
+        return now[0]
+
+    store = RedisRateStore(redis_url, prefix="offset", timeout=PATIENT)
+    rate = FleetRate(store, store.key("http://127.0.0.1:1", "t"), adaptive=True, clock=clock)
+    try:
+        await rate._exchange()
+        offset = rate._offset
+        step[0] = 1.0  # the answer read a second or more after the ask
+        await rate._exchange()
+        assert rate._offset == pytest.approx(offset, abs=0.1)  # taken, it moved by >= 1.5 s
+        step[0], now[0] = 0.0, now[0] + 5.0  # fast again, our clock 5 s further on
+        await rate._exchange()
+        assert rate._offset == pytest.approx(offset - (now[0] - 1000.0), abs=0.1)
+    finally:
+        await rate.aclose()
+
+
+def test_a_proposal_never_reads_the_fleets_curve_before_its_decrease() -> None:
+    """A member whose clock reads earlier than the decrease that drew the curve proposes
+    the rate the decrease set, not the curve behind it: a second early, that fell to the
+    floor, and the fleet sent at 0.5/s until the next lease (#22's trace)."""
+    store = RedisRateStore("redis://127.0.0.1:1/0", prefix="early")
+    rate = FleetRate(store, "k", adaptive=True, clock=lambda: 100.0)
+    w_max, c, k = curve_shape(100.0, 80.0, rate.local.scale, rate.local.min_rate)
+    rate.fleet = ratestore.FleetState(rate=80.0, epoch=3, w_max=w_max, k=k, c=c, t0=101.0)
+    assert rate._proposal() == pytest.approx(80.0)
+    rate.fleet = ratestore.FleetState(rate=80.0, epoch=3, w_max=w_max, k=k, c=c, t0=99.0)
+    assert 80.0 < rate._proposal() < 100.0  # a second on: back on the way up
 
 
 async def test_store_holds_no_token_and_no_chat(redis_url: str) -> None:
