@@ -91,7 +91,7 @@ def decrease_target(
     sent and not refused, asked for only at the first throttle; `floor`: a lower bound of
     the tenant's rate (accepted between the previous throttle and this one, over the time
     between them), which a lone throttle aims at when it is below the cap, but never more
-    than one `beta` below it.
+    than one `beta` below it, and which overrules a lower `estimate`.
     """
     if measured is not None:
         w_max = measured if rate is None else min(measured, rate / beta)  # never up
@@ -101,6 +101,11 @@ def decrease_target(
         # the server's burst hid the overshoot until now: aim back at that measure
         # (one cut, not two), unless it is old enough that the tenant may have changed.
         w_max = rate if estimate is None else min(rate, estimate)
+        if floor is not None and estimate is not None and floor > estimate:
+            # The fleet was accepted at more than that measure since: it read low (a run of
+            # throttles while the members' demand dipped), and held the fleet at 0.8 x it
+            # until it aged out (#22: 67/s for 14 s against a tenant allowing 100/s).
+            w_max = min(rate, floor)
         if floor is not None:
             # The rate the throttle came at overshot by the time the server's burst took to
             # drain: aiming back there, the fleet overshot again each second (issue #20).

@@ -240,6 +240,21 @@ def test_a_lone_throttle_aims_at_the_floor_the_previous_one_left() -> None:
     assert target(130.0) == pytest.approx((115.0, 92.0))  # a floor above: never up
 
 
+def test_a_floor_above_a_recent_measure_overrules_it() -> None:
+    """A lone throttle within `ESTIMATE_AGE` of a measure of 83/s aims at that measure, unless
+    the fleet was accepted at more since the previous throttle (95/s): the measure read low
+    (#22's trace held the fleet at 67/s for 14 s that way); never above the rate sent."""
+
+    def target(floor: float | None, rate: float = 110.0) -> tuple[float, float]:
+        return decrease_target(rate, beta=0.8, measured=None, estimate=83.4,
+                               offered=lambda: 0.0, floor=floor)  # fmt: skip
+
+    assert target(95.0) == pytest.approx((95.0, 76.0))
+    assert target(90.0, rate=88.0) == pytest.approx((88.0, 70.4))
+    assert target(70.0) == pytest.approx((70.0, 56.0))  # below it: aimed at, as before
+    assert target(None) == pytest.approx((83.4, 66.72))
+
+
 def test_cubic_growth_returns_to_the_throttled_rate_then_probes_above() -> None:
     """After a decrease the rate climbs back to w_max at K = cbrt((w_max - rate)/C), C = 0.1 x
     w_max, concave (fast first); above w_max it probes five times more gently (C = 0.02 x w_max).
