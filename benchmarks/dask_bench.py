@@ -2,8 +2,9 @@
 
 Same tenant (the sandbox in its own process, L = 40 ms), same requests in flight
 in all: one `export_chats` at k = 16, against `imichat_async.dask.read_chats` on a
-`distributed.LocalCluster` of 2 worker processes x 2 threads, each task's client
-at concurrency 4 (2 x 2 x 4 = 16), partitions of at most 10,000 chats. The
+`distributed.LocalCluster` of 2 worker processes x 2 threads, each worker's
+client (one a process, shared by the tasks its threads run) at concurrency 8
+(2 x 8 = 16), partitions of at most 10,000 chats. The
 cluster is started, and the reader imported in its workers, before the clock (a
 user runs one already); planning the partitions is timed. Every run's chat ids
 are checked against the tenant's.
@@ -61,7 +62,7 @@ def _export(sb: SandboxProcess, k: int, **client_kw: Any) -> tuple[float, set[st
 
 
 def _cluster_read(
-    sb: SandboxProcess, client: Any, per_task: int, rows: int, **kw: Any
+    sb: SandboxProcess, client: Any, per_worker: int, rows: int, **kw: Any
 ) -> tuple[float, set[str], int]:
     from imichat_async.dask import EnvToken, read_chats
 
@@ -72,7 +73,7 @@ def _cluster_read(
         team_id=sb.team_id,
         since=SINCE,
         until=UNTIL,
-        concurrency=per_task,
+        concurrency=per_worker,
         max_retries=1000,
         rows_per_partition=rows,
         **kw,
@@ -101,7 +102,7 @@ def _limited_row(
 
 def run(cfg: Config) -> ScenarioResult:
     n, k, limit, latency = cfg.s16_chats, cfg.s16_k, cfg.s16_limit, cfg.latency
-    per_task = max(1, k // (WORKERS * THREADS))
+    per_worker = max(1, k // WORKERS)  # a worker's one client serves its threads' tasks
     rows = cfg.s16_rows
     pages = pages_for(n)
     res = ScenarioResult(
@@ -109,7 +110,8 @@ def run(cfg: Config) -> ScenarioResult:
         "A Dask cluster against one export process",
         f"N = {n} chats ({pages} pages), L = {latency * 1000:.0f} ms. One `export_chats` at "
         f"k = {k} vs `imichat_async.dask.read_chats` on a LocalCluster of {WORKERS} worker "
-        f"processes x {THREADS} threads, each task's client at concurrency {per_task}, "
+        f"processes x {THREADS} threads, each worker's client (shared by its threads' tasks) at "
+        f"concurrency {per_worker}, "
         f"partitions of at most {rows} chats. (a) no limit; (b) the tenant limited to "
         f"{limit} requests/s (burst {BURST}): the export learns the rate alone, the cluster's "
         "tasks share one learned rate in Redis. Each figure from one run of each, in one run.",
@@ -141,7 +143,7 @@ def run(cfg: Config) -> ScenarioResult:
             e_wall, e_ids = _export(sb, k)
             e_req = sb.stats()["requests_total"]
             sb.reset()
-            c_wall, c_ids, parts = _cluster_read(sb, dclient, per_task, rows)
+            c_wall, c_ids, parts = _cluster_read(sb, dclient, per_worker, rows)
             c_req = sb.stats()["requests_total"]
             table.add("export, no limit", f"{e_wall:.2f} s", "1.00", e_req, 0, e_ids == expected)
             ratio = c_wall / e_wall
@@ -174,7 +176,7 @@ def run(cfg: Config) -> ScenarioResult:
                 time.sleep(BURST / limit + 0.1)
                 sb.reset()
                 c_wall, c_ids, parts = _cluster_read(
-                    sb, dclient, per_task, rows, adaptive=True, rate_store=url
+                    sb, dclient, per_worker, rows, adaptive=True, rate_store=url
                 )
                 c_share = _limited_row(table, f"cluster, {limit} req/s (one rate in Redis)", sb,
                                        c_wall, ideal, c_ids == expected)  # fmt: skip
