@@ -179,6 +179,42 @@ def test_tasks_share_the_tenants_budget_through_the_rate_store(
     assert any(k.endswith(f"127.0.0.1:{sb.port}:{sb.team_id}") for k in keys), keys
 
 
+def test_reads_go_on_when_the_rate_store_dies_mid_read(
+    sandbox: Sandbox, cluster: distributed.Client
+) -> None:
+    """Redis killed once the cluster's reads are under way: each worker's client falls back
+    to its own send rate, the reads go on, and the result is still exact."""
+    import threading
+
+    from benchmarks.redis_proc import RedisServer
+
+    from .helpers import started
+
+    server = started(RedisServer())
+    stats = sandbox.stats
+    killed: list[int] = []
+
+    def kill_when_reading() -> None:
+        deadline = time.monotonic() + 60
+        while stats.requests_total < start + 40 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        server.kill()
+        killed.append(stats.requests_total)
+
+    killer = threading.Thread(target=kill_when_reading, daemon=True)
+    try:
+        df = frame(sandbox, rows_per_partition=100, rate_store=server.url)
+        start = stats.requests_total  # planned: what follows is the workers' reading
+        killer.start()
+        got = cluster.compute(df["chat_id"]).result()  # type: ignore[no-untyped-call]
+        killer.join(5)
+    finally:
+        server.close()
+    want = [r["chat_id"] for r in sandbox.expected(RANGE)]
+    assert sorted(got) == sorted(want) and len(got) == len(want)
+    assert killed and killed[0] < stats.requests_total  # it died mid-read: reads went on
+
+
 def _redis_keys(url: str) -> list[str]:
     import redis
 
