@@ -105,8 +105,11 @@ GATING_POLL = 0.005  # seconds between asks for permits while the slow start hol
 #: its grant number (the fleet's proxy for a send time) would lie to the measure of the rate.
 STALE_SLOT = 0.05
 #: A call to the store sets the offset of Redis' clock from this client's only if its round
-#: trip took at most twice the shortest seen plus this many seconds (`FleetRate._call`).
-OFFSET_SLACK = 0.002
+#: trip took at most twice the shortest seen plus this many seconds, plus `OFFSET_AGING` of
+#: the time since a call last set it (a loaded machine's trips stay longer than an idle
+#: one's: the clocks' drift is followed all the same). See `FleetRate._call`.
+OFFSET_SLACK = 0.01
+OFFSET_AGING = 0.01
 #: A lone throttle's lower bound of the tenant's rate counts over at most this many seconds
 #: since the fleet's previous throttle (over longer, the fleet may have idled: a weak bound).
 FLOOR_SPAN = 5.0
@@ -271,6 +274,7 @@ class FleetRate:
         self._clock = clock
         self._offset = 0.0  # Redis' clock minus ours
         self._best_trip = math.inf  # the shortest round trip to the store so far (s)
+        self._offset_at = 0.0  # when a call last set the offset (our clock)
         self._slots: collections.deque[tuple[float, int]] = collections.deque()  # (when, grant)
         self._granted: collections.deque[int] = collections.deque()  # grants taken, not yet sent
         self._tickets: dict[int, tuple[float, int]] = {}  # ticket -> (sent at, grant)
@@ -428,9 +432,11 @@ class FleetRate:
         # proposals from a wrong clock (#22: measures of 56/s for a 100/s tenant, and
         # proposals of 0.5/s, a curve read a second before its start).
         trip = answered - asked
-        if trip <= 2 * self._best_trip + OFFSET_SLACK:
+        aging = OFFSET_AGING * (answered - self._offset_at)
+        if trip <= 2 * self._best_trip + OFFSET_SLACK + aging:
             self._best_trip = min(self._best_trip, trip)
             self._offset = float(reply[0]) - (asked + answered) / 2
+            self._offset_at = answered
         return reply
 
     def _ttl(self) -> int:
@@ -573,6 +579,7 @@ class FleetRate:
     # -- failing and rejoining --------------------------------------------------------------
 
     def _lost(self, exc: BaseException) -> None:
+        self._best_trip = math.inf  # the store that answers next may be another
         self._slots.clear()
         self._granted.clear()
         self._throttled.clear()

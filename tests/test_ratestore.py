@@ -280,7 +280,8 @@ async def test_a_call_answered_late_does_not_set_the_clock_offset(redis_url: str
     """Redis' clock is read between a call's ask and its answer, so the offset taken from a
     call is off by half its round trip at most. A call whose answer was read a second late
     (a stalled loop) skewed it by that much; the offset stays the fastest call's until a
-    call as fast comes again, which sets it (a clock that drifted is followed). #22."""
+    call as fast comes again, which sets it (a clock that drifted is followed), or until
+    none did for long: a slow call then sets it (1 % of the time since the last). #22."""
     now, step = [1000.0], [0.0]
 
     def clock() -> float:
@@ -298,6 +299,12 @@ async def test_a_call_answered_late_does_not_set_the_clock_offset(redis_url: str
         step[0], now[0] = 0.0, now[0] + 5.0  # fast again, our clock 5 s further on
         await rate._exchange()
         assert rate._offset == pytest.approx(offset - (now[0] - 1000.0), abs=0.1)
+        offset, step[0] = rate._offset, 1.0
+        await rate._exchange()  # slow again, 1 s or more after the last that set it
+        assert rate._offset == pytest.approx(offset, abs=0.1)
+        now[0] += 400.0  # 400 s on, none set it since: a trip of 1 s may
+        await rate._exchange()
+        assert rate._offset < offset - 399.0
     finally:
         await rate.aclose()
 
