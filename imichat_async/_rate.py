@@ -100,12 +100,11 @@ def decrease_target(
         # A lone throttle: the rate sent at was too much. Probing above a recent measure,
         # the server's burst hid the overshoot until now: aim back at that measure
         # (one cut, not two), unless it is old enough that the tenant may have changed.
-        w_max = rate if estimate is None else min(rate, estimate)
-        if floor is not None and estimate is not None and floor > estimate:
-            # The fleet was accepted at more than that measure since: it read low (a run of
-            # throttles while the members' demand dipped), and held the fleet at 0.8 x it
-            # until it aged out (#22: 67/s for 14 s against a tenant allowing 100/s).
-            w_max = min(rate, floor)
+        # A floor above that measure says it read low (a run of throttles while the
+        # members' demand dipped): it held the fleet at 0.8 x it until it aged out (#22:
+        # 67/s for 14 s against a tenant allowing 100/s).
+        cap = estimate if estimate is None or floor is None else max(estimate, floor)
+        w_max = rate if cap is None else min(rate, cap)
         if floor is not None:
             # The rate the throttle came at overshot by the time the server's burst took to
             # drain: aiming back there, the fleet overshot again each second (issue #20).

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,10 +21,12 @@ import pandas as pd
 import pytest
 
 import imichat_async as imi
+from benchmarks.redis_proc import RedisServer
 from imichat_async.dask import ClientSettings, EnvToken, read_chats
 from imichat_async.export import CHAT_SCHEMA, Partition
 from imichat_async.sandbox import Sandbox
 
+from .helpers import started
 from .sandbox_thread import ThreadedSandbox
 
 pytestmark = pytest.mark.slow
@@ -184,12 +187,6 @@ def test_reads_go_on_when_the_rate_store_dies_mid_read(
 ) -> None:
     """Redis killed once the cluster's reads are under way: each worker's client falls back
     to its own send rate, the reads go on, and the result is still exact."""
-    import threading
-
-    from benchmarks.redis_proc import RedisServer
-
-    from .helpers import started
-
     server = started(RedisServer())
     stats = sandbox.stats
     killed: list[int] = []

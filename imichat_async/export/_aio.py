@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -49,9 +50,12 @@ async def uncancelled(aw: Awaitable[T]) -> T:
     return task.result()
 
 
-async def in_thread(fn: Callable[..., T], *args: Any) -> T:
-    """`fn(*args)` in a worker thread, so blocking I/O (fsync) does not stall the event loop.
+async def in_thread(fn: Callable[..., T], *args: Any, executor: Executor | None = None) -> T:
+    """`fn(*args)` in a worker thread, so blocking I/O (fsync) does not stall the event loop:
+    one of the loop's default executor, or of `executor`.
 
     A cancellation waits for the call to finish, then propagates; `fn`'s own error is raised.
     """
-    return await uncancelled(asyncio.to_thread(fn, *args))
+    if executor is None:
+        return await uncancelled(asyncio.to_thread(fn, *args))
+    return await uncancelled(asyncio.get_running_loop().run_in_executor(executor, fn, *args))

@@ -155,8 +155,7 @@ def _strings(values: list[Any]) -> pa.Array:
 
 def _json_texts(values: list[Any]) -> pa.Array:
     """A JSON text column: each value as `_json`'s text, null for None."""
-    valid = _present(values)
-    present = values if valid is None else list(compress(values, valid))
+    valid, present = _split(values)
     if not present:
         return _nulls(len(values))
     try:
@@ -218,9 +217,20 @@ def _present(values: Sequence[Any]) -> bytes | None:
     return bytes(map(is_not, values, repeat(None))) if None in values else None
 
 
-def _bitmap(valid: bytes) -> Any:
-    """Arrow's validity bitmap of `valid` (a byte 0 or 1 a value)."""
-    return pa.py_buffer(np.packbits(np.frombuffer(valid, np.bool_), bitorder="little"))
+def _split(values: Sequence[Any]) -> tuple[bytes | None, Sequence[Any]]:
+    """(`_present(values)`, the values that are not None, in order)."""
+    valid = _present(values)
+    return valid, values if valid is None else list(compress(values, valid))
+
+
+def _validity(valid: bytes | None) -> tuple[Any, int]:
+    """Arrow's validity bitmap of `valid` (a byte 0 or 1 a value; None: no null, no bitmap)
+    and the null count."""
+    if valid is None:
+        return None, 0
+    return pa.py_buffer(
+        np.packbits(np.frombuffer(valid, np.bool_), bitorder="little")
+    ), valid.count(0)
 
 
 def _bounds(lengths: Any, count: int) -> Any:
@@ -252,8 +262,7 @@ def _utf8(values: Sequence[Any], *, encoded: bool = False) -> pa.Array:
     try:
         joined, valid, texts = sep.join(values), None, values
     except TypeError:  # a None (or a value of another kind: raised below)
-        valid = _present(values)
-        texts = values if valid is None else list(compress(values, valid))
+        valid, texts = _split(values)
         if not texts:
             return _nulls(n)
         joined = sep.join(texts)  # TypeError: a value of another kind
@@ -262,13 +271,15 @@ def _utf8(values: Sequence[Any], *, encoded: bool = False) -> pa.Array:
     except _Inside:
         encoded_texts = texts if encoded else [t.encode() for t in texts]
         bounds = _bounds(map(len, encoded_texts), len(texts))
-        buffers = [None if valid is None else _bitmap(valid), _offsets(bounds, valid)]
-        return pa.Array.from_buffers(
-            pa.string(),
-            n,
-            [*buffers, pa.py_buffer(b"".join(encoded_texts))],
-            null_count=0 if valid is None else valid.count(0),
-        )
+        return _string_array(n, valid, bounds, b"".join(encoded_texts))
+
+
+def _string_array(n: int, valid: bytes | None, bounds: Any, data: bytes) -> pa.Array:
+    """The string array of `n` values, `valid` saying which are null: the others' UTF-8
+    back to back in `data`, `bounds` their offsets in it."""
+    bitmap, nulls = _validity(valid)
+    buffers = [bitmap, _offsets(bounds, valid), pa.py_buffer(data)]
+    return pa.Array.from_buffers(pa.string(), n, buffers, null_count=nulls)
 
 
 class _Inside(Exception):
@@ -295,13 +306,7 @@ def _texts(
     bounds[0], bounds[count] = 0, len(data) - seps
     bounds[1 : seps + 1] = ends
     bounds[1 : seps + 1] -= np.arange(seps, dtype=np.int32)  # the separators before each end
-    buffers = [None if valid is None else _bitmap(valid), _offsets(bounds, valid)]
-    return pa.Array.from_buffers(
-        pa.string(),
-        n,
-        [*buffers, pa.py_buffer(data.replace(sep, b""))],
-        null_count=n - count,
-    )
+    return _string_array(n, valid, bounds, data.replace(sep, b""))
 
 
 def _utf8_lists(values: Sequence[Any]) -> pa.Array:
@@ -310,11 +315,9 @@ def _utf8_lists(values: Sequence[Any]) -> pa.Array:
     n = len(values)
     if not {list, type(None)}.issuperset(map(type, values)):
         raise TypeError("not a list")
-    valid = _present(values)
-    lists = values if valid is None else list(compress(values, valid))
+    valid, lists = _split(values)
     child = _utf8(list(chain.from_iterable(lists)))
-    nulls = 0 if valid is None else valid.count(0)
-    bitmap = None if valid is None else _bitmap(valid)
+    bitmap, nulls = _validity(valid)
     offsets = _offsets(_bounds(map(len, lists), len(lists)), valid)
     return pa.Array.from_buffers(_TAGS, n, [bitmap, offsets], null_count=nulls, children=[child])
 
@@ -327,8 +330,7 @@ def _timestamps(values: Sequence[datetime | None]) -> pa.Array:
     """Aware datetimes (or None) as the schema's timestamps, microseconds since the epoch."""
     n = len(values)
     micros = [0 if v is None else (v - _EPOCH) // _MICROSECOND for v in values]
-    valid = _present(values)
-    bitmap, nulls = (None, 0) if valid is None else (_bitmap(valid), valid.count(0))
+    bitmap, nulls = _validity(_present(values))
     data = pa.py_buffer(np.array(micros, np.int64))
     return pa.Array.from_buffers(_TS, n, [bitmap, data], null_count=nulls)
 
@@ -410,8 +412,7 @@ _NO_ASSET: dict[str, Any] = {}  # stands for a null asset (read only)
 def _asset_ids(ids: list[Any]) -> pa.Array:
     """The `asset_id` column: ints (most ids) as `str` gives them, their decimal text (as
     `_asset_id` does), strings as sent."""
-    valid = _present(ids)
-    present = ids if valid is None else list(compress(ids, valid))
+    valid, present = _split(ids)
     if not present:
         return _nulls(len(ids))
     if {str, int}.issuperset(map(type, present)):

@@ -22,7 +22,6 @@ run only adds files; a fresh start refuses a directory that already holds a data
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import re
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .. import ConfigurationError
-from ._aio import in_thread, uncancelled
+from ._aio import in_thread
 from ._arrow import CHAT_SCHEMA, EXTRA_HINT, POOL, chats_table, require_pyarrow
 from ._checkpoint import CheckpointError, fsync_dir
 from ._sinks import RawRecord, Sink
@@ -214,19 +213,14 @@ class ParquetSink(Sink):
 
         async def write() -> int:
             if buffer:
-                await self._in_encoder(self._write_batch, buffer, batch)
+                # in this sink's own thread, the same for every batch, not any of the event
+                # loop's executor's: see `_encode_then`
+                if self.encoder is None:
+                    self.encoder = ThreadPoolExecutor(1, thread_name_prefix="parquet-encode")
+                await in_thread(self._write_batch, buffer, batch, executor=self.encoder)
             return written
 
         return write
-
-    async def _in_encoder(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` in this sink's own thread, the same for every batch (not any of the
-        event loop's executor: see `_encode_then`), cancelled as `in_thread` is: only once
-        it is done."""
-        if self.encoder is None:
-            self.encoder = ThreadPoolExecutor(1, thread_name_prefix="parquet-encode")
-        call = asyncio.get_running_loop().run_in_executor(self.encoder, fn, *args)
-        return await uncancelled(call)
 
     def _write_batch(self, buffer: dict[str, list[Any]], batch: int) -> None:
         """Write batch number `batch`, a file per partition (more past `max_rows_per_file`):
