@@ -43,7 +43,7 @@ from ._errors import (
 )
 from ._fetch import ClientStats
 from ._paging import PagingStats
-from ._protocol import PreparedRequest, RawChat
+from ._protocol import ChatText, PreparedRequest, RawChat
 from ._query import Filter, check_filters
 from ._ratestore import RedisRateStore
 from ._records import Asset, Channel, Chat, ChatStatus, parse_utc
@@ -66,6 +66,7 @@ __all__ = [
     "ChatListUnavailableError",
     "ChatPage",
     "ChatStatus",
+    "ChatText",
     "ClientStats",
     "ConfigurationError",
     "DecodeError",

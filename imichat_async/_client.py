@@ -32,7 +32,7 @@ from ._config import (
 from ._config import (
     retry_policy as policy_of,
 )
-from ._fetch import ClientStats, PageFetcher
+from ._fetch import ClientStats, PageFetcher, Parse
 from ._limiter import Limiter
 from ._paging import Page, PagingStats, iterate_pages
 from ._query import Filter, Query, build_query
@@ -276,7 +276,24 @@ class ImiChatClient:
         limit: int | None = ...,
         deadline: float | None = ...,
         priority: Priority = ...,
-        raw: bool = ...,
+        raw: Literal["text"],
+        stats: PagingStats | None = ...,
+        **params: Any,
+    ) -> AsyncGenerator[ChatPage[protocol.ChatText], None]: ...
+
+    @overload
+    def search_pages(
+        self,
+        *,
+        filters: Iterable[Filter | tuple[str, str, Any]] | None = ...,
+        condition: str = ...,
+        prefetch: int | None = ...,
+        start_page: int = ...,
+        max_pages: int | None = ...,
+        limit: int | None = ...,
+        deadline: float | None = ...,
+        priority: Priority = ...,
+        raw: bool | Literal["text"] = ...,
         stats: PagingStats | None = ...,
         **params: Any,
     ) -> AsyncGenerator[ChatPage[Any], None]: ...
@@ -292,7 +309,7 @@ class ImiChatClient:
         limit: int | None = None,
         deadline: float | None = None,
         priority: Priority = "interactive",
-        raw: bool = False,
+        raw: bool | Literal["text"] = False,
         stats: PagingStats | None = None,
         **params: Any,
     ) -> AsyncGenerator[ChatPage[Any], None]:
@@ -303,7 +320,9 @@ class ImiChatClient:
         many items in all, requesting no page beyond them. With `raw=True` the
         items are the JSON objects exactly as the server sent them, as
         `RawChat`s (dicts whose `raw` is the record's bytes as received: the
-        NDJSON export writes those); otherwise `Chat` records. `stats`, a
+        CSV and callable exports take those); with `raw="text"`, `ChatText`s: those bytes
+        alone, with `chat_id`, `created_at` and `updated_at` as sent, never parsed into a
+        dict (cheaper: what the NDJSON export writes); otherwise `Chat` records. `stats`, a
         `PagingStats`, is filled as the search goes: pages requested and
         yielded, pages requested past the end (`wasted`), the total. `priority`
         as for `search_chats`.
@@ -314,9 +333,21 @@ class ImiChatClient:
             needed = -(-limit // protocol.PAGE_SIZE)
             max_pages = needed if max_pages is None else min(max_pages, needed)
         st = stats if stats is not None else PagingStats()
-        convert = self._raw if raw else self._decoded
+        convert: Callable[[protocol.PageData, int], Page[Any]]
+        if raw == "text":
+            convert, parse = self._texts, protocol.parse_texts
+        else:
+            convert, parse = (self._raw if raw else self._decoded), protocol.parse_response
         pages = self._pages(
-            query, convert, prefetch, start_page, max_pages, deadline, st, priority=priority
+            query,
+            convert,
+            prefetch,
+            start_page,
+            max_pages,
+            deadline,
+            st,
+            priority=priority,
+            parse=parse,
         )
         return numbered_pages(pages, st, limit)
 
@@ -331,6 +362,7 @@ class ImiChatClient:
         stats: PagingStats | None = None,
         *,
         priority: Priority = "interactive",
+        parse: Parse = protocol.parse_response,
     ) -> AsyncGenerator[Page[Any], None]:
         """Check the paging arguments now, before any request; the pages come lazily,
         watched by the search's telemetry (a span, metrics) when it is on."""
@@ -340,7 +372,7 @@ class ImiChatClient:
         search = self._limiter.flow(priority, first=start_page, cap=max_pages)
         fetcher = self._fetcher
         pages = iterate_pages(
-            fetcher.page_fetch(query.body(), convert, deadline, search),
+            fetcher.page_fetch(query.body(), convert, deadline, search, parse),
             last_page=protocol.last_page,
             ends=protocol.ends_search,
             prefetch=window,
@@ -358,3 +390,7 @@ class ImiChatClient:
     @staticmethod
     def _raw(data: protocol.PageData, n: int) -> Page[RawRecord]:
         return Page(n, protocol.raw_records(data), data.total)
+
+    @staticmethod
+    def _texts(data: protocol.PageData, n: int) -> Page[protocol.ChatText]:
+        return Page(n, data.records, data.total)  # `parse_texts` made them

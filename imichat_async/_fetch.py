@@ -34,6 +34,8 @@ from ._transport import RawResponse, Transport
 
 log = logging.getLogger("imichat_async")
 
+#: Reads one answer: `protocol.parse_response`'s signature (and `parse_texts`').
+Parse = Callable[[int, Mapping[str, str], bytes, "int | None"], protocol.PageData]
 MAX_REFUSED_FRESH = 2  # tokens in a row refused before serving any page, before giving up
 
 
@@ -109,9 +111,11 @@ class PageFetcher:
         convert: Callable[[protocol.PageData, int], Page[Any]],
         deadline: float | None,
         search: Flow[Any] | None = None,
+        parse: Parse = protocol.parse_response,
     ) -> Callable[[int], Awaitable[Page[Any]]]:
         """The engine's `fetch(n)` for one search: `SearchTimeoutError` once `deadline`
-        seconds have passed since its first request.
+        seconds have passed since its first request. `parse` reads each answer
+        (`protocol.parse_response`, or `parse_texts` for records as sent).
 
         `search` is its place at the limiter (`Limiter.flow`), sized from the server's
         total as soon as a page tells it; a new one (interactive) if not given.
@@ -122,7 +126,7 @@ class PageFetcher:
         if deadline is None:
 
             async def fetch(n: int) -> Page[Any]:
-                return convert(await self._fetch(body, n, search), n)
+                return convert(await self._fetch(body, n, search, parse), n)
 
             return fetch
 
@@ -139,9 +143,9 @@ class PageFetcher:
                     # In this task, not wait_for's inner one: a hedge race's cancellation
                     # reaches `_send` with its message (see `_exchange`).
                     async with asyncio.timeout(left):
-                        data = await self._fetch(body, n, search)
+                        data = await self._fetch(body, n, search, parse)
                 else:
-                    data = await asyncio.wait_for(self._fetch(body, n, search), left)
+                    data = await asyncio.wait_for(self._fetch(body, n, search, parse), left)
             except asyncio.TimeoutError:
                 raise SearchTimeoutError(
                     f"search deadline of {deadline}s passed at page {n}"
@@ -151,7 +155,11 @@ class PageFetcher:
         return fetch_until
 
     async def _fetch(
-        self, body: bytes, page: int, search: Flow[Any] | None = None
+        self,
+        body: bytes,
+        page: int,
+        search: Flow[Any] | None = None,
+        parse: Parse = protocol.parse_response,
     ) -> protocol.PageData:
         refreshes = 0  # bounded, so a page can't cycle through tokens forever
         refused = 0  # tokens in a row that expired before they ever served a page
@@ -159,7 +167,7 @@ class PageFetcher:
             token = self._auth.ready() or await self._auth.get()
             try:
                 data = await call_with_retries(
-                    self._retrying, self._attempt, body, page, token, search
+                    self._retrying, self._attempt, body, page, token, search, parse
                 )
             except TokenExpiredError as exc:
                 if not self._auth.refreshable:
@@ -187,14 +195,19 @@ class PageFetcher:
 
     @_otel.attempt_scope
     async def _attempt(
-        self, body: bytes, page: int, token: str, search: object = None
+        self,
+        body: bytes,
+        page: int,
+        token: str,
+        search: object = None,
+        parse: Parse = protocol.parse_response,
     ) -> protocol.PageData:
         request = protocol.build_request(self._url, self._headers_for(token), body, page)
         self.stats.requests += 1
         started = time.perf_counter()
         try:
             raw = await self._send(request, search)
-            data = protocol.parse_response(raw.status, raw.headers, raw.body, page)
+            data = parse(raw.status, raw.headers, raw.body, page)
         except TokenExpiredError:
             log.debug("page %d: token expired (2004) after %.1f ms", page, _ms(started))
             raise

@@ -9,7 +9,9 @@ this file.
 `build_request` turns (base URL, team, token, page, body) into a
 `PreparedRequest`; `parse_response` turns (HTTP status, headers, body bytes)
 into a `PageData` or raises the typed `ApiError` subclass of its class;
-`raw_records` gives a page's chats with the bytes each was sent as.
+`raw_records` gives a page's chats with the bytes each was sent as;
+`parse_texts` classifies as `parse_response` does and gives each chat as those
+bytes alone (`ChatText`), never parsed into a dict.
 
 Bodies are parsed by msgspec (README: "Choices"): about twice as fast as
 `json.loads`, and it hands out each record's text as a slice of the body
@@ -165,10 +167,10 @@ class PreparedRequest:
 
 @attrs.frozen
 class PageData:
-    """A successful page: the raw chat objects, the server's total when it sent one, and
-    the body they were parsed from (for `raw_records`)."""
+    """A successful page: the raw chat objects (`parse_texts`: their texts), the server's
+    total when it sent one, and the body they were parsed from (for `raw_records`)."""
 
-    records: Sequence[Mapping[str, Any]]
+    records: Sequence[Any]  # the chat objects (dicts); `ChatText`s from `parse_texts`
     total: int | None = None
     body: bytes = attrs.field(default=b"", repr=False, eq=False)
 
@@ -210,6 +212,86 @@ def raw_records(data: PageData) -> list[RawChat]:
     if len(texts) != len(records):
         return [RawChat(r, compact_json(r)) for r in records]
     return [RawChat(r, bytes(t)) for r, t in zip(records, texts, strict=True)]
+
+
+class ChatText(msgspec.Struct, gc=False):
+    """One chat as the server sent it, never parsed into a dict: `raw`, the exact bytes of
+    its JSON text in the page body, and the fields that place it, as sent (None when absent):
+    `chat_id`, `created_at`, `updated_at`.
+
+    What `search_pages(raw="text")` gives and the NDJSON export writes: no dict per chat
+    to build, and (holding no container of its own) nothing for the garbage collector to
+    track while a slice is read.
+    """
+
+    raw: bytes
+    chat_id: Any = None
+    created_at: Any = None
+    updated_at: Any = None
+
+
+class _Head(msgspec.Struct, gc=False):
+    """The fields of one chat object that `ChatText` keeps; the others are skipped."""
+
+    chat_id: Any = None
+    created_at: Any = None
+    updated_at: Any = None
+
+
+class _Heads(msgspec.Struct):
+    """A body's status code and its chats' heads: an object, every chat an object."""
+
+    status_code: Any = None
+    response: list[_Head] | None = None
+
+
+_split_heads = msgspec.json.Decoder(_Heads).decode
+
+
+def parse_texts(
+    http_status: int, headers: Mapping[str, str], body: bytes, page: int | None = None
+) -> PageData:
+    """`parse_response`, each record a `ChatText`: the same classification, the same bytes
+    as `raw_records` gives, without turning the chats into dicts.
+
+    A clean success body (UTF-8, read by msgspec, every chat an object, each with its
+    text) is read in two passes that build no dict; anything else goes through
+    `parse_response` (its errors, its `json.loads` fallback), then `raw_records`.
+    """
+    if http_status == 200 and (body.isascii() or _is_utf8(body)):
+        try:
+            heads = _split_heads(body)
+            texts = _split_records(body).response or ()
+        except (msgspec.DecodeError, RecursionError):
+            heads = None
+        if heads is not None and heads.status_code == SUCCESS_CODE:
+            found = heads.response or ()
+            if len(found) == len(texts):
+                records = [
+                    ChatText(bytes(t), h.chat_id, h.created_at, h.updated_at)
+                    for t, h in zip(texts, found, strict=True)
+                ]
+                return PageData(records, _parse_total(_header(headers, TOTAL_HEADER)), body)
+    data = parse_response(http_status, headers, body, page)
+    return PageData(text_records(data), data.total, data.body)
+
+
+def text_records(data: PageData) -> list[ChatText]:
+    """`raw_records(data)` as `ChatText`s."""
+    return [
+        ChatText(r.raw, r.get("chat_id"), r.get("created_at"), r.get("updated_at"))
+        for r in raw_records(data)
+    ]
+
+
+def _is_utf8(body: bytes) -> bool:
+    """Strict UTF-8 (what msgspec reads when it decodes every string; skipping one, it does
+    not look)."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def compact_json(obj: Any) -> bytes:

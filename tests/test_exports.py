@@ -57,6 +57,7 @@ PUBLIC_NAMES = [
     "ChatListUnavailableError",
     "ChatPage",
     "ChatStatus",
+    "ChatText",
     "ClientStats",
     "ConfigurationError",
     "DecodeError",

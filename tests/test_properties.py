@@ -635,3 +635,48 @@ def test_any_value_in_one_field_decodes_or_names_that_field(field: str, value: A
     for other in CHAT_FIELDS:
         if other != field:
             assert getattr(chat, other) == getattr(reference, other)
+
+
+_TEXT_BODIES = st.one_of(
+    bodies,
+    st.sampled_from(
+        [
+            b'{"status_code":4305,"response":[{"chat_id":"a","x":"\xff"}]}',  # not UTF-8
+            b'{"status_code":4305,"response":[{"chat_id":"a","x":"\xed\xa0\x80"}]}',
+            b'{"status_code":4305,"response":[{"chat_id":"a","x":"\\ud800"}]}',
+            b'{"status_code":4305,"response":[{"chat_id":"a","x":NaN}]}',
+            b'{"status_code":4305,"response":[{"chat_id":"a","x":1e400}]}',
+            b'{"status_code":4305,"response":[{"chat_id":"a","chat_id":7}]}',
+            b'{"status_code":4305,"response":[{"a":1}],"response":[{"b":2},{"c":3}]}',
+            b'{"status_code":4305.0,"response":[{"chat_id":"a",\n"created_at":"x"}]}',
+            b'{"status_code":4305,"response":[{"chat_id":"a"},1]}',
+            b'\xef\xbb\xbf{"status_code":4305,"response":[{"chat_id":"a"}]}',
+        ]
+    ),
+)
+
+
+@SETTINGS
+@given(status=statuses, headers=headers_st, body=_TEXT_BODIES)
+def test_parse_texts_reads_every_body_as_parse_response_and_raw_records_do(
+    status: int, headers: Mapping[str, str], body: bytes
+) -> None:
+    """The records as texts (`parse_texts`, no dict built on a clean body): the same error
+    (class, codes), or the same total and, chat for chat, the same bytes and fields as
+    `parse_response` then `raw_records` give."""
+    try:
+        expected = protocol.parse_response(status, headers, body, page=4)
+    except errors.ApiError as exc:
+        with pytest.raises(type(exc)) as got:
+            protocol.parse_texts(status, headers, body, page=4)
+        assert (got.value.status_code, got.value.description) == (exc.status_code, exc.description)
+        return
+    data = protocol.parse_texts(status, headers, body, page=4)
+    assert data.total == expected.total
+    assert all(type(r) is imi.ChatText for r in data.records)
+    want = [
+        (r.raw, r.get("chat_id"), r.get("created_at"), r.get("updated_at"))
+        for r in protocol.raw_records(expected)
+    ]
+    got_fields = [(r.raw, r.chat_id, r.created_at, r.updated_at) for r in data.records]
+    assert repr(got_fields) == repr(want)

@@ -217,6 +217,7 @@ async def _run(
             progress=bar,
             workers=workers,
             slice_pages=slice_pages,
+            text=out.takes_text,
         )
         await runner.run(run.done.gaps(run.plan.lo, run.plan.hi))
         await run.checkpoint.save(run.state(complete=True))

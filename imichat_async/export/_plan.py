@@ -6,6 +6,7 @@ A plan tells the runner three things, and nothing else about the data:
 - `search_args(slice)`: the client's `search_pages` keywords that read one
   slice (the user's filters plus the slice's bounds on the plan's field);
 - `key(record)`: what de-duplicates records within a slice and its re-reads
+  (a record: a dict as sent, or a `ChatText` when the sink writes texts alone)
   (`chat_id` for an export; a sync would use `(chat_id, updated_at)`);
 - `position(record)`: where a record lies on the slice axis (to guess how to
   split a deep slice when the server sends no total).
@@ -24,7 +25,7 @@ from typing import Any, Protocol
 
 import attrs
 
-from .. import Filter, InvalidQueryError, check_filters, parse_utc
+from .. import ChatText, Filter, InvalidQueryError, check_filters, parse_utc
 
 RawRecord = Mapping[str, Any]
 UTC = timezone.utc
@@ -194,12 +195,22 @@ class Plan(Protocol):
 
 def chat_key(record: Any) -> str | None:
     """A record's `chat_id` as a str (an int id as its digits), or None without one."""
-    chat_id = record.get("chat_id") if isinstance(record, Mapping) else None
+    if record.__class__ is ChatText:
+        chat_id = record.chat_id
+    else:
+        chat_id = record.get("chat_id") if isinstance(record, Mapping) else None
     if isinstance(chat_id, str) and chat_id:
         return chat_id
     if isinstance(chat_id, int) and not isinstance(chat_id, bool):
         return str(chat_id)
     return None
+
+
+def field_of(record: Any, name: str) -> Any:
+    """A record's field as sent (a dict's, or a `ChatText`'s `created_at`/`updated_at`)."""
+    if record.__class__ is ChatText:
+        return getattr(record, name, None) if name in TIME_PARAMS else None
+    return record.get(name) if isinstance(record, Mapping) else None
 
 
 @attrs.frozen
@@ -285,7 +296,7 @@ class TimeRange:
         return chat_key(record)
 
     def position(self, record: RawRecord) -> int | None:
-        value = record.get(self.field)
+        value = field_of(record, self.field)
         if not isinstance(value, str):
             return None
         try:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from contextlib import aclosing
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 
@@ -79,8 +79,12 @@ class SliceReader:
         prefetch: Callable[[], int],
         on_page: Callable[[], None],
         atomic: bool = False,
+        text: bool = False,
     ) -> None:
         self.atomic = atomic
+        #: the records' form: dicts as sent (`RawChat`s), or with `text` their texts alone
+        #: (`ChatText`s: no dict per chat, for a sink that writes the bytes as sent)
+        self.raw: bool | Literal["text"] = "text" if text else True
         self.client = client
         self.plan = plan
         self.tally = tally
@@ -118,7 +122,7 @@ class SliceReader:
         """Atomic mode: page 1 alone; complete, or split (from its total when it has one)."""
         stats = PagingStats()
         pages = self.client.search_pages(
-            raw=True,
+            raw=self.raw,
             prefetch=1,
             max_pages=1,
             stats=stats,
@@ -229,7 +233,7 @@ class SliceReader:
         totals: list[int | None] = []
         stats = PagingStats()
         pages = self.client.search_pages(
-            raw=True,
+            raw=self.raw,
             prefetch=self.prefetch(),
             stats=stats,
             priority="background",
@@ -286,7 +290,7 @@ class SliceReader:
     async def probe(self, s: Slice, number: int) -> Sequence[RawRecord]:
         """The records of page `number` of slice `s` (empty past its end)."""
         pages = self.client.search_pages(
-            raw=True,
+            raw=self.raw,
             prefetch=1,
             start_page=number,
             max_pages=1,
@@ -312,6 +316,9 @@ class Runner:
 
     `save(offset)` persists the run's state after each commit (the checkpoint);
     requests in flight stay bounded by the client's own concurrency.
+    `text`: read the records as `ChatText`s (their bytes as sent, never parsed into
+    dicts) for a sink that writes them so (`Sink.takes_text`); the plan's `key` and
+    `position` read them as they read dicts.
     """
 
     def __init__(
@@ -328,6 +335,7 @@ class Runner:
         slice_pages: int,
         atomic: bool = False,
         admit: Callable[[Sequence[RawRecord]], Sequence[RawRecord]] | None = None,
+        text: bool = False,
     ) -> None:
         self.client = client
         self.admit = admit
@@ -352,6 +360,7 @@ class Runner:
             prefetch=self.prefetch,
             on_page=self.tell,
             atomic=atomic,
+            text=text,
         )
 
     def tell(self, force: bool = False) -> None:

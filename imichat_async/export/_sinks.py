@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
-from .. import InvalidQueryError, RawChat
+from .. import ChatText, InvalidQueryError, RawChat
 from ._aio import in_thread
 from ._checkpoint import CheckpointError, fsync_dir, named_on_error
 
@@ -46,6 +46,10 @@ class Sink(abc.ABC):
     kind: ClassVar[str] = "sink"
     #: Keeps finished slices and writes them in batches (`holds`, `detach`).
     batching: ClassVar[bool] = False
+    #: `write` takes each chat as its text alone (an `imichat_async.ChatText`: the bytes
+    #: as sent, never parsed into a dict), not as a dict: set by `NdjsonSink`, which
+    #: writes nothing else (a subclass whose `encode` reads fields sets it False).
+    takes_text: ClassVar[bool] = False
 
     def describe(self) -> dict[str, Any]:
         """What identifies this sink in a checkpoint (so a resume writes to the same place):
@@ -240,28 +244,37 @@ class FileSink(Sink):
                 self.temp_path.unlink()
 
 
-def _json_text(record: RawRecord) -> bytes:
-    """The record's text as the server sent it (`RawChat.raw`), else compact JSON, UTF-8.
+def _json_text(record: RawRecord | ChatText) -> bytes:
+    """The record's text as the server sent it (`RawChat.raw`, `ChatText.raw`), else compact
+    JSON, UTF-8.
 
     A text spanning lines (a server that pretty-prints) is written compact: one line.
     """
-    if isinstance(record, RawChat):
+    if isinstance(record, (RawChat, ChatText)):
         raw = record.raw
         if b"\n" not in raw and b"\r" not in raw:
             return raw
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
+        if isinstance(record, ChatText):  # its object, as the page's parse read it
+            return _compact(json.loads(raw))
+    return _compact(record)
+
+
+def _compact(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 class NdjsonSink(FileSink):
     """One JSON object per line: the bytes of the record's JSON text exactly as the server
-    sent them (a `RawChat`, what searches with `raw=True` give); any other mapping as its
-    compact JSON, UTF-8. A record the server sent over several lines is written compact.
+    sent them (a `ChatText` or `RawChat`: what searches with `raw="text"` or `raw=True`
+    give; an export hands it `ChatText`s, `takes_text`); any other mapping as its compact
+    JSON, UTF-8. A record the server sent over several lines is written compact.
     """
 
     kind = "ndjson"
+    takes_text = True
 
-    def encode(self, records: Sequence[RawRecord]) -> bytes:
-        texts = [r.raw for r in records if r.__class__ is RawChat]
+    def encode(self, records: Sequence[RawRecord | ChatText]) -> bytes:
+        texts = [r.raw for r in records if r.__class__ is ChatText or r.__class__ is RawChat]
         if len(texts) == len(records):  # the common case: every record as sent, joined
             out = b"\n".join(texts) + b"\n"
             if out.count(b"\n") == len(texts) and b"\r" not in out:
