@@ -71,9 +71,9 @@ def run(cfg: Config) -> ScenarioResult:
         f"N = {n} chats ({pages} pages), L = {latency * 1000:.0f} ms, client concurrency "
         f"{k} for both. `export_chats(client, since, until, sink=...)` over a range "
         "covering every chat (slices searched at once, split when deep) vs one plain "
-        "`search_chats()`; the export to an NDJSON file (fsync after every slice) and to "
-        "an async callable. Every run's output is checked against the plain search's "
-        f"chat ids. Median (min-max) of {cfg.runs}.",
+        "`search_chats()`; the export to an NDJSON file (no checkpoint: synced once, at "
+        "the end) and to an async callable. Every run's output is checked against the "
+        f"plain search's chat ids. Median (min-max) of {cfg.runs}.",
     )
     try:
         import imichat_async.export  # noqa: F401

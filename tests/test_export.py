@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,42 @@ async def test_ndjson_export_equals_sandbox_data(tmp_path: Path) -> None:
     assert report.slices >= 8 and not report.resumed and report.output == out
     assert not (tmp_path / "chats.ndjson.part").exists()
     await assert_no_stray_tasks()
+
+
+class _CountingSink(NdjsonSink):
+    """An NDJSON sink counting its syncs and the record types it is handed."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.syncs = 0
+        self.types: set[type] = set()
+
+    async def write(self, records: Sequence[Any]) -> None:
+        self.types.update(type(r) for r in records)
+        await super().write(records)
+
+    async def sync(self) -> int | None:
+        self.syncs += 1
+        return await super().sync()
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+async def test_ndjson_export_syncs_each_slice_only_for_a_checkpoint(
+    tmp_path: Path, checkpointed: bool
+) -> None:
+    """The NDJSON sink is handed `ChatText`s (never dicts). With a checkpoint every slice
+    is synced before it is recorded; without one (nothing can resume) only at the start
+    and once before it is published, whatever the slices."""
+    sink = _CountingSink(tmp_path / "chats.ndjson")
+    ckpt = tmp_path / "ck.json" if checkpointed else None
+    async with serve(chats=600, seed=3) as sb, client_for(sb) as client:
+        report = await export_chats(
+            client, since=SINCE, until=UNTIL, sink=sink, checkpoint=ckpt, slice_pages=4
+        )
+    assert report.records == 600 and report.slices >= 8
+    assert sink.types == {imi.ChatText}
+    assert sink.syncs == (3 + report.slices if checkpointed else 3)  # open, start, complete
+    assert len(read_ndjson(tmp_path / "chats.ndjson")) == 600
 
 
 #: Text that JSON encoders write in different ways: escapes, non-ASCII, an astral character.

@@ -218,6 +218,9 @@ async def _run(
             workers=workers,
             slice_pages=slice_pages,
             text=out.takes_text,
+            # No checkpoint, no resume: a slice need not be durable before the next (the
+            # output is synced once, before it is published).
+            durable=run.checkpoint.path is not None,
         )
         await runner.run(run.done.gaps(run.plan.lo, run.plan.hi))
         await run.checkpoint.save(run.state(complete=True))

@@ -316,6 +316,8 @@ class Runner:
 
     `save(offset)` persists the run's state after each commit (the checkpoint);
     requests in flight stay bounded by the client's own concurrency.
+    `durable=False` (nothing will resume the run: no checkpoint) records a finished
+    slice without syncing the sink first; the sink is synced once, when it completes.
     `text`: read the records as `ChatText`s (their bytes as sent, never parsed into
     dicts) for a sink that writes them so (`Sink.takes_text`); the plan's `key` and
     `position` read them as they read dicts.
@@ -336,7 +338,9 @@ class Runner:
         atomic: bool = False,
         admit: Callable[[Sequence[RawRecord]], Sequence[RawRecord]] | None = None,
         text: bool = False,
+        durable: bool = True,
     ) -> None:
+        self.sync_each = durable  # sync the sink before recording each slice
         self.client = client
         self.admit = admit
         self.sink = sink
@@ -450,7 +454,8 @@ class Runner:
             await self.sink.write(records)  # a file sink does not await: no cancellation here
             self.pending.append((s, len(records)))
             if not self.sink.batching:
-                await uncancelled(self.make_durable(self.take(), self.sink.sync))
+                sync = self.sink.sync if self.sync_each else _not_synced
+                await uncancelled(self.make_durable(self.take(), sync))
             elif not self.sink.holds(0):  # one slice over a batch on its own
                 if finish:
                     await finish.pop()()
@@ -508,3 +513,8 @@ class Runner:
             self.tally.slices_done += 1
             self.active.discard(s)
         await self.save(offset)
+
+
+async def _not_synced() -> None:
+    """A sink's `sync` when nothing resumes the run: no I/O, no length to record."""
+    return None
