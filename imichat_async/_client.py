@@ -32,12 +32,12 @@ from ._config import (
 from ._config import (
     retry_policy as policy_of,
 )
-from ._fetch import ClientStats, PageFetcher, Parse
+from ._fetch import ClientStats, PageFetcher
 from ._limiter import Limiter
 from ._paging import Page, PagingStats, iterate_pages
 from ._query import Filter, Query, build_query
 from ._ratestore import FleetRate, RedisRateStore, rate_store_of
-from ._records import Chat, decode_page
+from ._records import Chat, WireChat, decode_page
 from ._results import ChatPage, chats_of, numbered_pages
 from ._retry import RetryPolicy
 from ._sched import Priority
@@ -46,6 +46,8 @@ from ._transport import AiohttpTransport, Transport
 __all__ = ["ChatPage", "ClientStats", "ImiChatClient"]
 
 PREFETCH_PER_SLOT = 4  # default prefetch = 4 x concurrency: see README, "Choices"
+#: How a decoded search reads a page: its chats as `WireChat`s, in the same pass.
+_PARSE_CHATS = protocol.typed_parse(WireChat)
 RawRecord = Mapping[str, Any]  # with raw=True, a `RawChat`: a dict carrying its bytes as sent
 
 
@@ -226,7 +228,14 @@ class ImiChatClient:
         query = build_query(params, filters, condition)
         return chats_of(
             self._pages(
-                query, self._decoded, prefetch, start_page, max_pages, deadline, priority=priority
+                query,
+                self._decoded,
+                prefetch,
+                start_page,
+                max_pages,
+                deadline,
+                priority=priority,
+                parse=_PARSE_CHATS,
             )
         )
 
@@ -334,10 +343,13 @@ class ImiChatClient:
             max_pages = needed if max_pages is None else min(max_pages, needed)
         st = stats if stats is not None else PagingStats()
         convert: Callable[[protocol.PageData, int], Page[Any]]
+        parse: protocol.Parse
         if raw == "text":
             convert, parse = self._texts, protocol.parse_texts
+        elif raw:
+            convert, parse = self._raw, protocol.parse_response
         else:
-            convert, parse = (self._raw if raw else self._decoded), protocol.parse_response
+            convert, parse = self._decoded, _PARSE_CHATS
         pages = self._pages(
             query,
             convert,
@@ -362,7 +374,7 @@ class ImiChatClient:
         stats: PagingStats | None = None,
         *,
         priority: Priority = "interactive",
-        parse: Parse = protocol.parse_response,
+        parse: protocol.Parse = protocol.parse_response,
     ) -> AsyncGenerator[Page[Any], None]:
         """Check the paging arguments now, before any request; the pages come lazily,
         watched by the search's telemetry (a span, metrics) when it is on."""
@@ -385,7 +397,7 @@ class ImiChatClient:
 
     @staticmethod
     def _decoded(data: protocol.PageData, n: int) -> Page[Chat]:
-        return Page(n, decode_page(data.records, n), data.total)
+        return Page(n, decode_page(data.records, n, typed=data.typed), data.total)
 
     @staticmethod
     def _raw(data: protocol.PageData, n: int) -> Page[RawRecord]:

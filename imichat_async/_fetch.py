@@ -34,8 +34,6 @@ from ._transport import RawResponse, Transport
 
 log = logging.getLogger("imichat_async")
 
-#: Reads one answer: `protocol.parse_response`'s signature (and `parse_texts`').
-Parse = Callable[[int, Mapping[str, str], bytes, "int | None"], protocol.PageData]
 MAX_REFUSED_FRESH = 2  # tokens in a row refused before serving any page, before giving up
 
 
@@ -111,7 +109,7 @@ class PageFetcher:
         convert: Callable[[protocol.PageData, int], Page[Any]],
         deadline: float | None,
         search: Flow[Any] | None = None,
-        parse: Parse = protocol.parse_response,
+        parse: protocol.Parse = protocol.parse_response,
     ) -> Callable[[int], Awaitable[Page[Any]]]:
         """The engine's `fetch(n)` for one search: `SearchTimeoutError` once `deadline`
         seconds have passed since its first request. `parse` reads each answer
@@ -159,7 +157,7 @@ class PageFetcher:
         body: bytes,
         page: int,
         search: Flow[Any] | None = None,
-        parse: Parse = protocol.parse_response,
+        parse: protocol.Parse = protocol.parse_response,
     ) -> protocol.PageData:
         refreshes = 0  # bounded, so a page can't cycle through tokens forever
         refused = 0  # tokens in a row that expired before they ever served a page
@@ -200,7 +198,7 @@ class PageFetcher:
         page: int,
         token: str,
         search: object = None,
-        parse: Parse = protocol.parse_response,
+        parse: protocol.Parse = protocol.parse_response,
     ) -> protocol.PageData:
         request = protocol.build_request(self._url, self._headers_for(token), body, page)
         self.stats.requests += 1

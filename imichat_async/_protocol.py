@@ -11,7 +11,8 @@ this file.
 into a `PageData` or raises the typed `ApiError` subclass of its class;
 `raw_records` gives a page's chats with the bytes each was sent as;
 `parse_texts` classifies as `parse_response` does and gives each chat as those
-bytes alone (`ChatText`), never parsed into a dict.
+bytes alone (`ChatText`), never parsed into a dict; `typed_parse(R)` gives a
+`parse_response` that reads each chat as the TypedDict `R` in the same pass.
 
 Bodies are parsed by msgspec (README: "Choices"): about twice as fast as
 `json.loads`, and it hands out each record's text as a slice of the body
@@ -26,9 +27,9 @@ import datetime
 import email.utils
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import repeat
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import attrs
 import msgspec
@@ -168,11 +169,13 @@ class PreparedRequest:
 @attrs.frozen
 class PageData:
     """A successful page: the raw chat objects (`parse_texts`: their texts), the server's
-    total when it sent one, and the body they were parsed from (for `raw_records`)."""
+    total when it sent one, and the body they were parsed from (for `raw_records`).
+    `typed`: the chats are the TypedDicts of a `typed_parse` (types checked)."""
 
-    records: Sequence[Any]  # the chat objects (dicts); `ChatText`s from `parse_texts`
+    records: Sequence[Any]  # dicts (typed ones when `typed`); `ChatText`s from `parse_texts`
     total: int | None = None
     body: bytes = attrs.field(default=b"", repr=False, eq=False)
+    typed: bool = False
 
 
 class RawChat(dict[str, Any]):
@@ -282,6 +285,44 @@ def text_records(data: PageData) -> list[ChatText]:
         ChatText(r.raw, r.get("chat_id"), r.get("created_at"), r.get("updated_at"))
         for r in raw_records(data)
     ]
+
+
+R = TypeVar("R")
+#: Reads one answer: `parse_response`'s signature (and `parse_texts`', `typed_parse`'s).
+Parse = Callable[[int, Mapping[str, str], bytes, "int | None"], PageData]
+
+
+class _TypedPage(msgspec.Struct, Generic[R]):
+    """A body's status code and its chats, each read as `R` (msgspec checks the types)."""
+
+    status_code: Any = None
+    response: list[R] | None = None
+
+
+def typed_parse(record: type[Any]) -> Parse:
+    """`parse_response`, reading a success body's chats as `record` (a TypedDict: the JSON
+    type of each field) in the same pass: a `PageData` whose `typed` is True.
+
+    A body that is not clean UTF-8, or whose chats do not fit those types (a field sent
+    as another JSON type, a chat that is not an object), and every other body, go
+    through `parse_response`: what it raises or returns for them is unchanged.
+    """
+    decode = msgspec.json.Decoder(_TypedPage[record]).decode  # type: ignore[valid-type]
+
+    def parse(
+        http_status: int, headers: Mapping[str, str], body: bytes, page: int | None = None
+    ) -> PageData:
+        if http_status == 200 and (body.isascii() or _is_utf8(body)):
+            try:
+                doc = decode(body)
+            except (msgspec.DecodeError, RecursionError):  # a ValidationError too
+                doc = None
+            if doc is not None and doc.status_code == SUCCESS_CODE:
+                total = _parse_total(_header(headers, TOTAL_HEADER))
+                return PageData(doc.response or [], total, body, typed=True)
+        return parse_response(http_status, headers, body, page)
+
+    return parse
 
 
 def _is_utf8(body: bytes) -> bool:

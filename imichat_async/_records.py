@@ -11,7 +11,7 @@ import enum
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 import attrs
 import cattrs
@@ -309,6 +309,58 @@ def _every_key_hook(converter: cattrs.Converter) -> Any:
     )
 
 
+class WireChat(TypedDict, total=False):
+    """One chat as the page's parse reads it (`protocol.typed_parse`), in the same pass: the
+    JSON type of each field of a clean record, as a dict (unknown fields left out). A page
+    with a chat that does not fit (a number for a string, a lone string for `tag`, a chat
+    that is not an object) is parsed into plain dicts instead, so these types decide only
+    which path a page takes, never what a record decodes to (property-tested).
+    """
+
+    chat_id: str
+    alias_id: str | None
+    created_at: str | None
+    updated_at: str | None
+    status: str | None
+    channel: str | None
+    asset: dict[str, Any] | None
+    customer_id: str | None
+    destination_id: str | None
+    assignee: str | None
+    flag: str | None
+    tag: list[str] | None
+    other_details: dict[str, Any] | None
+
+
+def _as_sent(value: Any) -> Any:
+    return value
+
+
+def _wire_hook(converter: cattrs.Converter, *, every: bool) -> Any:
+    """cattrs' generated `Chat` function for a `WireChat`, from the converter's rules: a
+    field whose rule is `_optional_str` (a str or None, kept as it is) is passed to `Chat`
+    as read, since a `WireChat` holds nothing else there. (cattrs emits no hook call for
+    a field with an attrs converter when told to prefer those: `_as_sent` is that
+    converter, seen by cattrs only; `Chat` has none.) With `every`, for a record that
+    carries every field, as `_every_key_hook`.
+    """
+    rules = converter.get_structure_hook(Chat).overrides  # type: ignore[attr-defined]
+    as_is = {name for name, rule in rules.items() if rule.struct_hook is _optional_str}
+    fields = []
+    for a in attrs.fields(Chat):
+        if every:
+            a = a.evolve(default=attrs.NOTHING)
+        fields.append(a.evolve(converter=_as_sent) if a.name in as_is else a)
+    return make_dict_structure_fn_from_attrs(
+        fields,
+        Chat,
+        converter,
+        _cattrs_forbid_extra_keys=False,
+        _cattrs_prefer_attrib_converters=True,
+        **{name: rule for name, rule in rules.items() if name not in as_is},
+    )
+
+
 #: The library's converter (detailed validation: errors name the field), used for records'
 #: error messages and for the export checkpoint's state.
 CONVERTER = make_converter(detailed_validation=True)
@@ -319,6 +371,8 @@ _FAST = make_converter(detailed_validation=False)
 _structure_full = _every_key_hook(_FAST)
 _structure_chat = _FAST.get_structure_hook(Chat)
 _explain_chat = CONVERTER.get_structure_hook(Chat)
+#: The same two for `WireChat`s (`decode_page(typed=True)`).
+_WIRE_HOOKS = (_wire_hook(_FAST, every=True), _wire_hook(_FAST, every=False))
 
 
 def decode_chat(raw: Mapping[str, Any], *, page: int | None = None, index: int = 0) -> Chat:
@@ -347,12 +401,14 @@ def decode_chat(raw: Mapping[str, Any], *, page: int | None = None, index: int =
     ) from None
 
 
-def decode_page(raws: Sequence[Mapping[str, Any]], page: int | None = None) -> list[Chat]:
-    """A page of raw chat objects as `Chat` records, in order.
+def decode_page(
+    raws: Sequence[Mapping[str, Any]], page: int | None = None, *, typed: bool = False
+) -> list[Chat]:
+    """A page of raw chat objects as `Chat` records, in order; `typed`: they are `WireChat`s.
 
     Raises `DecodeError` naming the page, the record's index and its field.
     """
-    structure = _structure_full
+    structure, some = _WIRE_HOOKS if typed else (_structure_full, _structure_chat)
     chats: list[Chat] = []
     misses = 0
     try:
@@ -360,12 +416,12 @@ def decode_page(raws: Sequence[Mapping[str, Any]], page: int | None = None) -> l
             try:
                 chats.append(structure(raw, Chat))
             except KeyError:  # a field missing: this record goes to the hook that allows it,
-                if structure is _structure_chat:  # and the rest of the page too after two
+                if structure is some:  # and the rest of the page too after two
                     raise
-                chats.append(_structure_chat(raw, Chat))
+                chats.append(some(raw, Chat))
                 misses += 1
                 if misses == 2:
-                    structure = _structure_chat
+                    structure = some
         return chats
     except Exception:
         pass  # decode record by record to find and name the failing one

@@ -22,6 +22,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 import imichat_async as imi
 from imichat_async import _errors as errors
 from imichat_async import _protocol as protocol
+from imichat_async._client import _PARSE_CHATS, ImiChatClient
 from imichat_async._query import Filter, Query, build_query
 from imichat_async._records import CONVERTER, Asset, Chat, decode_chat, decode_page, parse_utc
 
@@ -313,6 +314,102 @@ def test_every_fast_path_decodes_as_the_converter_does(raws: list[dict[str, Any]
         assert decode_page(raws) == expected
 
 
+def _converted(raws: list[Any]) -> list[Chat] | None:
+    """The library's converter's records for `raws`; None if it refuses one."""
+    try:
+        return [CONVERTER.structure(raw, Chat) for raw in raws]
+    except Exception:
+        return None
+
+
+_OPTIONAL_TEXT = st.none() | st.text(max_size=8)
+#: For each field, values of its JSON type in `WireChat` (what the typed parse lets
+#: through), including values its rule refuses or changes: "" for `chat_id`, any string
+#: for a timestamp, unknown statuses, an asset of any JSON.
+_WIRE_VALUES: dict[str, st.SearchStrategy[Any]] = {
+    "chat_id": st.text(max_size=8),
+    "alias_id": _OPTIONAL_TEXT,
+    "created_at": st.none() | datetime_texts | st.text(max_size=12),
+    "updated_at": st.none() | datetime_texts | st.text(max_size=12),
+    "status": st.none() | st.sampled_from(protocol.STATUS_VALUES) | st.text(max_size=8),
+    "channel": st.none() | st.sampled_from(protocol.CHANNEL_VALUES) | st.text(max_size=8),
+    "asset": st.none() | st.dictionaries(st.sampled_from(["id", "name", "x"]), json_values),
+    "customer_id": _OPTIONAL_TEXT,
+    "destination_id": _OPTIONAL_TEXT,
+    "assignee": _OPTIONAL_TEXT,
+    "flag": _OPTIONAL_TEXT,
+    "tag": st.none() | st.lists(st.text(max_size=5), max_size=3),
+    "other_details": st.none() | st.dictionaries(st.text(max_size=5), json_values, max_size=3),
+}
+
+
+@st.composite
+def wire_typed_chats(draw: st.DrawFn) -> dict[str, Any]:
+    """A valid chat with some fields deleted or given another value of their JSON type, and
+    unknown fields added: every one fits `WireChat`."""
+    chat = dict(VALID_CHAT)
+    for field in draw(st.lists(st.sampled_from(CHAT_FIELDS), max_size=5, unique=True)):
+        if draw(st.booleans()):
+            del chat[field]
+        else:
+            chat[field] = draw(_WIRE_VALUES[field])
+    extra = st.dictionaries(st.text(max_size=10).filter(lambda k: k not in VALID_CHAT), json_values)
+    chat.update(draw(extra.filter(lambda d: len(d) <= 3)))
+    return chat
+
+
+@SETTINGS
+@given(raws=st.lists(wire_typed_chats(), max_size=10))
+@example(raws=[{**VALID_CHAT, "chat_id": ""}])
+@example(raws=[{**VALID_CHAT, "alias_id": None, "tag": None, "other_details": None}])
+@example(raws=[{k: v for k, v in VALID_CHAT.items() if k != "chat_id"}])
+def test_a_page_read_typed_decodes_as_the_converter_does(raws: list[dict[str, Any]]) -> None:
+    """A page whose chats fit `WireChat` is read typed, in the same pass as the body
+    (`PageData.typed`), and its records are exactly the converter's (or a `DecodeError`
+    where the converter refuses one): the fields passed as read are never other than the
+    rules make them."""
+    body = json.dumps({"status_code": 4305, "response": raws}).encode()
+    data = _PARSE_CHATS(200, {"X-Total-Count": "7"}, body, 4)
+    assert data.typed
+    assert data.total == 7
+    expected = _converted(json.loads(body)["response"])
+    if expected is None:
+        with pytest.raises(imi.DecodeError) as got:
+            ImiChatClient._decoded(data, 4)
+        assert got.value.page == 4
+    else:
+        page = ImiChatClient._decoded(data, 4)
+        assert page.items == expected
+        assert [type(c.alias_id) for c in page.items] == [type(c.alias_id) for c in expected]
+
+
+@pytest.mark.parametrize(
+    "chat",
+    [
+        {"chat_id": 42},  # a number for a string: the converter keeps its digits
+        {"chat_id": "a", "alias_id": 7},
+        {"chat_id": "a", "tag": "vip"},  # a lone tag
+        {"chat_id": "a", "other_details": []},
+        {"chat_id": "a", "status": 3},
+    ],
+)
+def test_a_chat_that_does_not_fit_the_wire_types_sends_its_page_to_the_dicts(
+    chat: dict[str, Any],
+) -> None:
+    """The typed parse lets through only the JSON types `WireChat` names: any other page is
+    read as `parse_response` reads it, and decoded (or refused) as the converter does."""
+    body = json.dumps({"status_code": 4305, "response": [VALID_CHAT, chat]}).encode()
+    data = _PARSE_CHATS(200, {}, body, 2)
+    assert not data.typed
+    assert list(data.records) == [VALID_CHAT, chat]
+    expected = _converted([VALID_CHAT, chat])
+    if expected is None:
+        with pytest.raises(imi.DecodeError):
+            ImiChatClient._decoded(data, 2)
+    else:
+        assert ImiChatClient._decoded(data, 2).items == expected
+
+
 JSON_DUMPS_STYLES: list[dict[str, Any]] = [
     {"separators": (",", ":")},
     {"ensure_ascii": False},
@@ -326,23 +423,22 @@ def test_the_client_path_from_bytes_decodes_as_the_converter_does(
     raws: list[dict[str, Any]], style: dict[str, Any]
 ) -> None:
     """The client's whole path, a page body parsed by msgspec then decoded by the fast hooks,
-    gives exactly what the converter gives from `json.loads` of the same body; and the
-    records as sent (`raw_records`) are those objects, each with its own text."""
+    gives exactly what the converter gives from `json.loads` of the same body, whichever
+    way the page is read (typed in the same pass, or as dicts when a chat does not fit);
+    and the records as sent (`raw_records`) are those objects, each with its own text."""
     body = json.dumps({"status_code": 4305, "response": raws}, **style).encode()
     reference = json.loads(body)["response"]
     data = protocol.parse_response(200, {}, body, page=4)
     assert repr(list(data.records)) == repr(reference)
-    expected: list[Chat] = []
-    for raw in reference:
-        try:
-            expected.append(CONVERTER.structure(raw, Chat))
-        except Exception:
-            break
-    if len(expected) < len(reference):
+    expected = _converted(reference)
+    if expected is None:
         with pytest.raises(imi.DecodeError):
             decode_page(data.records, 4)
+        with pytest.raises(imi.DecodeError):
+            ImiChatClient._decoded(_PARSE_CHATS(200, {}, body, 4), 4)
     else:
         assert decode_page(data.records, 4) == expected
+        assert ImiChatClient._decoded(_PARSE_CHATS(200, {}, body, 4), 4).items == expected
     sent = protocol.raw_records(data)
     assert sent == reference
     assert [json.loads(r.raw) for r in sent] == reference
@@ -680,3 +776,25 @@ def test_parse_texts_reads_every_body_as_parse_response_and_raw_records_do(
     ]
     got_fields = [(r.raw, r.chat_id, r.created_at, r.updated_at) for r in data.records]
     assert repr(got_fields) == repr(want)
+
+
+@SETTINGS
+@given(status=statuses, headers=headers_st, body=_TEXT_BODIES)
+def test_the_typed_parse_reads_every_body_as_parse_response_does(
+    status: int, headers: Mapping[str, str], body: bytes
+) -> None:
+    """`typed_parse`: the same error (class, codes) as `parse_response`, or the same total
+    and the same chats (a typed chat holds the fields `WireChat` names, as parsed)."""
+    try:
+        expected = protocol.parse_response(status, headers, body, page=4)
+    except errors.ApiError as exc:
+        with pytest.raises(type(exc)) as got:
+            _PARSE_CHATS(status, headers, body, 4)
+        assert (got.value.status_code, got.value.description) == (exc.status_code, exc.description)
+        return
+    data = _PARSE_CHATS(status, headers, body, 4)
+    assert data.total == expected.total
+    want = list(expected.records)
+    if data.typed:
+        want = [{k: v for k, v in r.items() if k in VALID_CHAT} for r in want]
+    assert repr(list(data.records)) == repr(want)
