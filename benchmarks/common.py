@@ -30,7 +30,7 @@ class Config:
     s2_runs: int = 15  # CPU time on a shared 2-core VM swings +-30 % between repetitions
     # 3. decode alone
     s3_chats: int = 20_000
-    s3_runs: int = 5
+    s3_runs: int = 9
     # 4. memory
     s4_sizes: tuple[int, ...] = (1_000, 10_000, 30_000, 100_000)
     s4_k: int = 8
