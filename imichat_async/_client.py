@@ -26,6 +26,7 @@ from ._config import (
     check_int,
     check_paging,
     check_priority,
+    check_raw,
     check_transport,
     limiter_for,
 )
@@ -337,6 +338,7 @@ class ImiChatClient:
         as for `search_chats`.
         """
         query = build_query(params, filters, condition)
+        check_raw(raw)
         if limit is not None:
             check_int("limit", limit, 1)
             needed = -(-limit // protocol.PAGE_SIZE)

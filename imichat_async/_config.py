@@ -172,6 +172,12 @@ def check_paging(
         raise InvalidQueryError(f"deadline must be > 0 seconds, got {deadline!r}")
 
 
+def check_raw(raw: Any) -> None:
+    """`search_pages`' `raw`: `InvalidQueryError` unless False, True or "text"."""
+    if not (raw is False or raw is True or raw == "text"):
+        raise InvalidQueryError(f'raw must be False, True or "text", got {raw!r:.40}')
+
+
 def check_priority(priority: Any) -> None:
     """A search's `priority`: `InvalidQueryError` unless "interactive" or "background"."""
     if priority not in PRIORITIES:

@@ -95,6 +95,8 @@ async def test_ndjson_export_equals_sandbox_data(tmp_path: Path) -> None:
 class _CountingSink(NdjsonSink):
     """An NDJSON sink counting its syncs and the record types it is handed."""
 
+    takes_text = True  # it reads no field: the texts alone, as `NdjsonSink` takes them
+
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.syncs = 0
@@ -107,6 +109,30 @@ class _CountingSink(NdjsonSink):
     async def sync(self) -> int | None:
         self.syncs += 1
         return await super().sync()
+
+
+class _RedactingSink(NdjsonSink):
+    """A user's NDJSON sink that reads fields: it drops `customer_id` from every line."""
+
+    def encode(self, records: Sequence[Any]) -> bytes:
+        return super().encode([{k: v for k, v in r.items() if k != "customer_id"} for r in records])
+
+
+async def test_a_subclass_of_the_ndjson_sink_gets_dicts_unless_it_says_otherwise(
+    tmp_path: Path,
+) -> None:
+    """`takes_text` is not inherited: a subclass written before `ChatText` (its `encode`
+    reads fields) still gets each chat as a dict of what the server sent."""
+    assert NdjsonSink.takes_text and not _RedactingSink.takes_text
+    out = tmp_path / "chats.ndjson"
+    async with serve(chats=300, seed=5) as sb, client_for(sb) as client:
+        report = await export_chats(client, since=SINCE, until=UNTIL, sink=_RedactingSink(out))
+        data = list(sb.data)
+    records = read_ndjson(out)
+    assert report.records == 300
+    assert_exact(ids_of(records), data)
+    assert not any("customer_id" in r for r in records)
+    assert any("customer_id" in c for c in data)
 
 
 @pytest.mark.parametrize("checkpointed", [False, True])

@@ -65,3 +65,19 @@ async def test_page_size_is_the_vendors_ten() -> None:
     """client.page_size is the vendor page's 10 records a page (what export slices by)."""
     async with serve(chats=1, seed=45) as sb, client_for(sb) as client:
         assert client.page_size == 10
+
+
+async def test_a_raw_value_other_than_false_true_or_text_is_refused_before_any_request() -> None:
+    """`raw="texts"` (a typo) is not taken as `raw=True`: `InvalidQueryError` at the call,
+    naming `raw` and the value, and the server sees no request."""
+    async with serve(chats=5, seed=43) as sb, client_for(sb) as client:
+        for bad in ("texts", "Text", 1, None):
+            try:
+                client.search_pages(raw=bad)  # type: ignore[call-overload]
+            except imi.InvalidQueryError as exc:
+                assert "raw" in str(exc) and repr(bad) in str(exc)
+            else:
+                raise AssertionError(f"raw={bad!r} was accepted")
+        assert sb.stats.requests_total == 0
+        texts = [r async for p in client.search_pages(raw="text") for r in p.items]
+    assert [t.chat_id for t in texts] == [c["chat_id"] for c in sb.data]

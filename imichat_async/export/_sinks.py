@@ -48,8 +48,14 @@ class Sink(abc.ABC):
     batching: ClassVar[bool] = False
     #: `write` takes each chat as its text alone (an `imichat_async.ChatText`: the bytes
     #: as sent, never parsed into a dict), not as a dict: set by `NdjsonSink`, which
-    #: writes nothing else (a subclass whose `encode` reads fields sets it False).
+    #: writes nothing else. Never inherited: a subclass (a user's, whose `encode` may
+    #: read fields) gets dicts unless its own class body sets it.
     takes_text: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "takes_text" not in cls.__dict__:
+            cls.takes_text = False
 
     def describe(self) -> dict[str, Any]:
         """What identifies this sink in a checkpoint (so a resume writes to the same place):
