@@ -336,8 +336,13 @@ def _is_utf8(body: bytes) -> bool:
 
 
 def compact_json(obj: Any) -> bytes:
-    """`obj` as compact JSON text, UTF-8 (non-ASCII characters kept, not escaped)."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    """`obj` as compact JSON text, UTF-8 (non-ASCII characters kept, not escaped). A string
+    holding a lone surrogate (`"\\ud800"` is valid JSON, and has no UTF-8) keeps it as
+    that escape, and the rest of the text ASCII."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def build_body(filters: Sequence[tuple[str, str, str]], condition: str = "and") -> bytes:

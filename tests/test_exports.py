@@ -6,6 +6,7 @@ import ast
 import builtins
 import importlib
 import inspect
+import json
 import pickle
 import sys
 from pathlib import Path
@@ -366,3 +367,15 @@ def test_the_subpackage_check_sees_every_form_of_a_private_import(tmp_path: Path
         "imichat_async._records",
     ]
     assert len(_SUBPACKAGE_MODULES) > 30  # every module of the three subpackages is checked
+
+
+def test_the_ndjson_sink_writes_a_lone_surrogate_as_its_escape(tmp_path: Path) -> None:
+    """A record holding a lone surrogate (valid JSON, no UTF-8), given as a dict or as a
+    text the server spread over lines, is one line of compact JSON that reads back as it."""
+    record = {"chat_id": "a", "note": "\ud800 \u00e9"}
+    spread = imi.ChatText(b'{"chat_id": "a",\n "note": "\\ud800 \\u00e9"}', chat_id="a")
+    out = ex.NdjsonSink(tmp_path / "x.ndjson").encode([record, spread])
+    lines = out.splitlines()
+    assert len(lines) == 2
+    assert [json.loads(line) for line in lines] == [record, record]
+    assert lines[0] == b'{"chat_id":"a","note":"\\ud800 \\u00e9"}'

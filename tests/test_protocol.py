@@ -705,6 +705,20 @@ def test_raw_records_of_a_body_msgspec_refuses_are_compact_json() -> None:
     assert [r.raw for r in got] == [text.encode() for text in compact]
 
 
+def test_a_lone_surrogate_escape_is_kept_as_its_escape_in_records_as_sent() -> None:
+    """`"\\ud800"` is valid JSON with no UTF-8: msgspec gives no slices, and the text written
+    for such a record (records as dicts, or as texts) is its compact JSON with the escape,
+    not a `UnicodeEncodeError` out of the search."""
+    body = b'{"status_code":4305,"response":[{"chat_id":"a","note":"\\ud800 \xc3\xa9"}]}'
+    want = json.loads(body)["response"]
+    sent = protocol.raw_records(protocol.parse_response(200, {}, body, page=1))
+    texts = protocol.parse_texts(200, {}, body, page=1).records
+    assert sent == want
+    for raw in (sent[0].raw, texts[0].raw):
+        assert json.loads(raw) == want[0]
+        assert raw == b'{"chat_id":"a","note":"\\ud800 \\u00e9"}'
+
+
 def test_raw_records_of_a_body_with_response_twice_are_the_last_ones() -> None:
     """A body naming `response` twice: the records and their texts are both the last one's
     (as `json.loads` reads it), never one's objects with the other's bytes."""

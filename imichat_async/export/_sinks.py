@@ -266,7 +266,14 @@ def _json_text(record: RawRecord | ChatText) -> bytes:
 
 
 def _compact(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    """Compact JSON, UTF-8; a lone surrogate (no UTF-8) kept as its escape, the text ASCII.
+
+    The export's own copy of `_protocol.compact_json` (a subpackage imports no private
+    root module)."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 class NdjsonSink(FileSink):
