@@ -233,6 +233,31 @@ class ChatText(msgspec.Struct, gc=False):
     updated_at: Any = None
 
 
+R = TypeVar("R")
+#: Reads one answer: `parse_response`'s signature (and `parse_texts`', `typed_parse`'s).
+Parse = Callable[[int, Mapping[str, str], bytes, "int | None"], PageData]
+
+
+class _TypedPage(msgspec.Struct, Generic[R]):
+    """A body's status code and its chats, each read as `R` (msgspec checks the types)."""
+
+    status_code: Any = None
+    response: list[R] | None = None
+
+
+def _clean_success(http_status: int, body: bytes, decode: Callable[[bytes], Any]) -> Any:
+    """`decode(body)` (a `_TypedPage`) for a clean success body: HTTP 200, strict UTF-8,
+    read by msgspec, the success status code. None for any other body (it goes through
+    `parse_response`, for its classification and its `json.loads` fallback)."""
+    if http_status != 200 or not (body.isascii() or _is_utf8(body)):
+        return None
+    try:
+        doc = decode(body)
+    except (msgspec.DecodeError, RecursionError):  # a ValidationError too
+        return None
+    return doc if doc.status_code == SUCCESS_CODE else None
+
+
 class _Head(msgspec.Struct, gc=False):
     """The fields of one chat object that `ChatText` keeps; the others are skipped."""
 
@@ -241,14 +266,7 @@ class _Head(msgspec.Struct, gc=False):
     updated_at: Any = None
 
 
-class _Heads(msgspec.Struct):
-    """A body's status code and its chats' heads: an object, every chat an object."""
-
-    status_code: Any = None
-    response: list[_Head] | None = None
-
-
-_split_heads = msgspec.json.Decoder(_Heads).decode
+_split_heads = msgspec.json.Decoder(_TypedPage[_Head]).decode
 
 
 def parse_texts(
@@ -261,20 +279,16 @@ def parse_texts(
     text) is read in two passes that build no dict; anything else goes through
     `parse_response` (its errors, its `json.loads` fallback), then `raw_records`.
     """
-    if http_status == 200 and (body.isascii() or _is_utf8(body)):
-        try:
-            heads = _split_heads(body)
-            texts = _split_records(body).response or ()
-        except (msgspec.DecodeError, RecursionError):
-            heads = None
-        if heads is not None and heads.status_code == SUCCESS_CODE:
-            found = heads.response or ()
-            if len(found) == len(texts):
-                records = [
-                    ChatText(bytes(t), h.chat_id, h.created_at, h.updated_at)
-                    for t, h in zip(texts, found, strict=True)
-                ]
-                return PageData(records, _parse_total(_header(headers, TOTAL_HEADER)), body)
+    heads = _clean_success(http_status, body, _split_heads)
+    if heads is not None:
+        texts = _split_records(body).response or ()  # the body was read: no error here
+        found = heads.response or ()
+        if len(found) == len(texts):
+            records = [
+                ChatText(bytes(t), h.chat_id, h.created_at, h.updated_at)
+                for t, h in zip(texts, found, strict=True)
+            ]
+            return PageData(records, _parse_total(_header(headers, TOTAL_HEADER)), body)
     data = parse_response(http_status, headers, body, page)
     return PageData(text_records(data), data.total, data.body)
 
@@ -285,18 +299,6 @@ def text_records(data: PageData) -> list[ChatText]:
         ChatText(r.raw, r.get("chat_id"), r.get("created_at"), r.get("updated_at"))
         for r in raw_records(data)
     ]
-
-
-R = TypeVar("R")
-#: Reads one answer: `parse_response`'s signature (and `parse_texts`', `typed_parse`'s).
-Parse = Callable[[int, Mapping[str, str], bytes, "int | None"], PageData]
-
-
-class _TypedPage(msgspec.Struct, Generic[R]):
-    """A body's status code and its chats, each read as `R` (msgspec checks the types)."""
-
-    status_code: Any = None
-    response: list[R] | None = None
 
 
 def typed_parse(record: type[Any]) -> Parse:
@@ -312,14 +314,10 @@ def typed_parse(record: type[Any]) -> Parse:
     def parse(
         http_status: int, headers: Mapping[str, str], body: bytes, page: int | None = None
     ) -> PageData:
-        if http_status == 200 and (body.isascii() or _is_utf8(body)):
-            try:
-                doc = decode(body)
-            except (msgspec.DecodeError, RecursionError):  # a ValidationError too
-                doc = None
-            if doc is not None and doc.status_code == SUCCESS_CODE:
-                total = _parse_total(_header(headers, TOTAL_HEADER))
-                return PageData(doc.response or [], total, body, typed=True)
+        doc = _clean_success(http_status, body, decode)
+        if doc is not None:
+            total = _parse_total(_header(headers, TOTAL_HEADER))
+            return PageData(doc.response or [], total, body, typed=True)
         return parse_response(http_status, headers, body, page)
 
     return parse
